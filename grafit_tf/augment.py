@@ -1,0 +1,135 @@
+"""Data augmentation as pure tensor ops (plus core Keras 3 layers for RGB).
+
+Every random op is *stateless*: it takes an explicit `seed` (an int32 tensor of
+shape `[2]`) so that a pipeline run twice with the same `--seed` yields the same
+views, whatever the number of parallel map calls. No tensorflow-addons and no
+keras-cv: random resized crop is written on `tf.image`, RandAugment is the core
+Keras 3 layer.
+
+Images are float32 in 0..255 throughout; normalisation happens inside the model.
+"""
+
+import tensorflow as tf
+
+
+def fold(seed, k):
+    """Derives an independent seed `[2]` from `seed` and an integer `k`."""
+    return tf.random.experimental.stateless_fold_in(seed, k)
+
+
+def random_resized_crop(image, seed, size, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3)):
+    """Inception-style crop of a random area and aspect ratio, resized to `size`.
+
+    Args:
+        image: `[H, W, C]` float32.
+        seed: `[2]` int32 stateless seed.
+        size: `(height, width)` of the output.
+        scale: range of the crop's area as a fraction of the image.
+        ratio: range of the crop's aspect ratio (width / height).
+
+    Returns:
+        `[size[0], size[1], C]` float32.
+    """
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image),
+        bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+        seed=seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=ratio,
+        area_range=scale,
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    crop = tf.slice(image, begin, crop_size)
+    return tf.image.resize(crop, size, method="bilinear")
+
+
+def random_flip(image, seed):
+    """Horizontal flip with probability 1/2. `image`: `[H, W, C]`."""
+    return tf.image.stateless_random_flip_left_right(image, seed)
+
+
+def _maybe(seed, probability, fn, image):
+    apply = tf.random.stateless_uniform([], seed) < probability
+    return tf.cond(apply, lambda: fn(image), lambda: image)
+
+
+def brightness_contrast(image, seed, strength=0.4):
+    """Random brightness and contrast jitter (grayscale or RGB), clipped to 0..255."""
+    delta = strength * 255.0 * tf.random.stateless_uniform([], fold(seed, 0), -1.0, 1.0)
+    factor = tf.random.stateless_uniform(
+        [], fold(seed, 1), max(0.0, 1.0 - strength), 1.0 + strength
+    )
+    mean = tf.reduce_mean(image)
+    image = (image - mean) * factor + mean + delta
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def color_jitter(image, seed, strength=0.4, hue=0.1):
+    """SimCLR-style colour jitter for RGB `[H, W, 3]` images in 0..255."""
+    image = brightness_contrast(image, seed, strength)
+    x = image / 255.0
+    x = tf.image.stateless_random_saturation(
+        x, max(0.0, 1.0 - strength), 1.0 + strength, fold(seed, 2)
+    )
+    x = tf.image.stateless_random_hue(x, hue, fold(seed, 3))
+    return tf.clip_by_value(x, 0.0, 1.0) * 255.0
+
+
+def to_grayscale_rgb(image):
+    """Keeps 3 channels, with the luminance in each."""
+    return tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image))
+
+
+def grayscale_small(image, seed, crop_scale_min=0.35):
+    """The recipe for small grayscale images (Fashion-MNIST, 28x28).
+
+    Random resized crop back to the input size, horizontal flip, and brightness /
+    contrast jitter with probability 0.8. No colour ops: there is no colour.
+
+    Args:
+        image: `[H, W, 1]` float32 in 0..255.
+        seed: `[2]` int32.
+        crop_scale_min: smallest crop area kept, as a fraction of the image.
+    """
+    size = tf.shape(image)[:2]
+    x = random_resized_crop(image, fold(seed, 0), size, scale=(crop_scale_min, 1.0))
+    x = random_flip(x, fold(seed, 1))
+    x = _maybe(fold(seed, 2), 0.8, lambda t: brightness_contrast(t, fold(seed, 3)), x)
+    return x
+
+
+def rgb(image, seed, size, crop_scale_min=0.08):
+    """The recipe for full-size RGB images (before RandAugment).
+
+    Random resized crop to `size`, flip, colour jitter (p=0.8) and grayscale
+    (p=0.2), as in SimCLR / BYOL.
+    """
+    x = random_resized_crop(image, fold(seed, 0), size, scale=(crop_scale_min, 1.0))
+    x = random_flip(x, fold(seed, 1))
+    x = _maybe(fold(seed, 2), 0.8, lambda t: color_jitter(t, fold(seed, 3)), x)
+    x = _maybe(fold(seed, 4), 0.2, to_grayscale_rgb, x)
+    return x
+
+
+def make_rand_augment(seed):
+    """Core Keras 3 RandAugment for 0..255 images (replaces keras-cv's)."""
+    import keras  # Local: only the RGB recipe needs the layer.
+
+    return keras.layers.RandAugment(value_range=(0, 255), num_ops=2, factor=0.5, seed=seed)
+
+
+def resize_center_crop(image, size, crop_fraction=0.875):
+    """Evaluation resize: shorter side to size/crop_fraction, then centre crop.
+
+    Args:
+        image: `[H, W, C]` float32 of any size.
+        size: `(height, width)` of the output.
+    """
+    target = tf.cast(tf.math.ceil(max(size) / crop_fraction), tf.float32)
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = target / tf.reduce_min(shape)
+    new = tf.cast(tf.math.ceil(shape * scale), tf.int32)
+    image = tf.image.resize(image, new, method="bilinear")
+    return tf.image.resize_with_crop_or_pad(image, size[0], size[1])
+

@@ -1,0 +1,105 @@
+"""Trunks: image `[N, H, W, C]` (float32, 0..255) -> pooled feature `[N, F]`.
+
+Each trunk starts with its own input normalisation (mean / std of the
+dataset), so that the saved embedder takes raw pixel values and no client has
+to know the statistics.
+"""
+
+import os
+
+import keras
+from keras import layers
+
+from grafit_tf.errors import UserError
+
+
+def normalization(mean, std):
+    """Fixed per-channel `(x - mean) / std`, saved with the model."""
+    return layers.Normalization(
+        mean=list(mean), variance=[s * s for s in std], name="normalize"
+    )
+
+
+def batch_norm(sync, name):
+    # synchronized=True makes the statistics global across replicas (TF backend).
+    return layers.BatchNormalization(synchronized=sync, momentum=0.9, name=name)
+
+
+def _basic_block(x, filters, stride, use_bn, sync_bn, name):
+    """A pre-activation-free ResNet basic block (two 3x3 convolutions)."""
+    shortcut = x
+    y = layers.Conv2D(filters, 3, stride, "same", use_bias=not use_bn, name=f"{name}_conv1")(x)
+    if use_bn:
+        y = batch_norm(sync_bn, f"{name}_bn1")(y)
+    y = layers.ReLU(name=f"{name}_relu1")(y)
+    y = layers.Conv2D(filters, 3, 1, "same", use_bias=not use_bn, name=f"{name}_conv2")(y)
+    if use_bn:
+        y = batch_norm(sync_bn, f"{name}_bn2")(y)
+    if stride != 1 or x.shape[-1] != filters:
+        shortcut = layers.Conv2D(
+            filters, 1, stride, use_bias=not use_bn, name=f"{name}_proj"
+        )(x)
+        if use_bn:
+            shortcut = batch_norm(sync_bn, f"{name}_proj_bn")(shortcut)
+    return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([y, shortcut]))
+
+
+def small_resnet(input_shape, mean, std, width=32, blocks=(1, 1, 1), use_bn=True,
+                 sync_bn=False, name="small_resnet"):
+    """A compact ResNet for images of at most 64 px (Fashion-MNIST, CIFAR).
+
+    A 3x3 stem at full resolution, then one stage per entry of `blocks`, each
+    halving the resolution and doubling the width: 28x28 -> 14 -> 7 -> 4 with
+    the defaults, features of `width * 2**len(blocks)` channels.
+
+    Args:
+        input_shape: `(H, W, C)`.
+        mean, std: per-channel input statistics in 0..255 units.
+        width: channels of the stem.
+        blocks: basic blocks per stage.
+        use_bn: batch norm after each convolution (off for exact replica tests).
+        sync_bn: synchronised (cross-replica) batch norm.
+
+    Returns:
+        A `keras.Model` `[N, H, W, C] -> [N, width * 2**len(blocks)]`.
+    """
+    inputs = keras.Input(input_shape, name="image")
+    x = normalization(mean, std)(inputs)
+    x = layers.Conv2D(width, 3, 1, "same", use_bias=not use_bn, name="stem_conv")(x)
+    if use_bn:
+        x = batch_norm(sync_bn, "stem_bn")(x)
+    x = layers.ReLU(name="stem_relu")(x)
+    filters = width
+    for s, count in enumerate(blocks):
+        filters *= 2
+        for b in range(count):
+            x = _basic_block(x, filters, 2 if b == 0 else 1, use_bn, sync_bn, f"s{s}b{b}")
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, x, name=name)
+
+
+def _applications_trunk(builder, input_shape, mean, std, weights, name, **kwargs):
+    if weights and not os.path.isfile(weights):
+        raise UserError(f"--weights={weights}: no such file (a local .weights.h5 is needed).")
+    inputs = keras.Input(input_shape, name="image")
+    x = normalization(mean, std)(inputs)
+    trunk = builder(include_top=False, weights=None, input_shape=input_shape, pooling="avg", **kwargs)
+    if weights:
+        trunk.load_weights(weights)
+    return keras.Model(inputs, trunk(x), name=name)
+
+
+def build(config, input_shape, mean, std, use_bn=True, sync_bn=False):
+    """The trunk named by `config.backbone`."""
+    if config.backbone == "small_resnet":
+        return small_resnet(input_shape, mean, std, config.width, use_bn=use_bn, sync_bn=sync_bn)
+    if config.backbone == "resnet50":
+        return _applications_trunk(
+            keras.applications.ResNet50, input_shape, mean, std, config.weights, "resnet50"
+        )
+    if config.backbone == "regnety8gf":
+        return _applications_trunk(
+            keras.applications.RegNetY080, input_shape, mean, std, config.weights, "regnety8gf",
+            include_preprocessing=False,  # Normalisation is ours, in front.
+        )
+    raise UserError(f"--backbone={config.backbone!r} is not known.")

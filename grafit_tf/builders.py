@@ -1,0 +1,105 @@
+"""Assembles a `GrafitModel` and its optimizer from a `Config`.
+
+Call inside `strategy.scope()` so that every variable is mirrored.
+"""
+
+import keras
+
+from grafit_tf import backbones, heads
+from grafit_tf.memory import MemoryBank
+from grafit_tf.model import GrafitModel, Objective
+
+
+def objective(config, total_steps):
+    return Objective(
+        method=config.method,
+        tau=config.tau,
+        lambda_inst=config.lambda_inst,
+        ema_decay=config.ema_decay,
+        total_steps=max(1, total_steps),
+        label_smoothing=config.label_smoothing,
+    )
+
+
+def build_model(config, source, total_steps, use_bn=True, sync_bn=False):
+    """Builds the model for `config.method` on `source` (a `sources.Source`).
+
+    Args:
+        config: the `Config`.
+        source: gives the image shape, statistics, classes and training labels.
+        total_steps: planned optimizer steps (EMA schedule).
+        use_bn: batch norm in the trunk and heads (off for exact replica tests).
+        sync_bn: synchronised batch norm across replicas.
+    """
+    obj = objective(config, total_steps)
+    shape, mean, std = source.image_shape, source.mean, source.std
+    trunk = backbones.build(config, shape, mean, std, use_bn=use_bn, sync_bn=sync_bn)
+    parts = {}
+    if obj.nca:
+        parts["knn_head"] = heads.mlp(config.proj_hidden, config.knn_dim, "knn_head",
+                                      sync_bn, use_bn)
+        parts["memory"] = MemoryBank(source.train.coarse, config.knn_dim, kind=config.memory,
+                                     size=config.queue_size, momentum=config.memory_momentum,
+                                     seed=config.seed, name="memory")
+    if obj.instance:
+        parts["projector"] = heads.mlp(config.proj_hidden, config.proj_dim, "projector",
+                                       sync_bn, use_bn)
+        parts["predictor"] = heads.mlp(config.proj_hidden, config.proj_dim, "predictor",
+                                       sync_bn, use_bn)
+        parts["target_backbone"] = backbones.build(config, shape, mean, std, use_bn=use_bn,
+                                                   sync_bn=sync_bn)
+        parts["target_projector"] = heads.mlp(config.proj_hidden, config.proj_dim,
+                                              "target_projector", sync_bn, use_bn)
+    if obj.cross_entropy:
+        hier = source.hierarchy
+        classes = hier.num_fine if config.label_level == "fine" else hier.num_coarse
+        parts["classifier"] = heads.classifier(classes)
+    model = GrafitModel(trunk, obj, embed_with_head=config.embedding == "knn_head",
+                        name="grafit", **parts)
+    _build(model, shape, config.num_views)
+    return model
+
+
+def _build(model, shape, num_views):
+    """Creates every variable now (needed before restoring a checkpoint)."""
+    feature = model.backbone.output_shape
+    for name in ("knn_head", "projector", "classifier"):
+        part = getattr(model, name)
+        if part is not None:
+            part.build(feature)
+    if model.predictor is not None:
+        model.predictor.build((None, model.projector.layers[-1].units))
+        model.target_projector.build(feature)
+        # The target starts as an exact copy of the online network.
+        model.target_backbone.set_weights(model.backbone.get_weights())
+        model.target_projector.set_weights(model.projector.get_weights())
+        model.target_backbone.trainable = False
+        model.target_projector.trainable = False
+    model.build((None,) + tuple(shape))
+
+
+def build_optimizer(config, total_steps, steps_per_epoch):
+    """AdamW or SGD (momentum, decoupled weight decay) with warm-up + cosine."""
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    warmup = min(warmup, max(0, total_steps - 1))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else config.learning_rate,
+        decay_steps=max(1, total_steps - warmup),
+        alpha=0.0,
+        warmup_target=config.learning_rate if warmup else None,
+        warmup_steps=warmup,
+    )
+    if config.optimizer == "adamw":
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+    else:
+        optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum, nesterov=True,
+                                         weight_decay=config.weight_decay)
+    # No decay on normalisation parameters and biases (standard practice).
+    optimizer.exclude_from_weight_decay(var_names=["bn", "bias", "gamma", "beta"])
+    return optimizer
+
+
+def build_embedder(model):
+    """Trunk (+ kNN head) + L2 normalisation: the model that is exported."""
+    head = model.knn_head if model.embed_with_head else None
+    return heads.embedder(model.backbone, head)

@@ -1,0 +1,153 @@
+"""The frozen training configuration.
+
+Flags live in the entry points (`train.py`); the library only ever sees a
+`Config`. `Config.validate()` checks everything that can be checked before any
+data is read, and raises `UserError` with one line saying what to change.
+"""
+
+import dataclasses
+import json
+
+from grafit_tf.errors import UserError
+
+METHODS = ("grafit", "coarse_ce", "instance", "fine_ce")
+DATASETS = ("fashion_mnist", "image_folder")
+BACKBONES = ("small_resnet", "resnet50", "regnety8gf")
+OPTIMIZERS = ("adamw", "sgd")
+MEMORIES = ("full", "queue")
+EMBEDDINGS = ("trunk", "knn_head")
+DISTRIBUTE = ("auto", "none", "mirrored")
+AUGMENTS = ("auto", "grayscale_small", "rgb")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that defines one training run. See `train.py` for help texts."""
+
+    # Data.
+    dataset: str = "fashion_mnist"
+    data_dir: str = "/usr/share/datasets/fashion-mnist"
+    coarse_map: str = ""
+    max_train_examples: int = 0
+    max_eval_examples: int = 0
+    image_size: int = 0
+    augment: str = "auto"
+    crop_scale_min: float = 0.35
+    num_views: int = 2
+
+    # Model.
+    method: str = "grafit"
+    backbone: str = "small_resnet"
+    width: int = 32
+    weights: str = ""
+    knn_dim: int = 128
+    proj_hidden: int = 512
+    proj_dim: int = 128
+    embedding: str = "trunk"
+
+    # Losses.
+    tau: float = 0.05
+    memory: str = "full"
+    memory_momentum: float = 0.5
+    queue_size: int = 8192
+    lambda_inst: float = 1.0
+    ema_decay: float = 0.99
+    label_smoothing: float = 0.0
+
+    # Optimisation.
+    epochs: int = 10
+    batch_size: int = 256
+    optimizer: str = "adamw"
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    seed: int = 0
+
+    # Runtime.
+    distribute: str = "auto"
+    jit_compile: bool = False
+    checkpoint_every: int = 0
+    eval_every: int = 0
+    eval_k: int = 20
+    eval_temperature: float = 0.07
+    verbose: int = 1
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values):
+        """Builds a config from a dict, ignoring keys this version does not know."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def uses_memory(self):
+        return self.method == "grafit"
+
+    @property
+    def uses_instance_loss(self):
+        return self.method in ("grafit", "instance") and (
+            self.method == "instance" or self.lambda_inst > 0
+        )
+
+    @property
+    def label_level(self):
+        """Which labels the method trains on: 'coarse', 'fine' or None."""
+        if self.method == "fine_ce":
+            return "fine"
+        if self.method == "instance":
+            return None
+        return "coarse"
+
+    def validate(self):
+        """Raises `UserError` on the first inconsistent setting."""
+        _one_of("dataset", self.dataset, DATASETS)
+        _one_of("method", self.method, METHODS)
+        _one_of("backbone", self.backbone, BACKBONES)
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("memory", self.memory, MEMORIES)
+        _one_of("embedding", self.embedding, EMBEDDINGS)
+        _one_of("distribute", self.distribute, DISTRIBUTE)
+        _one_of("augment", self.augment, AUGMENTS)
+        if self.epochs < 1:
+            raise UserError(f"--epochs={self.epochs}: train for at least 1 epoch.")
+        if self.batch_size < 2:
+            raise UserError(f"--batch_size={self.batch_size}: use at least 2.")
+        if self.num_views < 2:
+            raise UserError(
+                f"--num_views={self.num_views}: the instance loss needs at least 2 views."
+            )
+        if not 0.0 < self.tau <= 10.0:
+            raise UserError(f"--tau={self.tau}: the temperature must be in (0, 10].")
+        if not 0.0 <= self.memory_momentum < 1.0:
+            raise UserError(
+                f"--memory_momentum={self.memory_momentum}: must be in [0, 1)."
+            )
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise UserError(f"--ema_decay={self.ema_decay}: must be in [0, 1].")
+        if self.memory == "queue" and self.queue_size < self.batch_size:
+            raise UserError(
+                f"--queue_size={self.queue_size} is smaller than one global batch "
+                f"(--batch_size={self.batch_size}): use --queue_size >= --batch_size."
+            )
+        if self.max_train_examples < 0 or self.max_eval_examples < 0:
+            raise UserError("--max_train_examples and --max_eval_examples must be >= 0.")
+        if self.embedding == "knn_head" and self.method != "grafit":
+            raise UserError(
+                "--embedding=knn_head exists only for --method=grafit; use --embedding=trunk."
+            )
+
+
+def _one_of(name, value, allowed):
+    if value not in allowed:
+        raise UserError(
+            f"--{name}={value!r} is not known; choose one of: {', '.join(allowed)}."
+        )

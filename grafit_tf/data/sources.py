@@ -1,0 +1,249 @@
+"""Raw datasets: images (in memory or as files), fine labels and the hierarchy.
+
+NumPy only. `load(config)` picks the reader named by `config.dataset`, applies
+`--coarse_map` and `--max_*_examples`, and returns a `Source`.
+"""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from grafit_tf.data import hierarchy as hierarchy_lib
+from grafit_tf.data.idx import read_idx
+from grafit_tf.errors import UserError
+
+FASHION_MNIST_CLASSES = (
+    "tshirt_top", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle_boot",
+)
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+# Per-channel mean / std in 0..255 units, baked into the model's input layer.
+FASHION_MNIST_STATS = ((72.94,), (90.02,))
+IMAGENET_STATS = ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split. Exactly one of `images` and `paths` is set.
+
+    Attributes:
+        images: `[N, H, W, C]` uint8, for datasets held in memory.
+        paths: `[N]` str, image files decoded by the pipeline.
+        fine: `[N]` int32 fine labels.
+        coarse: `[N]` int32 coarse labels.
+    """
+
+    images: np.ndarray = None
+    paths: np.ndarray = None
+    fine: np.ndarray = None
+    coarse: np.ndarray = None
+
+    def __len__(self):
+        return len(self.fine)
+
+    def take(self, n):
+        """The first `n` examples (all when n <= 0 or n >= len)."""
+        if n <= 0 or n >= len(self):
+            return self
+        return Split(
+            images=None if self.images is None else self.images[:n],
+            paths=None if self.paths is None else self.paths[:n],
+            fine=self.fine[:n],
+            coarse=self.coarse[:n],
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A dataset ready for the pipeline.
+
+    Attributes:
+        name: dataset name.
+        train, test: the splits.
+        hierarchy: fine/coarse classes.
+        image_shape: `(H, W, C)` the model sees.
+        mean, std: per-channel normalisation in 0..255 units.
+        resize: how evaluation images are brought to `image_shape`
+            ('none' when they already have it).
+    """
+
+    name: str
+    train: Split
+    test: Split
+    hierarchy: hierarchy_lib.Hierarchy
+    image_shape: tuple
+    mean: tuple
+    std: tuple
+    resize: str = "none"
+
+
+def load(config):
+    """Loads the dataset named by `config.dataset`. Raises `UserError` if absent."""
+    if config.dataset == "fashion_mnist":
+        source = _fashion_mnist(config)
+    elif config.dataset == "image_folder":
+        source = _image_folder(config)
+    else:
+        raise UserError(
+            f"--dataset={config.dataset!r} is not known; choose fashion_mnist or image_folder."
+        )
+    train = source.train.take(config.max_train_examples)
+    test = source.test.take(config.max_eval_examples)
+    return dataclasses.replace(source, train=train, test=test)
+
+
+def _hierarchy(config, fine_names, default_map):
+    if config.coarse_map:
+        return hierarchy_lib.load_coarse_map(config.coarse_map, fine_names)
+    return default_map
+
+
+def _fashion_mnist(config):
+    data_dir = config.data_dir
+    if not os.path.isdir(data_dir):
+        raise UserError(
+            f"Fashion-MNIST not found: --data_dir={data_dir} does not exist; install it with "
+            "`sudo apt-get install -y dataset-fashion-mnist` or point --data_dir at the IDX files."
+        )
+    default = hierarchy_lib.load_coarse_map(
+        hierarchy_lib.builtin_map("fashion_mnist_coarse4"), FASHION_MNIST_CLASSES
+    )
+    hier = _hierarchy(config, FASHION_MNIST_CLASSES, default)
+    splits = {}
+    for split, (images_file, labels_file) in FASHION_MNIST_FILES.items():
+        paths = [os.path.join(data_dir, f) for f in (images_file, labels_file)]
+        absent = [p for p in paths if not os.path.isfile(p)]
+        if absent:
+            raise UserError(
+                f"Fashion-MNIST file missing: {absent[0]}; install `dataset-fashion-mnist` "
+                "or point --data_dir at a folder with the four IDX .gz files."
+            )
+        images = read_idx(paths[0])[..., None]  # [N, 28, 28, 1]
+        fine = read_idx(paths[1]).astype(np.int32)
+        splits[split] = Split(images=images, fine=fine, coarse=hier.coarse_of(fine))
+    return Source(
+        name="fashion_mnist",
+        train=splits["train"],
+        test=splits["test"],
+        hierarchy=hier,
+        image_shape=(28, 28, 1),
+        mean=FASHION_MNIST_STATS[0],
+        std=FASHION_MNIST_STATS[1],
+    )
+
+
+def _list_images(folder):
+    return sorted(
+        os.path.join(folder, f)
+        for f in os.listdir(folder)
+        if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f))
+    )
+
+
+def _subdirs(folder):
+    return sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+
+
+def scan_image_folder(root):
+    """Lists a split folder.
+
+    Two layouts: `root/<coarse>/<fine>/<image>` (the hierarchy is the tree) and
+    `root/<fine>/<image>` (the hierarchy must come from a coarse map).
+
+    Returns:
+        (paths, fine_names_per_image, tree_map) where `tree_map` is the
+        fine -> coarse dict read off a 3-level tree, or None for 2 levels.
+    """
+    paths, fines, tree_map = [], [], {}
+    for top in _subdirs(root):
+        top_dir = os.path.join(root, top)
+        inner = _subdirs(top_dir)
+        if inner:
+            for fine in inner:
+                if tree_map.get(fine, top) != top:
+                    raise UserError(
+                        f"{root}: fine class {fine!r} appears under two coarse classes "
+                        f"({tree_map[fine]!r} and {top!r}); fine names must be unique."
+                    )
+                tree_map[fine] = top
+                for p in _list_images(os.path.join(top_dir, fine)):
+                    paths.append(p)
+                    fines.append(fine)
+        else:
+            for p in _list_images(top_dir):
+                paths.append(p)
+                fines.append(top)
+    return paths, fines, (tree_map or None)
+
+
+def _image_folder(config):
+    root = config.data_dir
+    split_dirs = {s: os.path.join(root, s) for s in ("train", "test")}
+    for split, d in split_dirs.items():
+        if not os.path.isdir(d):
+            raise UserError(
+                f"--dataset=image_folder needs {d}: put the {split} images in "
+                f"{root}/{split}/<coarse>/<fine>/<image> or {root}/{split}/<fine>/<image>."
+            )
+    scanned = {s: scan_image_folder(d) for s, d in split_dirs.items()}
+    fine_names = tuple(sorted(set(scanned["train"][1])))
+    if not fine_names:
+        raise UserError(f"{split_dirs['train']}: no images found ({', '.join(IMAGE_EXTENSIONS)}).")
+    tree_map = scanned["train"][2]
+    if config.coarse_map:
+        hier = hierarchy_lib.load_coarse_map(config.coarse_map, fine_names)
+    elif tree_map:
+        hier = hierarchy_lib.from_mapping(fine_names, tree_map, source=f"the tree {root}/train")
+    else:
+        mapping_file = os.path.join(root, "coarse_map.json")
+        if not os.path.isfile(mapping_file):
+            raise UserError(
+                f"{root}/train is a <fine>/<image> tree: give --coarse_map=FILE (JSON fine -> "
+                f"coarse) or put it at {mapping_file}."
+            )
+        hier = hierarchy_lib.load_coarse_map(mapping_file, fine_names)
+    index = {n: i for i, n in enumerate(fine_names)}
+    splits = {}
+    for split, (paths, fines, _) in scanned.items():
+        unknown = sorted(set(fines) - set(index))
+        if unknown:
+            raise UserError(f"{split_dirs[split]}: classes absent from train: {unknown[:5]}.")
+        fine = np.asarray([index[f] for f in fines], np.int32)
+        splits[split] = Split(paths=np.asarray(paths), fine=fine, coarse=hier.coarse_of(fine))
+    size = config.image_size or 224
+    return Source(
+        name="image_folder",
+        train=splits["train"],
+        test=splits["test"],
+        hierarchy=hier,
+        image_shape=(size, size, 3),
+        mean=IMAGENET_STATS[0],
+        std=IMAGENET_STATS[1],
+        resize="resize_center_crop",
+    )
+
+
+def describe(source):
+    """A JSON-serialisable summary stored in the work directory."""
+    return {
+        "name": source.name,
+        "train_examples": len(source.train),
+        "test_examples": len(source.test),
+        "image_shape": list(source.image_shape),
+        "mean": list(source.mean),
+        "std": list(source.std),
+        "resize": source.resize,
+        "fine_names": list(source.hierarchy.fine_names),
+        "coarse_names": list(source.hierarchy.coarse_names),
+        "coarse_map": source.hierarchy.to_dict(),
+    }
+
+
+def dumps(source):
+    return json.dumps(describe(source), indent=2)

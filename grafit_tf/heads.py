@@ -1,0 +1,36 @@
+"""Heads on the pooled trunk feature `[N, F]`."""
+
+import keras
+from keras import layers
+
+
+def mlp(hidden, out, name, sync_bn=False, use_bn=True):
+    """Linear -> BN -> ReLU -> Linear: BYOL's projector / predictor shape.
+
+    Returns:
+        A `keras.Sequential` `[N, F] -> [N, out]`.
+    """
+    body = [layers.Dense(hidden, use_bias=not use_bn, name=f"{name}_fc1")]
+    if use_bn:
+        body.append(layers.BatchNormalization(synchronized=sync_bn, name=f"{name}_bn"))
+    body += [layers.ReLU(name=f"{name}_relu"), layers.Dense(out, name=f"{name}_fc2")]
+    return keras.Sequential(body, name=name)
+
+
+def classifier(num_classes, name="classifier"):
+    """A linear classifier `[N, F] -> [N, num_classes]` for the cross-entropy baselines."""
+    return layers.Dense(num_classes, name=name)
+
+
+def embedder(backbone, head=None, name="embedder"):
+    """The exported model: image `[N, H, W, C]` (0..255) -> unit vector `[N, D]`.
+
+    Args:
+        backbone: the trained trunk.
+        head: an optional head applied before normalisation (`--embedding=knn_head`).
+    """
+    inputs = keras.Input(backbone.input_shape[1:], name="image")
+    x = backbone(inputs)
+    if head is not None:
+        x = head(x)
+    return keras.Model(inputs, layers.UnitNormalization(axis=-1, name="l2_normalize")(x), name=name)

@@ -1,0 +1,101 @@
+"""Grafit's losses, as pure functions of tensors.
+
+Each returns the mean over the local (per-replica) batch. Under
+`tf.distribute` the caller divides by `num_replicas_in_sync` before taking
+gradients, because the optimizer *sums* gradients across replicas.
+
+Notation: `B` queries, `M` memory slots, `D` embedding width. Embeddings are
+L2-normalised, so a dot product is a cosine similarity.
+"""
+
+import tensorflow as tf
+
+_NEG_INF = -1e9  # Finite, so that masked rows never produce NaN gradients.
+
+
+def nca_loss(queries, query_labels, memory, memory_labels, tau, exclude=None):
+    """Neighbourhood-components (soft kNN classifier) loss against a memory.
+
+    For query i with label y_i:
+
+        p_ij  = exp(q_i . m_j / tau) / sum_{k != self(i)} exp(q_i . m_k / tau)
+        L_i   = -log sum_{j != self(i), y_j = y_i} p_ij
+
+    The sum over positives is inside the log: the loss asks that a soft nearest
+    neighbour classifier gets the coarse label right, and does not pull every
+    same-class pair together (which would erase fine structure).
+
+    Args:
+        queries: `[B, D]` float32, L2-normalised embeddings.
+        query_labels: `[B]` int, coarse labels of the queries.
+        memory: `[M, D]` float32 memory embeddings (no gradient flows into it).
+        memory_labels: `[M]` int, labels of the memory slots.
+        tau: temperature.
+        exclude: optional `[B]` int, the memory slot that holds each query's
+            own image (removed from the candidates), or -1 for none.
+
+    Returns:
+        Scalar: the mean of L_i over the queries that have at least one positive
+        in the memory (0 when none has).
+    """
+    memory = tf.stop_gradient(memory)
+    logits = tf.matmul(queries, memory, transpose_b=True) / tau  # [B, M]
+    num_slots = tf.shape(memory)[0]
+    valid = tf.ones_like(logits, dtype=tf.bool)
+    if exclude is not None:
+        valid = tf.logical_not(tf.one_hot(exclude, num_slots, on_value=True, off_value=False))
+    positive = tf.equal(query_labels[:, None], memory_labels[None, :]) & valid
+    all_lse = tf.reduce_logsumexp(tf.where(valid, logits, _NEG_INF), axis=1)
+    pos_lse = tf.reduce_logsumexp(tf.where(positive, logits, _NEG_INF), axis=1)
+    has_positive = tf.reduce_any(positive, axis=1)
+    per_query = tf.where(has_positive, all_lse - pos_lse, 0.0)
+    count = tf.reduce_sum(tf.cast(has_positive, tf.float32))
+    return tf.reduce_sum(per_query) / tf.maximum(count, 1.0)
+
+
+def byol_loss(predictions, targets):
+    """BYOL regression loss `2 - 2 cos(p, stopgrad(t))`, mean over the batch.
+
+    Args:
+        predictions: `[B, P]` online predictor outputs (any norm).
+        targets: `[B, P]` target projector outputs for *another* view of the
+            same images (any norm; no gradient flows into them).
+    """
+    p = tf.math.l2_normalize(predictions, axis=1)
+    t = tf.math.l2_normalize(tf.stop_gradient(targets), axis=1)
+    return tf.reduce_mean(2.0 - 2.0 * tf.reduce_sum(p * t, axis=1))
+
+
+def info_nce_loss(queries, keys, tau):
+    """InfoNCE with in-batch negatives: query i's positive is key i.
+
+    Args:
+        queries: `[B, D]` L2-normalised.
+        keys: `[B, D]` L2-normalised embeddings of other views (no gradient).
+        tau: temperature.
+    """
+    logits = tf.matmul(queries, tf.stop_gradient(keys), transpose_b=True) / tau
+    labels = tf.range(tf.shape(queries)[0])
+    return tf.reduce_mean(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    )
+
+
+def cross_entropy(logits, labels, label_smoothing=0.0):
+    """Softmax cross-entropy, mean over the batch.
+
+    Args:
+        logits: `[B, K]` (any float dtype; computed in float32).
+        labels: `[B]` int class indices.
+        label_smoothing: mass spread uniformly over the K classes.
+    """
+    logits = tf.cast(logits, tf.float32)
+    num_classes = tf.shape(logits)[1]
+    onehot = tf.one_hot(labels, num_classes)
+    if label_smoothing:
+        onehot = onehot * (1.0 - label_smoothing) + label_smoothing / tf.cast(
+            num_classes, tf.float32
+        )
+    return tf.reduce_mean(
+        tf.nn.softmax_cross_entropy_with_logits(labels=onehot, logits=logits)
+    )

@@ -1,0 +1,213 @@
+"""`GrafitModel`: a `keras.Model` assembled from injected parts.
+
+The parts (trunk, heads, target network, memory) are built elsewhere
+(`grafit_tf.builders`) and passed in, so the same class trains Grafit and its
+baselines: which losses are active follows from `Objective.method`.
+"""
+
+import dataclasses
+import math
+
+import keras
+import tensorflow as tf
+
+from grafit_tf import losses
+from grafit_tf.distribute import num_replicas
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What `train_step` optimises.
+
+    Attributes:
+        method: grafit | coarse_ce | instance | fine_ce.
+        tau: NCA temperature.
+        lambda_inst: weight of the instance loss in `grafit`.
+        ema_decay: base decay of the target network, raised to 1 by a cosine
+            schedule over `total_steps` (BYOL).
+        total_steps: planned optimizer steps, for the EMA schedule.
+        label_smoothing: for the cross-entropy baselines.
+    """
+
+    method: str = "grafit"
+    tau: float = 0.05
+    lambda_inst: float = 1.0
+    ema_decay: float = 0.99
+    total_steps: int = 1
+    label_smoothing: float = 0.0
+
+    @property
+    def nca(self):
+        return self.method == "grafit"
+
+    @property
+    def instance(self):
+        return self.method == "instance" or (self.method == "grafit" and self.lambda_inst > 0)
+
+    @property
+    def cross_entropy(self):
+        return self.method in ("coarse_ce", "fine_ce")
+
+    def terms(self):
+        names = []
+        if self.nca:
+            names.append("nca_loss")
+        if self.instance:
+            names.append("instance_loss")
+        if self.cross_entropy:
+            names.append("ce_loss")
+        return names
+
+
+class GrafitModel(keras.Model):
+    """Trains a trunk with Grafit's losses or a baseline's.
+
+    Args:
+        backbone: trunk `[N, H, W, C] -> [N, F]`.
+        objective: an `Objective`.
+        knn_head: `[N, F] -> [N, D]`, the NCA embedding (grafit).
+        memory: a `MemoryBank` of `D`-dim embeddings (grafit).
+        projector, predictor: BYOL online heads (instance loss).
+        target_backbone, target_projector: EMA copies of backbone and projector.
+        classifier: `[N, F] -> [N, K]` (cross-entropy baselines).
+        embed_with_head: `call()` returns the normalised kNN-head output instead
+            of the normalised trunk feature.
+    """
+
+    def __init__(self, backbone, objective, knn_head=None, memory=None, projector=None,
+                 predictor=None, target_backbone=None, target_projector=None,
+                 classifier=None, embed_with_head=False, **kwargs):
+        super().__init__(**kwargs)
+        self.backbone = backbone
+        self.objective = objective
+        self.knn_head = knn_head
+        self.memory = memory
+        self.projector = projector
+        self.predictor = predictor
+        self.target_backbone = target_backbone
+        self.target_projector = target_projector
+        self.classifier = classifier
+        self.embed_with_head = embed_with_head
+        self.trackers = {
+            name: keras.metrics.Mean(name=name) for name in ["loss"] + objective.terms()
+        }
+
+    def build(self, input_shape):
+        # The parts are built by their builder; nothing to create here.
+        self.backbone.build(input_shape)
+        self.built = True
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def call(self, images, training=False):
+        """Retrieval embedding `[N, D]` (L2-normalised) of images `[N, H, W, C]`."""
+        x = self.backbone(images, training=training)
+        if self.embed_with_head:
+            x = self.knn_head(x, training=training)
+        return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=1)
+
+    def forward(self, views, training=True):
+        """Runs every active branch on all views at once.
+
+        Args:
+            views: `[b, V, H, W, C]`.
+
+        Returns:
+            A dict of `[V, b, ...]` float32 tensors: `knn` (normalised), `pred`,
+            `target`, `logits`, for the active branches.
+        """
+        shape = tf.shape(views)
+        b, v = shape[0], views.shape[1]
+        # View-major so that a reshape to [V, b, ...] recovers the views.
+        x = tf.reshape(tf.transpose(views, [1, 0, 2, 3, 4]),
+                       tf.concat([[v * b], shape[2:]], axis=0))
+
+        def per_view(t):
+            t = tf.cast(t, tf.float32)  # Losses and similarities in float32.
+            return tf.reshape(t, tf.concat([[v, b], tf.shape(t)[1:]], axis=0))
+
+        feats = self.backbone(x, training=training)
+        out = {}
+        if self.objective.nca:
+            out["knn"] = tf.math.l2_normalize(per_view(self.knn_head(feats, training=training)), -1)
+        if self.objective.instance:
+            out["pred"] = per_view(self.predictor(self.projector(feats, training=training),
+                                                  training=training))
+            # The target uses batch statistics too (training=True), as in BYOL;
+            # it gets no gradient.
+            target = self.target_projector(self.target_backbone(x, training=True), training=True)
+            out["target"] = tf.stop_gradient(per_view(target))
+        if self.objective.cross_entropy:
+            out["logits"] = per_view(self.classifier(feats, training=training))
+        return out
+
+    def loss_terms(self, out, labels, indices):
+        """The active losses (each a scalar mean over the local batch)."""
+        terms = {}
+        if self.objective.nca:
+            v = out["knn"].shape[0]
+            queries = tf.reshape(out["knn"], [-1, out["knn"].shape[-1]])
+            terms["nca_loss"] = losses.nca_loss(
+                queries, tf.tile(labels, [v]), self.memory.embeddings, self.memory.labels,
+                self.objective.tau, exclude=tf.tile(self.memory.exclusion(indices), [v]))
+        if self.objective.instance:
+            terms["instance_loss"] = self.objective_weight() * _symmetric_byol(
+                out["pred"], out["target"])
+        if self.objective.cross_entropy:
+            v = out["logits"].shape[0]
+            terms["ce_loss"] = losses.cross_entropy(
+                tf.reshape(out["logits"], [-1, out["logits"].shape[-1]]), tf.tile(labels, [v]),
+                self.objective.label_smoothing)
+        return terms
+
+    def objective_weight(self):
+        return 1.0 if self.objective.method == "instance" else self.objective.lambda_inst
+
+    def train_step(self, data):
+        labels, indices = data["label"], data["index"]
+        with tf.GradientTape() as tape:
+            out = self.forward(data["views"], training=True)
+            terms = self.loss_terms(out, labels, indices)
+            loss = tf.add_n(list(terms.values()))
+            # The optimizer sums gradients over replicas: scale to a global mean.
+            scaled = loss / num_replicas()
+        grads = tape.gradient(scaled, self.trainable_variables)
+        self.optimizer.apply(grads, self.trainable_variables)
+        self.update_state(out, labels, indices)
+        for name, value in dict(terms, loss=loss).items():
+            self.trackers[name].update_state(value)
+        return {name: t.result() for name, t in self.trackers.items()}
+
+    def update_state(self, out, labels, indices):
+        """After the optimizer step: the memory, then the EMA target."""
+        if self.objective.nca:
+            mean_view = tf.math.l2_normalize(tf.reduce_mean(out["knn"], axis=0), axis=1)
+            self.memory.update(mean_view, labels, indices)
+        if self.objective.instance:
+            decay = self.ema_decay()
+            pairs = zip(self.backbone.weights + self.projector.weights,
+                        self.target_backbone.weights + self.target_projector.weights)
+            for online, target in pairs:
+                target.assign(decay * target + (1.0 - decay) * online)
+
+    def ema_decay(self):
+        """BYOL's schedule: base decay at step 0, cosine up to 1 at the end."""
+        base = self.objective.ema_decay
+        progress = tf.minimum(
+            tf.cast(self.optimizer.iterations, tf.float32) / float(self.objective.total_steps),
+            1.0)
+        return 1.0 - (1.0 - base) * (tf.cos(math.pi * progress) + 1.0) / 2.0
+
+
+def _symmetric_byol(pred, target):
+    """BYOL over every ordered pair of distinct views.
+
+    Args:
+        pred: `[V, b, P]` online predictions.
+        target: `[V, b, P]` target projections.
+    """
+    v = pred.shape[0]
+    pairs = [(i, j) for i in range(v) for j in range(v) if i != j]
+    return tf.add_n([losses.byol_loss(pred[i], target[j]) for i, j in pairs]) / len(pairs)

@@ -1,0 +1,192 @@
+"""`train_and_evaluate(config, workdir)`: the whole training job.
+
+Writes into `workdir`: `config.json`, `checkpoints/`, `logs/` (TensorBoard,
+`train.csv`, `eval.csv`), `embedder.keras` and `metrics.json`. Running the same
+command again after a crash resumes from the last checkpoint.
+"""
+
+import json
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import grafit_tf
+from grafit_tf import builders, checkpointing, evaluation
+from grafit_tf.data import pipeline, sources
+from grafit_tf.distribute import make_strategy
+from grafit_tf.errors import UserError
+
+
+def check_batch(config, source, replicas):
+    """Stops early on batch / memory sizes that cannot work."""
+    if config.batch_size % replicas:
+        raise UserError(
+            f"--batch_size={config.batch_size} does not divide by the {replicas} replicas; "
+            f"use a multiple of {replicas}."
+        )
+    if len(source.train) < config.batch_size:
+        what = "the memory (one slot per training image)" if config.uses_memory else "the data"
+        raise UserError(
+            f"{what} holds {len(source.train)} images, fewer than one batch "
+            f"(--batch_size={config.batch_size}); lower --batch_size or raise "
+            "--max_train_examples."
+        )
+
+
+def write_json(path, value):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def embed(embedder, split, source, batch_size=512):
+    """Embeddings `[N, D]` float32 of a split, evaluation preprocessing."""
+    ds = pipeline.eval_dataset(split, source, batch_size)
+    return np.asarray(embedder.predict(ds, verbose=0), np.float32)
+
+
+def evaluate(embedder, source, config):
+    """The protocol of `grafit_tf.evaluation` on the test split."""
+    train_emb = embed(embedder, source.train, source)
+    test_emb = embed(embedder, source.test, source)
+    return evaluation.knn_metrics(
+        train_emb, source.train.fine, source.train.coarse,
+        test_emb, source.test.fine, source.test.coarse,
+        k=config.eval_k, temperature=config.eval_temperature,
+        num_fine=source.hierarchy.num_fine)
+
+
+class PeriodicEvaluation(keras.callbacks.Callback):
+    """Runs the evaluation every `every` epochs and appends to `logs/eval.csv`."""
+
+    def __init__(self, embedder, source, config, every, path):
+        super().__init__()
+        self.embedder, self.source, self.config = embedder, source, config
+        self.every, self.path = every, path
+        self.history = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.every or (epoch + 1) % self.every or epoch + 1 == self.config.epochs:
+            return  # The last epoch is evaluated by train_and_evaluate itself.
+        metrics = dict(epoch=epoch + 1, **evaluate(self.embedder, self.source, self.config))
+        self.history.append(metrics)
+        append_csv(self.path, metrics)
+        print(f"\neval epoch {epoch + 1}: " + ", ".join(
+            f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"), flush=True)
+
+
+def append_csv(path, row):
+    new = not os.path.isfile(path)
+    with open(path, "a", encoding="utf-8") as f:
+        if new:
+            f.write(",".join(row) + "\n")
+        f.write(",".join(str(v) for v in row.values()) + "\n")
+
+
+def prefill_memory(model, source, config):
+    """Fills the memory with real embeddings of the (un-augmented) training images."""
+    head = keras.Sequential([model.backbone, model.knn_head])
+    ds = pipeline.eval_dataset(source.train if config.memory == "full"
+                               else source.train.take(config.queue_size), source)
+    z = np.asarray(head.predict(ds, verbose=0), np.float32)
+    z /= np.linalg.norm(z, axis=1, keepdims=True) + 1e-12
+    labels = source.train.coarse[: len(z)]
+    model.memory.fill(z, labels)
+
+
+def train_and_evaluate(config, workdir):
+    """Trains, saves and evaluates. Returns the metrics dict (also in metrics.json)."""
+    config.validate()
+    source = sources.load(config)
+    strategy = make_strategy(config.distribute)
+    replicas = strategy.num_replicas_in_sync
+    check_batch(config, source, replicas)
+    os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    write_json(os.path.join(workdir, "config.json"), dict(
+        config.to_dict(), num_replicas=replicas, version=grafit_tf.__version__,
+        data=sources.describe(source)))
+
+    spe = pipeline.steps_per_epoch(len(source.train), config.batch_size)
+    total_steps = spe * config.epochs
+    keras.utils.set_random_seed(config.seed)
+    with strategy.scope():
+        model = builders.build_model(config, source, total_steps, sync_bn=replicas > 1)
+        model.compile(optimizer=builders.build_optimizer(config, total_steps, spe),
+                      jit_compile=config.jit_compile)
+        embedder = builders.build_embedder(model)
+    start_step = checkpointing.restore(model, ckpt_dir)
+    if start_step:
+        print(f"Resuming from step {start_step} of {total_steps} ({ckpt_dir}).", flush=True)
+    elif config.uses_memory:
+        prefill_memory(model, source, config)
+
+    evaluator = PeriodicEvaluation(embedder, source, config, config.eval_every,
+                                   os.path.join(workdir, "logs", "eval.csv"))
+    callbacks = [
+        checkpointing.Checkpointer(ckpt_dir, spe, config.checkpoint_every),
+        keras.callbacks.CSVLogger(os.path.join(workdir, "logs", "train.csv"), append=True),
+        keras.callbacks.TensorBoard(os.path.join(workdir, "logs"), write_graph=False),
+        keras.callbacks.TerminateOnNaN(),
+        evaluator,
+    ]
+    started = time.time()
+    for first_step, epoch, steps in fit_segments(start_step, spe, config.epochs):
+        ds = strategy.distribute_datasets_from_function(
+            pipeline.train_dataset_fn(source, config, start_step=first_step))
+        history = model.fit(ds, initial_epoch=epoch, epochs=epoch + 1 if steps != spe
+                            else config.epochs, steps_per_epoch=steps,
+                            callbacks=callbacks, verbose=config.verbose)
+        if model.stop_training or not history.history:
+            break
+    train_seconds = time.time() - started
+    trained_steps = int(model.optimizer.iterations.numpy()) - start_step
+    if int(model.optimizer.iterations.numpy()) < total_steps:
+        raise RuntimeError("training stopped early (a NaN loss?); see logs/train.csv")
+
+    embedder.save(os.path.join(workdir, "embedder.keras"))
+    metrics = evaluate(embedder, source, config)
+    metrics.update(
+        method=config.method,
+        epochs=config.epochs,
+        num_replicas=replicas,
+        train_examples=len(source.train),
+        eval_examples=len(source.test),
+        train_seconds=train_seconds,
+        train_images_per_second=trained_steps * config.batch_size / max(train_seconds, 1e-9),
+        resumed_from_step=start_step,
+        history=read_eval_history(os.path.join(workdir, "logs", "eval.csv")),
+    )
+    write_json(os.path.join(workdir, "metrics.json"), metrics)
+    print(evaluation.format_table([metrics], evaluation.METRIC_COLUMNS), flush=True)
+    return metrics
+
+
+def fit_segments(start_step, steps_per_epoch, epochs):
+    """Splits the remaining training into `model.fit` calls.
+
+    A run resumed mid-epoch first finishes that epoch (a shorter one-epoch
+    `fit`), then runs the remaining whole epochs.
+
+    Yields:
+        `(first_global_step, initial_epoch, steps_per_epoch_of_this_fit)`.
+    """
+    epoch, done = divmod(start_step, steps_per_epoch)
+    if done:
+        yield start_step, epoch, steps_per_epoch - done
+        epoch += 1
+    if epoch < epochs:
+        yield epoch * steps_per_epoch, epoch, steps_per_epoch
+
+
+def read_eval_history(path):
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        lines = [l.strip().split(",") for l in f if l.strip()]
+    header, rows = lines[0], lines[1:]
+    return [{k: float(v) for k, v in zip(header, r)} for r in rows]

@@ -1,0 +1,92 @@
+"""Trains Grafit (or a baseline) and evaluates the embedding at the fine level.
+
+    python train.py --flagfile=configs/fashion_mnist.cfg --workdir=runs/grafit
+
+Any flag after the flagfile overrides it, e.g. `--epochs=1 --max_train_examples=2000`.
+"""
+
+import dataclasses
+import sys
+
+from absl import app, flags
+
+from grafit_tf.config import Config
+
+HELP = {
+    "dataset": "Dataset: fashion_mnist (IDX files) or image_folder (root/{train,test}/...).",
+    "data_dir": "Folder of the dataset (IDX .gz files, or the image_folder root).",
+    "coarse_map": "JSON file fine name -> coarse name replacing the dataset's coarse labels.",
+    "max_train_examples": "Use only the first N training images (0: all).",
+    "max_eval_examples": "Evaluate on only the first N test images (0: all).",
+    "image_size": "Side of the model input for image_folder data (0: 224).",
+    "augment": "Augmentation recipe: auto, grayscale_small (28x28 gray) or rgb.",
+    "crop_scale_min": "Smallest area fraction kept by the random resized crop.",
+    "num_views": "Augmented views per image per step (>= 2).",
+    "method": "grafit (default), or a baseline: coarse_ce, instance, fine_ce (oracle).",
+    "backbone": "Trunk: small_resnet (<= 64 px), resnet50 or regnety8gf.",
+    "width": "Stem width of small_resnet (stages double it).",
+    "weights": "Local .weights.h5 to initialise a keras.applications trunk.",
+    "knn_dim": "Width of the kNN-loss embedding head.",
+    "proj_hidden": "Hidden width of the heads (kNN head, projector, predictor).",
+    "proj_dim": "Output width of the BYOL projector and predictor.",
+    "embedding": "Retrieval embedding: trunk (pooled feature) or knn_head.",
+    "tau": "Temperature of the kNN (NCA) loss.",
+    "memory": "Memory of the kNN loss: full (a slot per image) or queue (FIFO).",
+    "memory_momentum": "mu in m_i <- normalise(mu m_i + (1 - mu) z_i) (full memory).",
+    "queue_size": "Length of the FIFO queue (--memory=queue).",
+    "lambda_inst": "Weight of the instance (BYOL) loss in grafit.",
+    "ema_decay": "Base EMA decay of the BYOL target (cosine-increased to 1).",
+    "label_smoothing": "Label smoothing of the cross-entropy baselines.",
+    "epochs": "Training epochs.",
+    "batch_size": "Global batch size (split over replicas).",
+    "optimizer": "adamw or sgd (momentum, nesterov).",
+    "learning_rate": "Peak learning rate, after warm-up; cosine decay to 0.",
+    "weight_decay": "Decoupled weight decay (not on biases and norms).",
+    "momentum": "SGD momentum.",
+    "warmup_epochs": "Linear warm-up length in epochs.",
+    "seed": "Seed of initialisation, data order and augmentation.",
+    "distribute": "auto (MirroredStrategy if > 1 GPU), none, or mirrored.",
+    "jit_compile": "XLA-compile the train step (explicit; never Keras's 'auto').",
+    "checkpoint_every": "Also checkpoint every N steps (0: only at epoch ends).",
+    "eval_every": "Evaluate every N epochs during training (0: only at the end).",
+    "eval_k": "Neighbours in the weighted kNN vote.",
+    "eval_temperature": "Temperature of the weighted kNN vote.",
+    "verbose": "Keras progress: 0 silent, 1 progress bar, 2 one line per epoch.",
+}
+
+_DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+           str: flags.DEFINE_string}
+
+
+def define_flags():
+    """One flag per `Config` field, with its default and help."""
+    for field in dataclasses.fields(Config):
+        _DEFINE[field.type if isinstance(field.type, type) else eval(field.type)](
+            field.name, field.default, HELP[field.name])
+    flags.DEFINE_string("workdir", None, "Work directory for checkpoints, logs and results.")
+    flags.mark_flag_as_required("workdir")
+
+
+def config_from_flags():
+    values = {f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(Config)}
+    return Config(**values)
+
+
+def main(argv):
+    del argv
+    from grafit_tf.errors import UserError
+
+    try:
+        config = config_from_flags()
+        config.validate()
+        from grafit_tf import trainer  # Imports TensorFlow: after the cheap checks.
+
+        trainer.train_and_evaluate(config, flags.FLAGS.workdir)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
