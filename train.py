@@ -46,6 +46,7 @@ HELP = {
     "warmup_epochs": "Linear warm-up length in epochs.",
     "seed": "Seed of initialisation, data order and augmentation.",
     "distribute": "auto (MirroredStrategy if > 1 GPU), none, or mirrored.",
+    "cpu_replicas": "Split the CPU into N logical devices (replicas for --distribute=mirrored).",
     "jit_compile": "XLA-compile the train step (explicit; never Keras's 'auto').",
     "checkpoint_every": "Also checkpoint every N steps (0: only at epoch ends).",
     "eval_every": "Evaluate every N epochs during training (0: only at the end).",
@@ -59,7 +60,9 @@ _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFI
 
 
 def define_flags():
-    """One flag per `Config` field, with its default and help."""
+    """One flag per `Config` field, with its default and help (idempotent)."""
+    if "workdir" in flags.FLAGS:
+        return
     for field in dataclasses.fields(Config):
         _DEFINE[field.type if isinstance(field.type, type) else eval(field.type)](
             field.name, field.default, HELP[field.name])

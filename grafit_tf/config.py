@@ -66,6 +66,7 @@ class Config:
 
     # Runtime.
     distribute: str = "auto"
+    cpu_replicas: int = 0
     jit_compile: bool = False
     checkpoint_every: int = 0
     eval_every: int = 0

@@ -5,13 +5,32 @@ import tensorflow as tf
 from grafit_tf.errors import UserError
 
 
-def make_strategy(kind):
+def split_cpu(replicas):
+    """Makes `replicas` logical CPU devices, so the distributed path runs anywhere.
+
+    Must run before TensorFlow initialises its devices (before any op).
+    """
+    if replicas <= 1:
+        return
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+    except RuntimeError:
+        if len(tf.config.list_logical_devices("CPU")) != replicas:
+            raise UserError(f"--cpu_replicas={replicas}: TensorFlow already started with "
+                            f"{len(tf.config.list_logical_devices('CPU'))} CPU devices.") from None
+
+
+def make_strategy(kind, cpu_replicas=0):
     """The strategy for `--distribute`.
 
     `auto` picks MirroredStrategy when more than one GPU is visible and the
     default (single-device) strategy otherwise; `mirrored` mirrors over every
-    visible GPU, or over the logical CPU devices when there is no GPU.
+    visible GPU, or over the logical CPU devices when there is no GPU
+    (`cpu_replicas` of them).
     """
+    split_cpu(cpu_replicas)
     gpus = tf.config.list_logical_devices("GPU")
     if kind == "none" or (kind == "auto" and len(gpus) <= 1):
         return tf.distribute.get_strategy()

@@ -39,6 +39,8 @@ def nca_loss(queries, query_labels, memory, memory_labels, tau, exclude=None):
         in the memory (0 when none has).
     """
     memory = tf.stop_gradient(memory)
+    query_labels = tf.convert_to_tensor(query_labels)
+    memory_labels = tf.cast(memory_labels, query_labels.dtype)
     logits = tf.matmul(queries, memory, transpose_b=True) / tau  # [B, M]
     num_slots = tf.shape(memory)[0]
     valid = tf.ones_like(logits, dtype=tf.bool)
@@ -48,8 +50,8 @@ def nca_loss(queries, query_labels, memory, memory_labels, tau, exclude=None):
     all_lse = tf.reduce_logsumexp(tf.where(valid, logits, _NEG_INF), axis=1)
     pos_lse = tf.reduce_logsumexp(tf.where(positive, logits, _NEG_INF), axis=1)
     has_positive = tf.reduce_any(positive, axis=1)
-    per_query = tf.where(has_positive, all_lse - pos_lse, 0.0)
-    count = tf.reduce_sum(tf.cast(has_positive, tf.float32))
+    per_query = tf.where(has_positive, all_lse - pos_lse, tf.zeros_like(all_lse))
+    count = tf.reduce_sum(tf.cast(has_positive, per_query.dtype))
     return tf.reduce_sum(per_query) / tf.maximum(count, 1.0)
 
 

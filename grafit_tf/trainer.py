@@ -102,7 +102,7 @@ def train_and_evaluate(config, workdir):
     """Trains, saves and evaluates. Returns the metrics dict (also in metrics.json)."""
     config.validate()
     source = sources.load(config)
-    strategy = make_strategy(config.distribute)
+    strategy = make_strategy(config.distribute, config.cpu_replicas)
     replicas = strategy.num_replicas_in_sync
     check_batch(config, source, replicas)
     os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)

@@ -1,0 +1,148 @@
+"""Fine-grained quality of every method, trained side by side with one config.
+
+    python bench/quality.py --methods=grafit,coarse_ce,instance,fine_ce --seeds=1
+
+Each method runs `train.py --flagfile=CONFIG --method=M --seed=S` in its own
+process (same backbone, epochs, augmentation and seed), then the table of
+`metrics.json` values (mean and spread over seeds) plus raw-pixel kNN goes to
+`bench/results/<name>.json` and, between markers, into `BENCHMARKS.md`.
+"""
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from grafit_tf import evaluation  # noqa: E402
+from grafit_tf.config import Config  # noqa: E402
+from grafit_tf.data import sources  # noqa: E402
+
+flags.DEFINE_string("config", "configs/fashion_mnist.cfg", "Flagfile shared by every method.")
+flags.DEFINE_list("methods", ["grafit", "coarse_ce", "instance", "fine_ce"], "Methods to train.")
+flags.DEFINE_integer("seeds", 1, "Seeds per method (0..N-1); mean and spread are reported.")
+flags.DEFINE_string("workdir", "runs/quality", "Root of the per-run work directories.")
+flags.DEFINE_string("name", "quality", "Results name: bench/results/<name>.json and the "
+                    "BENCHMARKS.md section markers.")
+flags.DEFINE_multi_string("override", [], "Extra train.py flag for every run, e.g. --epochs=2.")
+flags.DEFINE_bool("reuse", True, "Reuse a run whose work directory already has metrics.json "
+                  "(same command), instead of training it again.")
+flags.DEFINE_bool("raw_pixels", True, "Add the raw-pixel kNN row.")
+flags.DEFINE_bool("update_benchmarks", True, "Rewrite this table's section of BENCHMARKS.md.")
+FLAGS = flags.FLAGS
+
+COLUMNS = evaluation.METRIC_COLUMNS + (("train_minutes", "train minutes"),)
+
+
+def train(method, seed):
+    workdir = os.path.join(FLAGS.workdir, f"{method}_seed{seed}")
+    metrics_path = os.path.join(workdir, "metrics.json")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--flagfile={FLAGS.config}",
+           f"--method={method}", f"--seed={seed}", f"--workdir={workdir}", "--verbose=2",
+           *FLAGS.override]
+    if FLAGS.reuse and os.path.isfile(metrics_path):
+        print(f"reusing {metrics_path}", flush=True)
+    else:
+        print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    with open(metrics_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def raw_pixel_metrics():
+    """Cosine kNN on raw pixels: the floor every learned embedding must beat."""
+    config = config_from_flagfile()
+    source = sources.load(config)
+
+    def flat(split):
+        x = split.images.reshape(len(split), -1).astype(np.float32)
+        return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
+
+    return evaluation.knn_metrics(
+        flat(source.train), source.train.fine, source.train.coarse,
+        flat(source.test), source.test.fine, source.test.coarse,
+        k=config.eval_k, temperature=config.eval_temperature,
+        num_fine=source.hierarchy.num_fine)
+
+
+def config_from_flagfile():
+    """The shared config with the overrides applied (data options only matter here)."""
+    values = {}
+    lines = open(os.path.join(ROOT, FLAGS.config), encoding="utf-8").read().splitlines()
+    for line in lines + list(FLAGS.override):
+        line = line.strip()
+        if line.startswith("--") and "=" in line:
+            key, value = line[2:].split("=", 1)
+            values[key] = value
+    fields = {f: type(getattr(Config(), f)) for f in Config().to_dict()}
+    cast = {k: (v.lower() in ("1", "true") if fields[k] is bool else fields[k](v))
+            for k, v in values.items() if k in fields}
+    return Config(**cast)
+
+
+def summarise(method, runs):
+    row = {"method": method, "seeds": len(runs)}
+    keys = [k for k, _ in evaluation.METRIC_COLUMNS if k != "method"]
+    for key in keys:
+        values = np.array([r[key] for r in runs])
+        row[key] = float(values.mean())
+        row[f"{key}_std"] = float(values.std())
+    row["train_minutes"] = float(np.mean([r["train_seconds"] for r in runs]) / 60)
+    row["history"] = [r.get("history", []) for r in runs]
+    return row
+
+
+def markdown(rows, command):
+    table = evaluation.format_table(rows, COLUMNS)
+    if any(r.get("seeds", 1) > 1 for r in rows):
+        spread = "; ".join(f"{r['method']}: fine top-1 +/- {100 * r['fine_knn_top1_std']:.2f}"
+                           for r in rows if "fine_knn_top1_std" in r)
+        table += f"\n\nSpread (std over seeds): {spread}."
+    when = datetime.date.today().isoformat()
+    machine = f"{os.cpu_count()} CPU cores ({platform.machine()}), no GPU"
+    return (f"{table}\n\nCommand: `{command}`  \nDate: {when}. Machine: {machine}.\n")
+
+
+def update_benchmarks(section):
+    path = os.path.join(ROOT, "BENCHMARKS.md")
+    begin, end = f"<!-- {FLAGS.name}:begin -->", f"<!-- {FLAGS.name}:end -->"
+    text = open(path, encoding="utf-8").read() if os.path.isfile(path) else "# Benchmarks\n"
+    block = f"{begin}\n{section}{end}"
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + f"\n\n{block}\n"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def main(argv):
+    del argv
+    rows = []
+    for method in FLAGS.methods:
+        runs = [train(method, seed) for seed in range(FLAGS.seeds)]
+        rows.append(summarise(method, runs))
+    if FLAGS.raw_pixels:
+        rows.append(dict(method="raw pixels", seeds=1, **raw_pixel_metrics()))
+    command = "python bench/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
+    with open(os.path.join(ROOT, "bench", "results", f"{FLAGS.name}.json"), "w") as f:
+        json.dump({"command": command, "date": datetime.date.today().isoformat(),
+                   "config": FLAGS.config, "overrides": FLAGS.override, "rows": rows}, f,
+                  indent=2)
+    section = markdown(rows, command)
+    print(section)
+    if FLAGS.update_benchmarks:
+        update_benchmarks(section)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,100 @@
+"""Shared fixtures. The Fashion-MNIST files are real (Debian's dataset-fashion-mnist)."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+FASHION_DIR = os.environ.get("GRAFIT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def fashion_dir():
+    """The real Fashion-MNIST folder; the suite fails (not skips) without it."""
+    if not os.path.isfile(os.path.join(FASHION_DIR, "t10k-images-idx3-ubyte.gz")):
+        pytest.fail(f"Fashion-MNIST missing at {FASHION_DIR}: apt-get install dataset-fashion-mnist")
+    return FASHION_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_config(fashion_dir):
+    """A Grafit config that trains in seconds on real Fashion-MNIST images."""
+    from grafit_tf.config import Config
+
+    return Config(data_dir=fashion_dir, epochs=1, max_train_examples=512,
+                  max_eval_examples=256, batch_size=64, width=8, proj_hidden=64,
+                  knn_dim=32, proj_dim=32, verbose=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tiny_config, tmp_path_factory):
+    """A work directory written by a real (tiny) Grafit training run."""
+    from grafit_tf import trainer
+
+    workdir = str(tmp_path_factory.mktemp("tiny_run"))
+    trainer.train_and_evaluate(tiny_config, workdir)
+    return workdir
+
+
+# --- Export and serving (issue 3) -------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_workdir):
+    """`tiny_workdir` exported once: the report of `grafit_tf.export.export`."""
+    from grafit_tf import export
+
+    return export.export(tiny_workdir, num_parity_images=64)
+
+
+@pytest.fixture(scope="session")
+def rgb_workdir(tmp_path_factory):
+    """A work directory with an (untrained) RGB embedder, resize 'resize_center_crop'.
+
+    Its data is a small image_folder dataset of smooth RGB pictures of varied
+    sizes (64 training images, enough for the export's parity check).
+    """
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    import grafit_tf
+    from grafit_tf import backbones, heads
+    from grafit_tf.config import Config
+    from grafit_tf.data import sources
+    from tests.image_files import rgb_picture
+
+    root = tmp_path_factory.mktemp("rgb_run")
+    data = root / "data"
+    rng = np.random.default_rng(3)
+    for split, count in (("train", 64), ("test", 8)):
+        for i in range(count):
+            folder = data / split / f"coarse{i % 2}" / f"fine{i % 4}"
+            folder.mkdir(parents=True, exist_ok=True)
+            h, w = (int(v) for v in rng.integers(24, 90, 2))
+            Image.fromarray(rgb_picture(rng, h, w)).save(folder / f"{i:03d}.png")
+    config = Config(dataset="image_folder", data_dir=str(data), image_size=32, width=4)
+    source = sources.load(config)
+    trunk = backbones.small_resnet(source.image_shape, source.mean, source.std, width=4)
+    # Non-trivial batch-norm statistics, so that the embedding depends on the input.
+    for layer in trunk.layers:
+        if layer.name.endswith("bn") or "_bn" in layer.name:
+            mean, var = layer.moving_mean, layer.moving_variance
+            mean.assign(rng.normal(0, 0.5, mean.shape).astype(np.float32))
+            var.assign(rng.uniform(0.5, 2.0, var.shape).astype(np.float32))
+    heads.embedder(trunk).save(str(root / "embedder.keras"))
+    with open(root / "config.json", "w", encoding="utf-8") as f:
+        json.dump(dict(config.to_dict(), version=grafit_tf.__version__,
+                       data=sources.describe(source)), f)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def rgb_export(rgb_workdir):
+    """`rgb_workdir` exported once."""
+    from grafit_tf import export
+
+    return export.export(rgb_workdir, num_parity_images=64)

@@ -1,0 +1,72 @@
+"""Config validation, flags, and every file in configs/."""
+
+import dataclasses
+import glob
+import os
+
+import pytest
+from absl import flags
+
+import train
+from grafit_tf.config import Config
+from grafit_tf.errors import UserError
+from tests.conftest import REPO
+
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.cfg")))
+
+
+def parse(argv):
+    train.define_flags()
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["train.py", *argv])
+    return train.config_from_flags()
+
+
+def test_every_field_has_a_flag_with_help():
+    train.define_flags()
+    for field in dataclasses.fields(Config):
+        flag = flags.FLAGS[field.name]
+        assert flag.help and len(flag.help) > 10, field.name
+        assert flag.default == field.default, field.name
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_file_parses_and_validates(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # Nested flagfiles are relative to the repo root.
+    config = parse([f"--flagfile={path}", "--workdir=/tmp/x"])
+    config.validate()
+    first = open(path, encoding="utf-8").readline()
+    assert first.startswith("#"), "each config starts with a comment saying what it reproduces"
+
+
+def test_baseline_configs_exist_and_differ_only_by_method(monkeypatch):
+    monkeypatch.chdir(REPO)
+    base = parse(["--flagfile=configs/fashion_mnist.cfg", "--workdir=/tmp/x"])
+    assert base.method == "grafit"
+    for method in ("coarse_ce", "instance", "fine_ce"):
+        other = parse([f"--flagfile=configs/fashion_mnist_{method}.cfg", "--workdir=/tmp/x"])
+        assert other == base.replace(method=method)
+
+
+def test_flags_after_flagfile_override(monkeypatch):
+    monkeypatch.chdir(REPO)
+    config = parse(["--flagfile=configs/fashion_mnist.cfg", "--workdir=/tmp/x", "--epochs=1",
+                    "--max_train_examples=2000"])
+    assert config.epochs == 1 and config.max_train_examples == 2000
+
+
+@pytest.mark.parametrize("changes,needle", [
+    (dict(method="nope"), "--method"),
+    (dict(dataset="mnist"), "--dataset"),
+    (dict(memory="queue", queue_size=8, batch_size=16), "--queue_size"),
+    (dict(num_views=1), "--num_views"),
+    (dict(embedding="knn_head", method="coarse_ce"), "--embedding"),
+])
+def test_validate_rejects(changes, needle):
+    with pytest.raises(UserError, match=needle):
+        Config(**changes).validate()
+
+
+def test_round_trip():
+    config = Config(epochs=3, tau=0.1)
+    assert Config.from_dict(dict(config.to_dict(), unknown_key=1)) == config

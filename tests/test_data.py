@@ -1,0 +1,104 @@
+"""Data sources: IDX reader, hierarchies and coarse maps, image folders, real Fashion-MNIST."""
+
+import gzip
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from grafit_tf.config import Config
+from grafit_tf.data import hierarchy, idx, sources
+from grafit_tf.errors import UserError
+
+
+def test_idx_round_trip(tmp_path):
+    array = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    path = tmp_path / "x-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 2, 3, 4) + array.tobytes())
+    np.testing.assert_array_equal(idx.read_idx(str(path)), array)
+
+
+def test_idx_rejects_bad_files(tmp_path):
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(ValueError, match="magic"):
+        idx.read_idx(str(bad))
+    short = tmp_path / "short"
+    short.write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + b"abc")
+    with pytest.raises(ValueError, match="bytes"):
+        idx.read_idx(str(short))
+
+
+def test_real_fashion_mnist(fashion_dir):
+    source = sources.load(Config(data_dir=fashion_dir))
+    assert source.train.images.shape == (60000, 28, 28, 1)
+    assert source.test.images.shape == (10000, 28, 28, 1)
+    assert np.bincount(source.test.fine).tolist() == [1000] * 10
+    h = source.hierarchy
+    assert h.coarse_names == ("bags", "bottoms_and_dresses", "footwear", "tops")
+    names = lambda c: sorted(h.fine_names[i] for i in range(10) if h.fine_to_coarse[i] == c)
+    assert names(h.coarse_names.index("tops")) == ["coat", "pullover", "shirt", "tshirt_top"]
+    assert names(h.coarse_names.index("footwear")) == ["ankle_boot", "sandal", "sneaker"]
+    np.testing.assert_array_equal(source.train.coarse, h.coarse_of(source.train.fine))
+    small = sources.load(Config(data_dir=fashion_dir, max_train_examples=100,
+                                max_eval_examples=50))
+    assert len(small.train) == 100 and len(small.test) == 50
+
+
+def test_coarse_map_override_and_errors(fashion_dir, tmp_path):
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps(json.load(open(hierarchy.builtin_map("fashion_mnist_coarse2")))))
+    source = sources.load(Config(data_dir=fashion_dir, coarse_map=str(path),
+                                 max_train_examples=10, max_eval_examples=10))
+    assert source.hierarchy.coarse_names == ("accessories", "clothing")
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"bag": "x"}))
+    with pytest.raises(UserError, match="unmapped"):
+        sources.load(Config(data_dir=fashion_dir, coarse_map=str(partial)))
+    with pytest.raises(UserError, match="no such file"):
+        sources.load(Config(data_dir=fashion_dir, coarse_map=str(tmp_path / "none.json")))
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="dataset-fashion-mnist"):
+        sources.load(Config(data_dir=str(tmp_path / "absent")))
+
+
+def _png(path, value, size=(20, 16), mode="RGB"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new(mode, size, value).save(path)
+
+
+def test_image_folder_three_levels(tmp_path):
+    for split in ("train", "test"):
+        for coarse, fines in {"birds": ["crow", "owl"], "cats": ["lion"]}.items():
+            for fine in fines:
+                for i in range(2):
+                    _png(str(tmp_path / split / coarse / fine / f"{i}.png"), (i, 2, 3))
+    source = sources.load(Config(dataset="image_folder", data_dir=str(tmp_path),
+                                 image_size=32))
+    assert source.hierarchy.fine_names == ("crow", "lion", "owl")
+    assert source.hierarchy.to_dict() == {"crow": "birds", "owl": "birds", "lion": "cats"}
+    assert len(source.train) == 6 and source.image_shape == (32, 32, 3)
+    assert source.train.paths[0].endswith(os.path.join("birds", "crow", "0.png"))
+    np.testing.assert_array_equal(source.train.coarse, [0, 0, 0, 0, 1, 1])
+
+
+def test_image_folder_two_levels_needs_a_map(tmp_path):
+    for split in ("train", "test"):
+        for fine in ("crow", "lion"):
+            _png(str(tmp_path / split / fine / "a.png"), (1, 2, 3))
+    with pytest.raises(UserError, match="coarse_map"):
+        sources.load(Config(dataset="image_folder", data_dir=str(tmp_path)))
+    (tmp_path / "coarse_map.json").write_text(json.dumps({"crow": "bird", "lion": "cat"}))
+    source = sources.load(Config(dataset="image_folder", data_dir=str(tmp_path)))
+    assert source.hierarchy.coarse_names == ("bird", "cat")
+
+
+def test_image_folder_missing_split(tmp_path):
+    with pytest.raises(UserError, match="train"):
+        sources.load(Config(dataset="image_folder", data_dir=str(tmp_path)))

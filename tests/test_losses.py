@@ -1,0 +1,138 @@
+"""Losses against NumPy references on tiny batches (values and gradients)."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from grafit_tf import losses
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def nca_reference(q, y, m, my, tau, exclude):
+    """Literal transcription of the method note's formula, one query at a time."""
+    out = []
+    for i in range(len(q)):
+        logits = m @ q[i] / tau
+        keep = np.arange(len(m)) != exclude[i]
+        p = np.exp(logits[keep] - logits[keep].max())
+        p /= p.sum()
+        pos = (my[keep] == y[i])
+        if pos.any():
+            out.append(-np.log(p[pos].sum()))
+    return np.mean(out) if out else 0.0
+
+
+def numeric_grad(fn, x, eps=1e-3):
+    grad = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        plus, minus = x.copy(), x.copy()
+        plus[idx] += eps
+        minus[idx] -= eps
+        grad[idx] = (fn(plus) - fn(minus)) / (2 * eps)
+    return grad
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def test_nca_matches_reference(rng):
+    q = _unit(rng.normal(size=(5, 4))).astype(np.float32)
+    m = _unit(rng.normal(size=(9, 4))).astype(np.float32)
+    y = np.array([0, 1, 2, 0, 1])
+    my = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    exclude = np.array([0, 4, -1, 3, 8])
+    got = losses.nca_loss(q, y, m, my, 0.1, exclude=exclude).numpy()
+    want = nca_reference(q, y, m, my, 0.1, exclude)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_nca_sum_is_inside_the_log(rng):
+    # One query, two positives: -log(p1 + p2), not the mean of -log p_j (SupCon).
+    q = np.array([[1.0, 0.0]], np.float32)
+    m = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], np.float32)
+    got = losses.nca_loss(q, np.array([0]), m, np.array([0, 0, 1]), 1.0).numpy()
+    e = np.exp([1.0, 0.0, -1.0])
+    np.testing.assert_allclose(got, -np.log((e[0] + e[1]) / e.sum()), rtol=1e-6)
+
+
+def test_nca_skips_queries_without_positive(rng):
+    q = _unit(rng.normal(size=(3, 4))).astype(np.float32)
+    m = _unit(rng.normal(size=(6, 4))).astype(np.float32)
+    y = np.array([0, 5, 1])  # Label 5 is absent from the memory.
+    my = np.array([0, 1, 0, 1, 0, 1])
+    got = losses.nca_loss(q, y, m, my, 0.2).numpy()
+    want = nca_reference(q, y, m, my, 0.2, [-1, -1, -1])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert np.isfinite(got)
+    assert losses.nca_loss(q, np.array([7, 7, 7]), m, my, 0.2).numpy() == 0.0
+
+
+def test_nca_gradient_matches_numeric(rng):
+    q = rng.normal(size=(4, 3))
+    m = _unit(rng.normal(size=(7, 3))).astype(np.float32)
+    y, my, ex = np.array([0, 1, 0, 1]), np.array([0, 1, 0, 1, 0, 1, 0]), np.array([1, -1, 2, 5])
+
+    def value(x):
+        return nca_reference(_unit(x), y, m, my, 0.5, ex)
+
+    x = tf.Variable(q.astype(np.float64))
+    with tf.GradientTape() as tape:
+        z = tf.math.l2_normalize(x, axis=1)
+        loss = losses.nca_loss(z, y, tf.constant(m, tf.float64), my, 0.5, exclude=ex)
+    grad = tape.gradient(loss, x).numpy()
+    np.testing.assert_allclose(grad, numeric_grad(value, q), atol=1e-5)
+
+
+def test_nca_no_gradient_into_memory(rng):
+    m = tf.Variable(_unit(rng.normal(size=(5, 3))).astype(np.float32))
+    q = tf.constant(_unit(rng.normal(size=(2, 3))).astype(np.float32))
+    with tf.GradientTape() as tape:
+        loss = losses.nca_loss(q, [0, 1], m, [0, 1, 0, 1, 0], 0.1)
+    assert tape.gradient(loss, m) is None
+
+
+def byol_reference(p, t):
+    p, t = _unit(p), _unit(t)
+    return np.mean(2 - 2 * np.sum(p * t, axis=1))
+
+
+def test_byol_matches_reference_and_gradient(rng):
+    p, t = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+    np.testing.assert_allclose(losses.byol_loss(p, t).numpy(), byol_reference(p, t), rtol=1e-6)
+    x = tf.Variable(p)
+    tv = tf.Variable(t)
+    with tf.GradientTape() as tape:
+        loss = losses.byol_loss(x, tv)
+    gp, gt = tape.gradient(loss, [x, tv])
+    assert gt is None  # Stop-gradient on the target.
+    np.testing.assert_allclose(gp.numpy(), numeric_grad(lambda a: byol_reference(a, t), p),
+                               atol=1e-6)
+
+
+def test_byol_is_zero_for_aligned_views(rng):
+    p = rng.normal(size=(4, 3))
+    assert abs(losses.byol_loss(p, 3.0 * p).numpy()) < 1e-6
+
+
+def test_info_nce_matches_reference(rng):
+    q = _unit(rng.normal(size=(4, 3)))
+    k = _unit(rng.normal(size=(4, 3)))
+    logits = q @ k.T / 0.2
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    np.testing.assert_allclose(losses.info_nce_loss(q, k, 0.2).numpy(),
+                               -np.mean(np.diag(logp)), rtol=1e-6)
+
+
+def test_cross_entropy_with_smoothing(rng):
+    logits = rng.normal(size=(3, 4))
+    labels = np.array([0, 3, 1])
+    onehot = np.eye(4)[labels] * 0.9 + 0.1 / 4
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    want = -np.mean(np.sum(onehot * logp, axis=1))
+    np.testing.assert_allclose(losses.cross_entropy(logits, labels, 0.1).numpy(), want,
+                               rtol=1e-5)
