@@ -1,0 +1,45 @@
+# grafit-tf: `make demo` trains, exports, serves and prints the fine-level results;
+# `make test` runs the test suite. Each sets itself up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
+WORKDIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: venv data test demo bench-quality clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+# Fashion-MNIST ships in Debian's package dataset-fashion-mnist.
+data:
+	@if [ -f "$(FASHION_MNIST)/t10k-images-idx3-ubyte.gz" ]; then \
+	  echo "Fashion-MNIST: $(FASHION_MNIST)"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  echo "Installing Debian's dataset-fashion-mnist ..."; \
+	  (apt-get install -y -q dataset-fashion-mnist || \
+	   (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
+	else \
+	  echo "Fashion-MNIST is missing: run 'sudo apt-get install -y dataset-fashion-mnist'" \
+	       "(or set FASHION_MNIST=DIR to a folder with the four IDX .gz files)."; exit 1; \
+	fi
+
+test: venv data
+	GRAFIT_FASHION_MNIST=$(FASHION_MNIST) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: venv data
+	$(PY) train.py --flagfile=configs/fashion_mnist.cfg --data_dir=$(FASHION_MNIST) \
+	  --workdir=$(WORKDIR)
+
+bench-quality: venv data
+	$(PY) bench/quality.py --config=configs/fashion_mnist.cfg \
+	  --methods=grafit,coarse_ce,instance,fine_ce
+
+clean:
+	rm -rf runs
