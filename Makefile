@@ -7,7 +7,7 @@ FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv data test demo bench-quality clean
+.PHONY: venv data test demo bench-quality bench-serve clean
 
 venv: $(VENV)/.installed
 
@@ -33,9 +33,23 @@ data:
 test: venv data
 	GRAFIT_FASHION_MNIST=$(FASHION_MNIST) $(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Train (resumes if interrupted), export to ONNX with a parity check, write a
+# gallery (500 training images per class) and the test split as PNG folders,
+# then classify every test PNG at the fine level with serve.py.
 demo: venv data
 	$(PY) train.py --flagfile=configs/fashion_mnist.cfg --data_dir=$(FASHION_MNIST) \
 	  --workdir=$(WORKDIR)
+	$(PY) export/export_onnx.py --workdir=$(WORKDIR) --data_dir=$(FASHION_MNIST)
+	$(PY) export/fashion_mnist_png.py --data_dir=$(FASHION_MNIST) --split=train \
+	  --max_per_class=500 --output=$(WORKDIR)/png/gallery --overwrite
+	$(PY) export/fashion_mnist_png.py --data_dir=$(FASHION_MNIST) --split=test \
+	  --output=$(WORKDIR)/png/test --overwrite
+	$(PY) serve.py --model=$(WORKDIR)/export/embedder.onnx --images=$(WORKDIR)/png/test \
+	  --output=$(WORKDIR)/serve --gallery=$(WORKDIR)/png/gallery \
+	  --save_gallery=$(WORKDIR)/gallery.npz --labels_from_dirs --progress=false
+
+bench-serve: venv data
+	$(PY) bench/serve_throughput.py --workdir=$(WORKDIR)
 
 bench-quality: venv data
 	$(PY) bench/quality.py --config=configs/fashion_mnist.cfg \

@@ -45,7 +45,11 @@ HELP = {
     "momentum": "SGD momentum.",
     "warmup_epochs": "Linear warm-up length in epochs.",
     "seed": "Seed of initialisation, data order and augmentation.",
-    "distribute": "auto (MirroredStrategy if > 1 GPU), none, or mirrored.",
+    "distribute": "auto (MirroredStrategy if > 1 GPU), none, mirrored, or multi_worker "
+                  "(MultiWorkerMirroredStrategy configured by TF_CONFIG).",
+    "sync_batch_norm": "Synchronised batch norm across replicas (only when > 1 replica).",
+    "mixed_precision": "none, mixed_float16 or mixed_bfloat16 (losses and memory stay float32).",
+    "worker_timeout": "Seconds to wait for every TF_CONFIG worker address to answer.",
     "cpu_replicas": "Split the CPU into N logical devices (replicas for --distribute=mirrored).",
     "jit_compile": "XLA-compile the train step (explicit; never Keras's 'auto').",
     "checkpoint_every": "Also checkpoint every N steps (0: only at epoch ends).",

@@ -16,7 +16,8 @@ BACKBONES = ("small_resnet", "resnet50", "regnety8gf")
 OPTIMIZERS = ("adamw", "sgd")
 MEMORIES = ("full", "queue")
 EMBEDDINGS = ("trunk", "knn_head")
-DISTRIBUTE = ("auto", "none", "mirrored")
+DISTRIBUTE = ("auto", "none", "mirrored", "multi_worker")
+PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 AUGMENTS = ("auto", "grayscale_small", "rgb")
 
 
@@ -67,6 +68,9 @@ class Config:
     # Runtime.
     distribute: str = "auto"
     cpu_replicas: int = 0
+    sync_batch_norm: bool = True
+    mixed_precision: str = "none"
+    worker_timeout: float = 120.0
     jit_compile: bool = False
     checkpoint_every: int = 0
     eval_every: int = 0
@@ -118,6 +122,7 @@ class Config:
         _one_of("embedding", self.embedding, EMBEDDINGS)
         _one_of("distribute", self.distribute, DISTRIBUTE)
         _one_of("augment", self.augment, AUGMENTS)
+        _one_of("mixed_precision", self.mixed_precision, PRECISIONS)
         if self.epochs < 1:
             raise UserError(f"--epochs={self.epochs}: train for at least 1 epoch.")
         if self.batch_size < 2:

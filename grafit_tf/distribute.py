@@ -1,5 +1,11 @@
 """`tf.distribute` glue: choosing a strategy and gathering across replicas."""
 
+import json
+import os
+import socket
+import subprocess
+import sys
+
 import tensorflow as tf
 
 from grafit_tf.errors import UserError
@@ -22,7 +28,7 @@ def split_cpu(replicas):
                             f"{len(tf.config.list_logical_devices('CPU'))} CPU devices.") from None
 
 
-def make_strategy(kind, cpu_replicas=0):
+def make_strategy(kind, cpu_replicas=0, worker_timeout=120.0):
     """The strategy for `--distribute`.
 
     `auto` picks MirroredStrategy when more than one GPU is visible and the
@@ -31,13 +37,96 @@ def make_strategy(kind, cpu_replicas=0):
     (`cpu_replicas` of them).
     """
     split_cpu(cpu_replicas)
+    if kind == "multi_worker":
+        return multi_worker_strategy(worker_timeout)
     gpus = tf.config.list_logical_devices("GPU")
     if kind == "none" or (kind == "auto" and len(gpus) <= 1):
         return tf.distribute.get_strategy()
     if kind in ("auto", "mirrored"):
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices)
-    raise UserError(f"--distribute={kind!r} is not known; choose auto, none or mirrored.")
+    raise UserError(
+        f"--distribute={kind!r} is not known; choose auto, none, mirrored or multi_worker.")
+
+
+def cluster_from_env():
+    """The `TF_CONFIG` cluster `(cluster dict, task dict)`; UserError if unusable."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        raise UserError("--distribute=multi_worker needs TF_CONFIG on every host, e.g. "
+                        '{"cluster": {"worker": ["h0:12345", "h1:12345"]}, '
+                        '"task": {"type": "worker", "index": 0}}.')
+    try:
+        tf_config = json.loads(raw)
+        cluster, task = tf_config["cluster"], tf_config["task"]
+        cluster[task["type"]][task["index"]]  # This task must be in the cluster.
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise UserError(f"TF_CONFIG is not a valid cluster description: {raw[:200]}") from None
+    for addresses in cluster.values():
+        for address in addresses:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit():
+                raise UserError(f"TF_CONFIG: worker address {address!r} is not host:port.")
+            try:
+                socket.getaddrinfo(host, int(port))
+            except socket.gaierror:
+                raise UserError(f"TF_CONFIG: worker address {address!r} does not resolve; "
+                                "fix the host name.") from None
+    return cluster, task
+
+
+# Runs in a separate process: TensorFlow's MultiWorkerMirroredStrategy blocks
+# in C++ while holding the GIL until every worker is up, so no Python thread of
+# ours could run to report a missing worker.
+_WATCHDOG = """
+import os, signal, sys, time
+parent, timeout, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+time.sleep(timeout)
+try:
+    os.kill(parent, 0)
+except OSError:
+    sys.exit(0)
+print(message, file=sys.stderr, flush=True)
+os.kill(parent, signal.SIGKILL)
+"""
+
+
+def multi_worker_strategy(timeout):
+    """`MultiWorkerMirroredStrategy` from `TF_CONFIG`, with a start-up watchdog.
+
+    Every worker must answer a first collective within `timeout` seconds;
+    otherwise a watchdog prints one line naming the cluster and ends this
+    process (SIGKILL), instead of leaving it hanging before training.
+    """
+    cluster, _ = cluster_from_env()
+    addresses = [a for group in cluster.values() for a in group]
+    message = (f"error: not every worker answered within {timeout:.0f} s "
+               f"({', '.join(addresses)}); check that each TF_CONFIG address is reachable "
+               "and that every worker is started.")
+    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()),
+                                 str(timeout), message])
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        # A first collective: returns once every worker is up and connected.
+        strategy.reduce(tf.distribute.ReduceOp.SUM,
+                        strategy.run(lambda: tf.constant(1.0)), axis=None)
+    finally:
+        watchdog.kill()
+        watchdog.wait()
+    return strategy
+
+
+def is_chief(strategy):
+    """Whether this process writes files: the chief, or worker 0 without a chief."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None:
+        return True
+    spec = resolver.cluster_spec().as_dict()
+    if not spec:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in spec
 
 
 def num_replicas():

@@ -65,8 +65,10 @@ class MemoryBank(keras.layers.Layer):
             indices: `[b]` int32 dataset indices of the images.
         """
         z = all_gather(tf.cast(tf.stop_gradient(embeddings), tf.float32))
-        y = all_gather(tf.cast(labels, tf.int32))
-        i = all_gather(tf.cast(indices, tf.int32))
+        # Integers travel as int64: an int32 all_gather under
+        # MultiWorkerMirroredStrategy fails ("destinations can not be empty").
+        y = tf.cast(all_gather(tf.cast(labels, tf.int64)), tf.int32)
+        i = tf.cast(all_gather(tf.cast(indices, tf.int64)), tf.int32)
         if self.kind == "full":
             old = tf.gather(self.embeddings, i)
             new = tf.math.l2_normalize(self.momentum * old + (1.0 - self.momentum) * z, axis=1)

@@ -97,6 +97,13 @@ class GrafitModel(keras.Model):
         self.backbone.build(input_shape)
         self.built = True
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras's default pulls one batch and `strategy.reduce`s it to trace a
+        # symbolic build; MultiWorkerMirroredStrategy cannot reduce a dict
+        # batch. Nothing needs building: the builder built every part and the
+        # trainer builds the optimizer.
+        del iterator, data_batch
+
     @property
     def metrics(self):
         return list(self.trackers.values())
@@ -172,13 +179,14 @@ class GrafitModel(keras.Model):
             terms = self.loss_terms(out, labels, indices)
             loss = tf.add_n(list(terms.values()))
             # The optimizer sums gradients over replicas: scale to a global mean.
-            scaled = loss / num_replicas()
+            # scale_loss: the loss scale of mixed_float16 (identity otherwise).
+            scaled = self.optimizer.scale_loss(loss / num_replicas())
         grads = tape.gradient(scaled, self.trainable_variables)
         self.optimizer.apply(grads, self.trainable_variables)
         self.update_state(out, labels, indices)
         for name, value in dict(terms, loss=loss).items():
             self.trackers[name].update_state(value)
-        return {name: t.result() for name, t in self.trackers.items()}
+        return {name: _log_value(t.result()) for name, t in self.trackers.items()}
 
     def update_state(self, out, labels, indices):
         """After the optimizer step: the memory, then the EMA target."""
@@ -199,6 +207,18 @@ class GrafitModel(keras.Model):
             tf.cast(self.optimizer.iterations, tf.float32) / float(self.objective.total_steps),
             1.0)
         return 1.0 - (1.0 - base) * (tf.cos(math.pi * progress) + 1.0) / 2.0
+
+
+def _log_value(value):
+    """A metric for Keras's logs.
+
+    Under MultiWorkerMirroredStrategy Keras reduces each logged value with
+    `strategy.reduce("MEAN", v, axis=0)`, which needs a batch axis: give
+    scalars one there (Keras 3.15).
+    """
+    if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+        return tf.reshape(value, [1])
+    return value
 
 
 def _symmetric_byol(pred, target):

@@ -14,9 +14,9 @@ import numpy as np
 import tensorflow as tf
 
 import grafit_tf
-from grafit_tf import builders, checkpointing, evaluation
+from grafit_tf import builders, checkpointing, evaluation, heads
 from grafit_tf.data import pipeline, sources
-from grafit_tf.distribute import make_strategy
+from grafit_tf.distribute import is_chief, make_strategy
 from grafit_tf.errors import UserError
 
 
@@ -44,9 +44,15 @@ def write_json(path, value):
 
 
 def embed(embedder, split, source, batch_size=512):
-    """Embeddings `[N, D]` float32 of a split, evaluation preprocessing."""
+    """Embeddings `[N, D]` float32 of a split, in order, evaluation preprocessing.
+
+    Runs outside any strategy on this process's own copy of the weights, so
+    every worker gets the same full result in dataset order (a distributed
+    `predict` would shard the data across workers).
+    """
+    fn = tf.function(lambda x: tf.cast(embedder(x, training=False), tf.float32))
     ds = pipeline.eval_dataset(split, source, batch_size)
-    return np.asarray(embedder.predict(ds, verbose=0), np.float32)
+    return np.concatenate([fn(batch).numpy() for batch in ds]).astype(np.float32)
 
 
 def evaluate(embedder, source, config):
@@ -63,18 +69,17 @@ def evaluate(embedder, source, config):
 class PeriodicEvaluation(keras.callbacks.Callback):
     """Runs the evaluation every `every` epochs and appends to `logs/eval.csv`."""
 
-    def __init__(self, embedder, source, config, every, path):
+    def __init__(self, embedder, source, config, every, path, write=True):
         super().__init__()
         self.embedder, self.source, self.config = embedder, source, config
-        self.every, self.path = every, path
-        self.history = []
+        self.every, self.path, self.write = every, path, write
 
     def on_epoch_end(self, epoch, logs=None):
         if not self.every or (epoch + 1) % self.every or epoch + 1 == self.config.epochs:
             return  # The last epoch is evaluated by train_and_evaluate itself.
         metrics = dict(epoch=epoch + 1, **evaluate(self.embedder, self.source, self.config))
-        self.history.append(metrics)
-        append_csv(self.path, metrics)
+        if self.write:
+            append_csv(self.path, metrics)
         print(f"\neval epoch {epoch + 1}: " + ", ".join(
             f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"), flush=True)
 
@@ -89,35 +94,59 @@ def append_csv(path, row):
 
 def prefill_memory(model, source, config):
     """Fills the memory with real embeddings of the (un-augmented) training images."""
-    head = keras.Sequential([model.backbone, model.knn_head])
-    ds = pipeline.eval_dataset(source.train if config.memory == "full"
-                               else source.train.take(config.queue_size), source)
-    z = np.asarray(head.predict(ds, verbose=0), np.float32)
-    z /= np.linalg.norm(z, axis=1, keepdims=True) + 1e-12
+    head = heads.embedder(model.backbone, model.knn_head)
+    split = source.train if config.memory == "full" else source.train.take(config.queue_size)
+    z = embed(head, split, source)
     labels = source.train.coarse[: len(z)]
     model.memory.fill(z, labels)
 
 
 def train_and_evaluate(config, workdir):
-    """Trains, saves and evaluates. Returns the metrics dict (also in metrics.json)."""
+    """Trains, saves and evaluates. Returns the metrics dict (also in metrics.json).
+
+    Under `--distribute=multi_worker` every worker runs this; only the chief
+    writes into `workdir`.
+    """
+    return run(config, workdir).metrics
+
+
+class Result:
+    """What a run leaves in memory: the trained model, embedder and metrics."""
+
+    def __init__(self, model, embedder, metrics):
+        self.model, self.embedder, self.metrics = model, embedder, metrics
+
+
+def run(config, workdir):
+    """`train_and_evaluate`, returning the `Result`."""
     config.validate()
     source = sources.load(config)
-    strategy = make_strategy(config.distribute, config.cpu_replicas)
+    strategy = make_strategy(config.distribute, config.cpu_replicas, config.worker_timeout)
     replicas = strategy.num_replicas_in_sync
     check_batch(config, source, replicas)
-    os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
+    chief = is_chief(strategy)
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    write_json(os.path.join(workdir, "config.json"), dict(
-        config.to_dict(), num_replicas=replicas, version=grafit_tf.__version__,
-        data=sources.describe(source)))
+    logs = os.path.join(workdir, "logs")
+    if chief:
+        os.makedirs(logs, exist_ok=True)
+        write_json(os.path.join(workdir, "config.json"), dict(
+            config.to_dict(), num_replicas=replicas, version=grafit_tf.__version__,
+            data=sources.describe(source)))
 
     spe = pipeline.steps_per_epoch(len(source.train), config.batch_size)
     total_steps = spe * config.epochs
     keras.utils.set_random_seed(config.seed)
+    # Compute in float16 / bfloat16; variables, losses and the memory stay float32.
+    keras.mixed_precision.set_global_policy(
+        "float32" if config.mixed_precision == "none" else config.mixed_precision)
     with strategy.scope():
-        model = builders.build_model(config, source, total_steps, sync_bn=replicas > 1)
+        model = builders.build_model(config, source, total_steps,
+                                     sync_bn=config.sync_batch_norm and replicas > 1)
+        # jit_compile is always explicit: Keras's "auto" differs between CPU,
+        # one GPU and a strategy.
         model.compile(optimizer=builders.build_optimizer(config, total_steps, spe),
-                      jit_compile=config.jit_compile)
+                      jit_compile=bool(config.jit_compile))
+        model.optimizer.build(model.trainable_variables)
         embedder = builders.build_embedder(model)
     start_step = checkpointing.restore(model, ckpt_dir)
     if start_step:
@@ -125,30 +154,29 @@ def train_and_evaluate(config, workdir):
     elif config.uses_memory:
         prefill_memory(model, source, config)
 
-    evaluator = PeriodicEvaluation(embedder, source, config, config.eval_every,
-                                   os.path.join(workdir, "logs", "eval.csv"))
     callbacks = [
-        checkpointing.Checkpointer(ckpt_dir, spe, config.checkpoint_every),
-        keras.callbacks.CSVLogger(os.path.join(workdir, "logs", "train.csv"), append=True),
-        keras.callbacks.TensorBoard(os.path.join(workdir, "logs"), write_graph=False),
+        checkpointing.Checkpointer(ckpt_dir, spe, config.checkpoint_every, enabled=chief),
         keras.callbacks.TerminateOnNaN(),
-        evaluator,
+        PeriodicEvaluation(embedder, source, config, config.eval_every,
+                           os.path.join(logs, "eval.csv"), write=chief),
     ]
+    if chief:
+        callbacks += [keras.callbacks.CSVLogger(os.path.join(logs, "train.csv"), append=True),
+                      keras.callbacks.TensorBoard(logs, write_graph=False)]
     started = time.time()
     for first_step, epoch, steps in fit_segments(start_step, spe, config.epochs):
         ds = strategy.distribute_datasets_from_function(
             pipeline.train_dataset_fn(source, config, start_step=first_step))
-        history = model.fit(ds, initial_epoch=epoch, epochs=epoch + 1 if steps != spe
-                            else config.epochs, steps_per_epoch=steps,
-                            callbacks=callbacks, verbose=config.verbose)
-        if model.stop_training or not history.history:
+        model.fit(ds, initial_epoch=epoch, epochs=epoch + 1 if steps != spe else config.epochs,
+                  steps_per_epoch=steps, callbacks=callbacks,
+                  verbose=config.verbose if chief else 0)
+        if model.stop_training:
             break
     train_seconds = time.time() - started
-    trained_steps = int(model.optimizer.iterations.numpy()) - start_step
-    if int(model.optimizer.iterations.numpy()) < total_steps:
+    final_step = int(model.optimizer.iterations.numpy())
+    if final_step < total_steps:
         raise RuntimeError("training stopped early (a NaN loss?); see logs/train.csv")
 
-    embedder.save(os.path.join(workdir, "embedder.keras"))
     metrics = evaluate(embedder, source, config)
     metrics.update(
         method=config.method,
@@ -157,13 +185,16 @@ def train_and_evaluate(config, workdir):
         train_examples=len(source.train),
         eval_examples=len(source.test),
         train_seconds=train_seconds,
-        train_images_per_second=trained_steps * config.batch_size / max(train_seconds, 1e-9),
+        train_images_per_second=(final_step - start_step) * config.batch_size
+        / max(train_seconds, 1e-9),
         resumed_from_step=start_step,
-        history=read_eval_history(os.path.join(workdir, "logs", "eval.csv")),
+        history=read_eval_history(os.path.join(logs, "eval.csv")),
     )
-    write_json(os.path.join(workdir, "metrics.json"), metrics)
-    print(evaluation.format_table([metrics], evaluation.METRIC_COLUMNS), flush=True)
-    return metrics
+    if chief:
+        embedder.save(os.path.join(workdir, "embedder.keras"))
+        write_json(os.path.join(workdir, "metrics.json"), metrics)
+        print(evaluation.format_table([metrics], evaluation.METRIC_COLUMNS), flush=True)
+    return Result(model, embedder, metrics)
 
 
 def fit_segments(start_step, steps_per_epoch, epochs):

@@ -25,16 +25,8 @@ import keras  # noqa: E402
 
 from grafit_tf import builders  # noqa: E402
 from grafit_tf.config import Config  # noqa: E402
-from grafit_tf.data import hierarchy, pipeline, sources  # noqa: E402
-
-
-def synthetic_source(n=64):
-    rng = np.random.default_rng(0)
-    fine = np.arange(n, dtype=np.int32) % 4
-    hier = hierarchy.from_mapping(["a", "b", "c", "d"], {"a": "x", "b": "x", "c": "y", "d": "y"})
-    split = sources.Split(images=rng.integers(0, 256, (n, 12, 12, 1), dtype=np.uint8),
-                          fine=fine, coarse=hier.coarse_of(fine))
-    return sources.Source("synthetic", split, split, hier, (12, 12, 1), (127.0,), (70.0,))
+from grafit_tf.data import pipeline  # noqa: E402
+from tests.synthetic import synthetic_source  # noqa: E402
 
 
 def step(model, strategy, batch):

@@ -1,0 +1,304 @@
+"""Export of a trained embedder to a SavedModel and to ONNX, with a parity check.
+
+`export(workdir)` reads `workdir/embedder.keras` and `workdir/config.json` and
+writes `workdir/export/`:
+
+- `saved_model/`: signature `serving_default`, `images` uint8 `[N, H, W, C]` ->
+  `embeddings` float32 `[N, D]` (L2-normalised). The uint8 -> float32 cast is
+  inside the graph and the normalisation (mean / std) is the model's first
+  layer, so a client sends raw pixels and knows nothing else.
+- `embedder.onnx`: the same function converted with tf2onnx (opset 17, batch
+  axis `batch` dynamic), checked with `onnx.checker`, with metadata properties
+  (`METADATA_KEYS`) that let `serve.py` preprocess images without TensorFlow.
+- `parity.json`: max |Keras - SavedModel| and max |Keras - onnxruntime| over
+  real training images; `ParityError` when either exceeds the tolerance.
+
+Images of resize method 'resize_center_crop' are resized to float values by
+the evaluation pipeline; the exported function takes uint8, so the parity
+images are that pipeline's output rounded to uint8 and all three runtimes see
+exactly the same input.
+"""
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+
+import grafit_tf
+from grafit_tf.errors import UserError
+
+OPSET = 17
+TOLERANCE = 1e-4
+MIN_PARITY_IMAGES = 64
+INPUT_NAME = "images"
+OUTPUT_NAME = "embeddings"
+BATCH_DIM = "batch"
+# metadata_props keys of embedder.onnx; serve.py reads them back.
+METADATA_KEYS = ("input_height", "input_width", "input_channels", "input_dtype",
+                 "embedding_dim", "resize", "training_config", "grafit_tf_version")
+
+
+class ParityError(Exception):
+    """The exported models disagree with the Keras embedder beyond the tolerance."""
+
+
+def read_workdir(workdir):
+    """Loads the embedder and the training config of a work directory.
+
+    Returns:
+        `(embedder keras.Model, config dict)`.
+
+    Raises:
+        UserError: a file is missing or unreadable.
+    """
+    model_path = os.path.join(workdir, "embedder.keras")
+    config_path = os.path.join(workdir, "config.json")
+    for path in (model_path, config_path):
+        if not os.path.isfile(path):
+            raise UserError(
+                f"{path} not found: --workdir must be a finished training run "
+                "(python train.py ... --workdir=W writes embedder.keras and config.json).")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except ValueError as e:
+        raise UserError(f"{config_path}: not valid JSON ({e}).") from None
+    if "data" not in config or "image_shape" not in config["data"]:
+        raise UserError(f"{config_path}: no data.image_shape; was it written by train.py?")
+    import keras  # Deferred: the checks above are instant.
+
+    try:
+        embedder = keras.saving.load_model(model_path)
+    except Exception as e:  # Keras raises many types for a damaged archive.
+        raise UserError(f"{model_path}: cannot load the Keras model ({_one_line(e)}).") from None
+    return embedder, config
+
+
+def serving_function(embedder, image_shape):
+    """The exported function: uint8 images `[N, H, W, C]` -> `{"embeddings": [N, D]}`.
+
+    Returns:
+        `(tf.function, input TensorSpec)`.
+    """
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, *image_shape], tf.uint8, name=INPUT_NAME)
+
+    @tf.function(input_signature=[spec])
+    def serve(images):
+        # The model was trained on float32 pixel values 0..255 (not scaled).
+        return {OUTPUT_NAME: embedder(tf.cast(images, tf.float32), training=False)}
+
+    return serve, spec
+
+
+def save_saved_model(embedder, serve, spec, path):
+    """Writes the SavedModel with `serve` as `serving_default`, replacing `path`."""
+    import keras
+
+    archive = keras.export.ExportArchive()
+    archive.track(embedder)
+    archive.add_endpoint("serving_default", serve, input_signature=[spec])
+    with _quiet("tensorflow"):
+        _replace_dir(path, lambda tmp: archive.write_out(tmp, verbose=False))
+
+
+def to_onnx(serve, spec, opset=OPSET):
+    """Converts the serving function with tf2onnx.
+
+    `tf2onnx.convert.from_function` would list the constants the Keras layers
+    capture (the normalisation mean / variance) as extra graph inputs, so this
+    converts the same concrete function with only the image as input.
+
+    Returns:
+        `onnx.ModelProto` with input `images` `[batch, H, W, C]` uint8 and output
+        `embeddings` `[batch, D]` float32.
+    """
+    import tensorflow as tf
+    import tf2onnx
+
+    concrete = serve.get_concrete_function(spec)
+    # The signature's own inputs come first; captured tensors follow them.
+    num_inputs = len(tf.nest.flatten(concrete.structured_input_signature))
+    input_names = [t.name for t in concrete.inputs[:num_inputs]]
+    output_names = [t.name for t in concrete.outputs]
+    rename = tf2onnx.convert.tensor_names_from_structed(concrete, input_names, output_names)
+    with tf.device("/cpu:0"), _quiet("tf2onnx", "tensorflow"):
+        frozen = tf2onnx.tf_loader.from_function(concrete, input_names, output_names)
+        model, _ = tf2onnx.convert.from_graph_def(
+            frozen, name="grafit_embedder", input_names=input_names, output_names=output_names,
+            opset=opset, tensors_to_rename=rename)
+    for value in list(model.graph.input) + list(model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = BATCH_DIM
+    return model
+
+
+def metadata(config, embedding_dim):
+    """The metadata_props of embedder.onnx, all strings."""
+    height, width, channels = config["data"]["image_shape"]
+    return {
+        "input_height": str(height),
+        "input_width": str(width),
+        "input_channels": str(channels),
+        "input_dtype": "uint8",
+        "embedding_dim": str(embedding_dim),
+        "resize": config["data"].get("resize", "none"),
+        "training_config": json.dumps(config, sort_keys=True),
+        "grafit_tf_version": grafit_tf.__version__,
+    }
+
+
+def parity_images(config, count, data_dir=None):
+    """The first `count` training images, through the evaluation preprocessing.
+
+    Args:
+        config: the training config dict (`config.json`).
+        count: number of images (>= `MIN_PARITY_IMAGES`).
+        data_dir: overrides the config's `data_dir` (data moved since training).
+
+    Returns:
+        `[count, H, W, C]` uint8 (fewer if the training split is smaller).
+    """
+    from grafit_tf.config import Config
+    from grafit_tf.data import pipeline, sources
+
+    values = dict(config, max_train_examples=count, max_eval_examples=1)
+    if data_dir:
+        values["data_dir"] = data_dir
+    source = sources.load(Config.from_dict(values))
+    images = [np.asarray(b) for b in pipeline.eval_dataset(source.train, source, batch_size=256)]
+    # Integer-valued already for resize 'none'; rounded for resized images, whose
+    # float values the uint8 interface cannot carry (see the module docstring).
+    return np.clip(np.rint(np.concatenate(images)), 0, 255).astype(np.uint8)
+
+
+def parity(embedder, saved_model_dir, onnx_path, images, batch_size=256):
+    """Max absolute embedding differences of the exports against Keras.
+
+    Args:
+        images: `[N, H, W, C]` uint8.
+
+    Returns:
+        dict with `keras_vs_saved_model` and `keras_vs_onnxruntime` (floats).
+    """
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(saved_model_dir).signatures["serving_default"]
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    worst_saved, worst_onnx = 0.0, 0.0
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        reference = np.asarray(embedder(batch.astype(np.float32), training=False))
+        saved = loaded(**{INPUT_NAME: tf.constant(batch)})[OUTPUT_NAME].numpy()
+        onnx_out = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+        worst_saved = max(worst_saved, float(np.abs(reference - saved).max()))
+        worst_onnx = max(worst_onnx, float(np.abs(reference - onnx_out).max()))
+    return {"keras_vs_saved_model": worst_saved, "keras_vs_onnxruntime": worst_onnx}
+
+
+def export(workdir, num_parity_images=256, tolerance=TOLERANCE, data_dir=None, opset=OPSET,
+           images=None):
+    """Writes `workdir/export/{saved_model, embedder.onnx, parity.json}`.
+
+    Args:
+        workdir: a finished training run.
+        num_parity_images: training images of the parity check (>= 64).
+        tolerance: largest accepted max |difference| of the embeddings.
+        data_dir: where the training data is now, if not the config's `data_dir`.
+        opset: ONNX opset.
+        images: optional `[N, H, W, C]` uint8 parity images instead of the
+            training data (N >= 64).
+
+    Returns:
+        The parity report (also in `parity.json`), with the output paths.
+
+    Raises:
+        UserError: a missing work directory file, data, or too few images.
+        ParityError: an export disagrees with Keras beyond `tolerance`.
+    """
+    if num_parity_images < MIN_PARITY_IMAGES:
+        raise UserError(f"--parity_images={num_parity_images}: use at least "
+                        f"{MIN_PARITY_IMAGES} images.")
+    embedder, config = read_workdir(workdir)
+    image_shape = tuple(int(v) for v in config["data"]["image_shape"])
+    if tuple(embedder.input_shape[1:]) != image_shape:
+        raise UserError(f"{workdir}: embedder.keras takes {embedder.input_shape[1:]} but "
+                        f"config.json says image_shape {list(image_shape)}.")
+    if images is None:
+        images = parity_images(config, num_parity_images, data_dir)
+    images = np.asarray(images)
+    if len(images) < MIN_PARITY_IMAGES or images.dtype != np.uint8:
+        raise UserError(f"the parity check needs >= {MIN_PARITY_IMAGES} uint8 images; "
+                        f"got {len(images)} ({images.dtype}).")
+
+    import onnx
+
+    out_dir = os.path.join(workdir, "export")
+    os.makedirs(out_dir, exist_ok=True)
+    saved_model_dir = os.path.join(out_dir, "saved_model")
+    onnx_path = os.path.join(out_dir, "embedder.onnx")
+
+    serve, spec = serving_function(embedder, image_shape)
+    save_saved_model(embedder, serve, spec, saved_model_dir)
+    model = to_onnx(serve, spec, opset)
+    embedding_dim = int(embedder.output_shape[-1])
+    onnx.helper.set_model_props(model, metadata(config, embedding_dim))
+    model.doc_string = "grafit_tf embedder: uint8 images [N, H, W, C] -> L2-normalised [N, D]."
+    onnx.checker.check_model(model, full_check=True)
+    _write_atomic(onnx_path, model.SerializeToString())
+
+    report = dict(parity(embedder, saved_model_dir, onnx_path, images),
+                  images=int(len(images)), tolerance=tolerance,
+                  image_shape=list(image_shape), embedding_dim=embedding_dim, opset=opset)
+    report["passed"] = max(report["keras_vs_saved_model"],
+                           report["keras_vs_onnxruntime"]) <= tolerance
+    _write_atomic(os.path.join(out_dir, "parity.json"),
+                  json.dumps(report, indent=2, sort_keys=True).encode())
+    report.update(saved_model=saved_model_dir, onnx=onnx_path)
+    if not report["passed"]:
+        raise ParityError(
+            f"export parity failed on {len(images)} images: max |Keras - SavedModel| = "
+            f"{report['keras_vs_saved_model']:.3g}, max |Keras - onnxruntime| = "
+            f"{report['keras_vs_onnxruntime']:.3g} (tolerance {tolerance:g}); see "
+            f"{os.path.join(out_dir, 'parity.json')}.")
+    return report
+
+
+def _write_atomic(path, data):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _replace_dir(path, write):
+    """Calls `write(tmp_dir)`, then swaps `tmp_dir` in for `path`."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _quiet(*names):
+    """Silences the converters' INFO / deprecation chatter (errors still show)."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [l.level for l in loggers]
+    for l in loggers:
+        l.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for l, level in zip(loggers, levels):
+            l.setLevel(level)
+
+
+def _one_line(error):
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

@@ -1,0 +1,160 @@
+"""Decodes one image file into the model's input, with Pillow and NumPy.
+
+`load(path, spec)` returns `[H, W, C]` uint8 or raises `ImageError` with a
+one-line reason. The steps mirror training's evaluation pipeline
+(`tf.io.decode_image` then `grafit_tf.data.pipeline.eval_image`):
+
+1. decode the first frame; reject images above Pillow's decompression-bomb
+   limit before any pixel is decoded;
+2. apply the EXIF orientation (a photo is served upright);
+3. convert to the model's channels: 'L' for 1, 'RGB' for 3. Alpha is dropped,
+   as `tf.io.decode_image(channels=...)` drops it; CMYK and palette images go
+   through RGB; 16-bit samples keep their high byte, as TensorFlow's PNG
+   decoder does;
+4. resize as evaluation did (`resize.to_model_size`) and round to uint8, the
+   dtype the exported model takes.
+"""
+
+import dataclasses
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from grafit_tf.serving import resize
+
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own default, ~89 Mpx.
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class ImageError(Exception):
+    """A file that cannot be served; the message is the reason for errors.csv."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """What the model takes (picklable: sent to the decoding workers).
+
+    Attributes:
+        image_shape: `(H, W, C)` with C in (1, 3).
+        resize: 'none' or 'resize_center_crop' (the training config's method).
+        max_pixels: decompression-bomb limit in pixels (width * height).
+    """
+
+    image_shape: tuple
+    resize: str = "none"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+def load(path, spec):
+    """Reads, decodes and preprocesses one image file.
+
+    Args:
+        path: the file.
+        spec: a `Spec`.
+
+    Returns:
+        `[H, W, C]` uint8.
+
+    Raises:
+        ImageError: with the reason the file cannot be served.
+    """
+    image = decode(path, spec.max_pixels)
+    pixels = to_channels(image, spec.image_shape[-1])
+    resized = resize.to_model_size(pixels, spec.image_shape, spec.resize)
+    return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
+
+
+def decode(path, max_pixels=DEFAULT_MAX_PIXELS):
+    """Decodes the first frame of an image file, upright (EXIF orientation applied).
+
+    Returns:
+        A loaded `PIL.Image.Image`.
+
+    Raises:
+        ImageError: unreadable, empty, not an image, too large, corrupt or truncated.
+    """
+    # Pillow's own bomb check (it raises above twice its limit) follows the same
+    # setting, so --max_image_pixels can also raise the limit.
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise ImageError("empty file (0 bytes)")
+            with warnings.catch_warnings():
+                # The pixel limit is checked below with the reason spelt out;
+                # other Pillow warnings (odd palettes, EXIF) are no errors.
+                warnings.simplefilter("ignore")
+                try:
+                    image = Image.open(f)
+                except Image.DecompressionBombError as e:
+                    raise ImageError(f"decompression bomb: {_one_line(e)} (see "
+                                     "--max_image_pixels)") from None
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageError(
+                        f"decompression bomb: {width}x{height} = {width * height} pixels is "
+                        f"above the limit of {max_pixels} (--max_image_pixels)")
+                image.load()
+                return ImageOps.exif_transpose(image)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not an image (Pillow cannot identify the format)") from None
+    except PermissionError:
+        raise ImageError("unreadable: permission denied") from None
+    except FileNotFoundError:
+        raise ImageError("vanished: the file was deleted while serving") from None
+    except MemoryError:
+        raise ImageError("out of memory while decoding") from None
+    except OSError as e:
+        if e.filename is not None or isinstance(e, (IsADirectoryError, BlockingIOError)):
+            raise ImageError(f"unreadable: {(e.strerror or str(e)).lower()}") from None
+        raise ImageError(f"corrupt or truncated image: {_one_line(e)}") from None
+    except Exception as e:  # Damaged files raise SyntaxError, ValueError, EOFError...
+        raise ImageError(f"corrupt image ({type(e).__name__}: {_one_line(e)})") from None
+
+
+def to_channels(image, channels):
+    """Pixels of a decoded image in the model's channel layout.
+
+    Args:
+        image: a loaded `PIL.Image.Image` of any mode.
+        channels: 1 (grayscale 'L') or 3 ('RGB').
+
+    Returns:
+        `[h, w, channels]` uint8.
+    """
+    if image.mode in _SIXTEEN_BIT or image.mode == "F":
+        gray = _to_8bit(np.asarray(image))
+        array = gray if channels == 1 else np.repeat(gray[..., None], 3, axis=-1)
+    else:
+        target = "L" if channels == 1 else "RGB"
+        if image.mode not in ("L", "RGB", "1", "LA", "RGBA", "RGBX"):
+            # CMYK, palette (P, PA), YCbCr...: through RGB, which Pillow always
+            # knows; the direct 'P' -> 'L' path ignores some transparency setups.
+            image = image.convert("RGBA" if "A" in image.mode else "RGB")
+        try:
+            array = np.asarray(image.convert(target), np.uint8)
+        except (ValueError, OSError) as e:
+            raise ImageError(f"unsupported image mode {image.mode}: {_one_line(e)}") from None
+    return array.reshape(array.shape[0], array.shape[1], channels)
+
+
+def _to_8bit(samples):
+    """16-bit or float samples `[h, w]` -> uint8 `[h, w]`.
+
+    Integer samples keep their high byte (`x >> 8`), like libpng's strip_16
+    used by `tf.io.decode_png` for uint8 output. Float images are taken as
+    0..1 when their maximum is at most 1, else as 0..255.
+    """
+    if samples.dtype.kind == "f":
+        scale = 255.0 if samples.size and np.nanmax(samples) <= 1.0 else 1.0
+        return np.clip(np.nan_to_num(samples) * scale, 0, 255).round().astype(np.uint8)
+    return (np.clip(samples.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+
+
+def _one_line(error):
+    text = " ".join(str(error).split())
+    return text or type(error).__name__

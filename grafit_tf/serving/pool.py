@@ -1,0 +1,155 @@
+"""Decodes image files in worker processes, ahead of the inference that consumes them.
+
+`DecodePool.map(paths)` yields `Chunk`s in file order while up to `ahead`
+chunks are being decoded, so Pillow works in the workers while the caller runs
+onnxruntime (which releases the GIL). Processes, not threads: decoding small
+files is mostly Python code, and a decoder that crashes takes down only its
+worker. When a worker dies, the files that were in flight are decoded again
+one at a time in a fresh process, so only the file that kills its decoder is
+recorded as an error ("decoder crashed") and the run goes on.
+"""
+
+import collections
+import concurrent.futures
+import dataclasses
+import multiprocessing
+from concurrent.futures.process import BrokenProcessPool
+
+import numpy as np
+
+from grafit_tf.serving import images as images_lib
+
+CHUNK_SIZE = 32  # Files per task: amortises inter-process traffic.
+
+
+@dataclasses.dataclass
+class Chunk:
+    """Decoded consecutive files `[start, start + count)`.
+
+    Attributes:
+        start: index of the chunk's first file.
+        count: files in the chunk.
+        images: `[n_ok, H, W, C]` uint8, the files that decoded, in order.
+        ok: `[n_ok]` indices (into the full file list) of those files.
+        errors: `(index, reason)` of the files that did not decode.
+    """
+
+    start: int
+    count: int
+    images: np.ndarray
+    ok: list
+    errors: list
+
+
+def decode_chunk(paths, spec, start=0):
+    """Decodes files; never raises for a bad file.
+
+    Args:
+        paths: file paths.
+        spec: an `images.Spec`.
+        start: index of `paths[0]` in the full list.
+
+    Returns:
+        A `Chunk`.
+    """
+    decoded, ok, errors = [], [], []
+    for i, path in enumerate(paths):
+        try:
+            decoded.append(images_lib.load(path, spec))
+            ok.append(start + i)
+        except images_lib.ImageError as e:
+            errors.append((start + i, str(e)))
+        except Exception as e:  # A decoder bug must not lose the other files.
+            errors.append((start + i, f"decoder failed ({type(e).__name__}: {e})"))
+    stacked = (np.stack(decoded) if decoded
+               else np.zeros((0, *spec.image_shape), np.uint8))
+    return Chunk(start, len(paths), stacked, ok, errors)
+
+
+class DecodePool:
+    """Ordered, bounded-ahead decoding in `workers` processes (0: in the caller).
+
+    Use as a context manager, or call `close()`.
+    """
+
+    def __init__(self, spec, workers, chunk_size=CHUNK_SIZE, ahead=None, decode=decode_chunk):
+        """
+        Args:
+            spec: an `images.Spec`.
+            workers: worker processes; 0 decodes in the calling process.
+            chunk_size: files per task.
+            ahead: chunks in flight (default: 2 per worker).
+            decode: the task function (module level, picklable); tests swap it.
+        """
+        self.spec, self.workers, self.chunk_size = spec, workers, chunk_size
+        self.ahead = ahead or 2 * max(workers, 1)
+        self.decode = decode
+        # 'spawn': the parent holds onnxruntime / BLAS threads, which fork does
+        # not copy safely.
+        self._context = multiprocessing.get_context("spawn")
+        self._executor = None
+
+    def _new_executor(self, workers):
+        return concurrent.futures.ProcessPoolExecutor(workers, mp_context=self._context)
+
+    def map(self, paths):
+        """Yields a `Chunk` per `chunk_size` files of `paths`, in order."""
+        if self.workers <= 0:
+            for start in range(0, len(paths), self.chunk_size):
+                yield self.decode(paths[start:start + self.chunk_size], self.spec, start)
+            return
+        pending = collections.deque()  # (start, count, future), in file order.
+        next_start = 0
+        while pending or next_start < len(paths):
+            if self._executor is None:
+                self._executor = self._new_executor(self.workers)
+            while len(pending) < self.ahead and next_start < len(paths):
+                part = paths[next_start:next_start + self.chunk_size]
+                pending.append((next_start, len(part),
+                                self._executor.submit(self.decode, part, self.spec, next_start)))
+                next_start += len(part)
+            start, count, future = pending.popleft()
+            try:
+                yield future.result()
+            except BrokenProcessPool:
+                # Every chunk in flight is lost and the culprit is unknown:
+                # redo them one file at a time, where a crash names its file.
+                lost = [(start, count)] + [(s, c) for s, c, _ in pending]
+                pending.clear()
+                self._shutdown()
+                for s, c in lost:
+                    yield self._isolated(paths, s, c)
+
+    def _isolated(self, paths, start, count):
+        """Decodes `paths[start:start+count]` one by one in a single worker."""
+        parts, executor = [], None
+        for i in range(start, start + count):
+            executor = executor or self._new_executor(1)
+            try:
+                parts.append(executor.submit(self.decode, [paths[i]], self.spec, i).result())
+            except BrokenProcessPool:
+                parts.append(Chunk(i, 1, np.zeros((0, *self.spec.image_shape), np.uint8), [],
+                                   [(i, "decoder crashed (its worker process died)")]))
+                executor.shutdown(wait=True, cancel_futures=True)
+                executor = None
+        if executor is not None:
+            executor.shutdown(wait=True)
+        decoded = [p.images for p in parts if len(p.images)]
+        return Chunk(start, count,
+                     np.concatenate(decoded) if decoded
+                     else np.zeros((0, *self.spec.image_shape), np.uint8),
+                     [j for p in parts for j in p.ok], [e for p in parts for e in p.errors])
+
+    def _shutdown(self):
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def close(self):
+        self._shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

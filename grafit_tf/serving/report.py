@@ -1,0 +1,51 @@
+"""Fine-level accuracy of predictions against labels read from folder names."""
+
+import collections
+
+
+def accuracy(true_names, predicted_names, gallery_names=()):
+    """Overall and per-class top-1 accuracy.
+
+    Args:
+        true_names: per query, its label (folder name) or None when it has none
+            (a file at the top level of the query folder).
+        predicted_names: per query, the predicted label.
+        gallery_names: the gallery's labels (to list query labels it lacks,
+            whose queries can never be right).
+
+    Returns:
+        dict: `images` (labelled queries), `correct`, `accuracy`, `unlabelled`,
+        `per_class` {label: {images, correct, accuracy}} and
+        `labels_not_in_gallery` (query labels no gallery image has).
+    """
+    total, right = collections.Counter(), collections.Counter()
+    unlabelled = 0
+    for truth, predicted in zip(true_names, predicted_names):
+        if truth is None:
+            unlabelled += 1
+            continue
+        total[truth] += 1
+        right[truth] += truth == predicted
+    images, correct = sum(total.values()), sum(right.values())
+    return {
+        "images": images,
+        "correct": correct,
+        "accuracy": correct / images if images else None,
+        "unlabelled": unlabelled,
+        "per_class": {name: {"images": total[name], "correct": right[name],
+                             "accuracy": right[name] / total[name]} for name in sorted(total)},
+        "labels_not_in_gallery": sorted(set(total) - set(gallery_names)) if gallery_names else [],
+    }
+
+
+def format_accuracy(summary):
+    """The accuracy summary as a Markdown table (one row per class, then overall)."""
+    rows = [(name, c["images"], c["correct"], c["accuracy"])
+            for name, c in summary["per_class"].items()]
+    rows.append(("overall", summary["images"], summary["correct"], summary["accuracy"] or 0.0))
+    width = max([len("class")] + [len(r[0]) for r in rows])
+    lines = [f"| {'class'.ljust(width)} | images | correct | accuracy |",
+             f"|{'-' * (width + 2)}|--------|---------|----------|"]
+    for name, images, correct, acc in rows:
+        lines.append(f"| {name.ljust(width)} | {images:6d} | {correct:7d} | {100 * acc:7.2f}% |")
+    return "\n".join(lines)

@@ -1,0 +1,97 @@
+"""Export to SavedModel and ONNX: parity, signature, metadata, failures."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from grafit_tf import export
+from grafit_tf.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_parity_on_training_images(tiny_export, tiny_workdir):
+    with open(os.path.join(tiny_workdir, "export", "parity.json"), encoding="utf-8") as f:
+        stored = json.load(f)
+    assert stored["passed"] and stored["images"] >= 64
+    assert stored["keras_vs_saved_model"] <= 1e-4
+    assert stored["keras_vs_onnxruntime"] <= 1e-4
+    assert tiny_export["keras_vs_onnxruntime"] == stored["keras_vs_onnxruntime"]
+
+
+def test_onnx_model_interface_and_metadata(tiny_export, tiny_workdir):
+    import onnx
+
+    model = onnx.load(tiny_export["onnx"])
+    onnx.checker.check_model(model)
+    assert model.opset_import[0].version == 17
+    (inp,), (out,) = model.graph.input, model.graph.output
+    assert (inp.name, out.name) == ("images", "embeddings")
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [28, 28, 1]
+    meta = {p.key: p.value for p in model.metadata_props}
+    with open(os.path.join(tiny_workdir, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    assert meta["input_height"] == "28" and meta["input_width"] == "28"
+    assert meta["input_channels"] == "1" and meta["resize"] == "none"
+    assert int(meta["embedding_dim"]) == tiny_export["embedding_dim"]
+    assert json.loads(meta["training_config"]) == config
+    import grafit_tf
+
+    assert meta["grafit_tf_version"] == grafit_tf.__version__
+
+
+def test_saved_model_signature_takes_uint8(tiny_export):
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(tiny_export["saved_model"]).signatures["serving_default"]
+    (spec,) = fn.structured_input_signature[1].values()
+    assert spec.dtype == tf.uint8 and spec.shape.as_list() == [None, 28, 28, 1]
+    images = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 1)).astype(np.uint8)
+    saved = fn(images=tf.constant(images))["embeddings"].numpy()
+    session = ort.InferenceSession(tiny_export["onnx"], providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {"images": images})[0]
+    assert saved.shape == onnx_out.shape == (3, tiny_export["embedding_dim"])
+    np.testing.assert_allclose(np.linalg.norm(saved, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(saved, onnx_out, atol=1e-5)
+
+
+def test_rgb_resize_center_crop_export(rgb_export):
+    assert rgb_export["passed"] and rgb_export["image_shape"] == [32, 32, 3]
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(rgb_export["onnx"]).metadata_props}
+    assert meta["resize"] == "resize_center_crop" and meta["input_channels"] == "3"
+
+
+def test_parity_failure_raises_and_is_recorded(tiny_workdir, tmp_path):
+    for name in ("embedder.keras", "config.json"):
+        shutil.copy(os.path.join(tiny_workdir, name), tmp_path / name)
+    images = np.random.default_rng(1).integers(0, 256, (64, 28, 28, 1)).astype(np.uint8)
+    with pytest.raises(export.ParityError, match="parity failed"):
+        export.export(str(tmp_path), tolerance=-1.0, images=images)
+    with open(tmp_path / "export" / "parity.json", encoding="utf-8") as f:
+        assert json.load(f)["passed"] is False
+
+
+def test_user_errors(tmp_path):
+    with pytest.raises(UserError, match="embedder.keras not found"):
+        export.export(str(tmp_path))
+    with pytest.raises(UserError, match="at least 64"):
+        export.export(str(tmp_path), num_parity_images=10)
+
+
+def test_cli_missing_workdir_is_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "export", "export_onnx.py"),
+         f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "embedder.keras not found" in lines[0]

@@ -1,0 +1,89 @@
+"""GrafitModel: forward shapes, mixed precision dtypes, the EMA target, jit_compile."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from grafit_tf import builders
+from grafit_tf.config import Config
+from tests.synthetic import synthetic_source
+
+
+def small_config(**changes):
+    return Config(batch_size=8, width=4, proj_hidden=16, knn_dim=8, proj_dim=8, epochs=1,
+                  warmup_epochs=0, **changes)
+
+
+def batch(source, n=8, views=2):
+    rng = np.random.default_rng(0)
+    index = np.arange(n, dtype=np.int32)
+    return {"views": tf.constant(rng.uniform(0, 255, (n, views, 12, 12, 1)), tf.float32),
+            "index": tf.constant(index), "label": tf.constant(source.train.coarse[index])}
+
+
+@pytest.fixture
+def policy():
+    yield keras.mixed_precision.set_global_policy
+    keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_keeps_losses_and_memory_float32(precision, policy):
+    policy(precision)
+    source = synthetic_source()
+    config = small_config(mixed_precision=precision)
+    model = builders.build_model(config, source, total_steps=4)
+    model.compile(optimizer=builders.build_optimizer(config, 4, 4), jit_compile=False)
+    model.optimizer.build(model.trainable_variables)
+    if precision == "mixed_float16":
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    data = batch(source)
+    feats = model.backbone(tf.reshape(data["views"], [-1, 12, 12, 1]))
+    assert feats.dtype == tf.as_dtype(precision.split("_")[1])  # Computes in low precision.
+    out = model.forward(data["views"])
+    assert all(v.dtype == tf.float32 for v in out.values())
+    terms = model.loss_terms(out, data["label"], data["index"])
+    assert all(v.dtype == tf.float32 for v in terms.values())
+    assert model.memory.embeddings.dtype == "float32"
+    assert all(w.dtype == "float32" for w in model.trainable_weights)
+    logs = tf.function(model.train_step)(data)
+    assert np.isfinite(float(logs["loss"]))
+    assert model.memory.embeddings.value.dtype == tf.float32
+
+
+def test_target_starts_as_copy_and_follows_by_ema():
+    source = synthetic_source()
+    config = small_config(method="instance", ema_decay=0.5)
+    model = builders.build_model(config, source, total_steps=1000)
+    model.compile(optimizer=builders.build_optimizer(config, 1000, 4))
+    model.optimizer.build(model.trainable_variables)
+    for o, t in zip(model.backbone.weights, model.target_backbone.weights):
+        np.testing.assert_array_equal(o.numpy(), t.numpy())
+    before = [t.numpy().copy() for t in model.target_backbone.weights]
+    tf.function(model.train_step)(batch(source))
+    decay = float(model.ema_decay())  # Step 1 of 1000: just above 0.5.
+    assert 0.5 <= decay < 0.51
+    kernel = [i for i, w in enumerate(model.backbone.weights) if "stem_conv" in w.path][0]
+    online = model.backbone.weights[kernel].numpy()
+    target = model.target_backbone.weights[kernel].numpy()
+    # The decay used inside the step was the one at step 0 (exactly 0.5).
+    np.testing.assert_allclose(target, 0.5 * before[kernel] + 0.5 * online, rtol=1e-5, atol=1e-6)
+    assert not model.target_backbone.trainable
+    assert not any("target" in w.path for w in model.trainable_weights)
+
+
+@pytest.mark.parametrize("method", ["grafit", "coarse_ce", "instance", "fine_ce"])
+def test_each_method_has_its_losses_and_embeds(method):
+    source = synthetic_source()
+    config = small_config(method=method)
+    model = builders.build_model(config, source, total_steps=4)
+    model.compile(optimizer=builders.build_optimizer(config, 4, 4), jit_compile=True)
+    assert model.jit_compile is True  # Explicit, never Keras's "auto".
+    model.compile(optimizer=builders.build_optimizer(config, 4, 4), jit_compile=False)
+    logs = tf.function(model.train_step)(batch(source))
+    expected = {"grafit": {"nca_loss", "instance_loss"}, "coarse_ce": {"ce_loss"},
+                "instance": {"instance_loss"}, "fine_ce": {"ce_loss"}}[method]
+    assert set(logs) == expected | {"loss"}
+    z = builders.build_embedder(model)(np.zeros((3, 12, 12, 1), np.float32))
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)

@@ -1,0 +1,87 @@
+"""serve.py's embedding of an image file == the Keras embedder's through training's pipeline.
+
+The reference reads the same files with `grafit_tf.data.pipeline` (the
+`tf.io.decode_image` + `eval_image` path of training's evaluation) and embeds
+them with `embedder.keras` (`trainer.embed`). serve.py decodes with Pillow,
+resizes in NumPy, rounds to uint8 and runs the ONNX export.
+"""
+
+import csv
+import dataclasses
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from grafit_tf.data import png_folders
+from grafit_tf.serving import job
+from tests.image_files import rgb_picture
+
+MIN_COSINE = 0.9999
+
+
+def _serve(model, images, output):
+    job.run(job.ServeOptions(model=model, images=images, output=output, workers=0,
+                             progress=False), log=lambda *a: None)
+    with open(os.path.join(output, "index.csv"), encoding="utf-8", newline="") as f:
+        served = [row[0] for row in list(csv.reader(f))[1:]]
+    return served, np.load(os.path.join(output, "embeddings.npy"))
+
+
+def _pipeline_embeddings(workdir, source, paths):
+    """Embeddings of files through the training pipeline and the Keras embedder."""
+    import keras
+
+    from grafit_tf import trainer
+    from grafit_tf.data import sources
+
+    zeros = np.zeros(len(paths), np.int32)
+    split = sources.Split(paths=np.asarray(paths), fine=zeros, coarse=zeros)
+    source = dataclasses.replace(source, train=split, test=split)
+    embedder = keras.saving.load_model(os.path.join(workdir, "embedder.keras"))
+    return trainer.embed(embedder, split, source)
+
+
+def _source_of(workdir):
+    from grafit_tf.config import Config
+    from grafit_tf.data import sources
+
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    return sources.load(Config.from_dict(dict(config, max_train_examples=1,
+                                              max_eval_examples=1)))
+
+
+def _assert_agree(served_emb, reference):
+    assert served_emb.shape == reference.shape
+    cosine = np.sum(served_emb * reference, axis=1) / (
+        np.linalg.norm(served_emb, axis=1) * np.linalg.norm(reference, axis=1))
+    assert cosine.min() >= MIN_COSINE, cosine.min()
+
+
+def test_fashion_mnist_png_agrees_with_training_pipeline(tiny_export, tiny_workdir, fashion_dir,
+                                                         tmp_path):
+    images, labels = png_folders.read_fashion_mnist(fashion_dir, "test")
+    png_folders.write_png_folders(images, labels, str(tmp_path / "queries"), indices=range(48))
+    served, embeddings = _serve(tiny_export["onnx"], str(tmp_path / "queries"),
+                                str(tmp_path / "out"))
+    assert len(served) == 48
+    paths = [str(tmp_path / "queries" / p) for p in served]
+    _assert_agree(embeddings, _pipeline_embeddings(tiny_workdir, _source_of(tiny_workdir), paths))
+
+
+def test_rgb_resize_center_crop_agrees_with_training_pipeline(rgb_export, rgb_workdir, tmp_path):
+    rng = np.random.default_rng(7)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    # Smaller than the crop (up-scaled), square, wide, tall and large images.
+    sizes = [(20, 30), (32, 32), (37, 37), (45, 200), (300, 41), (240, 320), (97, 61), (64, 48)]
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rgb_picture(rng, h, w)).save(folder / f"{i}.png")
+    served, embeddings = _serve(rgb_export["onnx"], str(folder), str(tmp_path / "out"))
+    assert len(served) == len(sizes)
+    paths = [str(folder / p) for p in served]
+    source = _source_of(rgb_workdir)
+    assert source.resize == "resize_center_crop" and source.image_shape == (32, 32, 3)
+    _assert_agree(embeddings, _pipeline_embeddings(rgb_workdir, source, paths))

@@ -1,0 +1,145 @@
+"""Serving-side image decoding and resizing, against TensorFlow's."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from grafit_tf.serving import images, resize
+from tests.image_files import png_header_only
+
+
+def _tf():
+    import tensorflow as tf
+
+    return tf
+
+
+def test_bilinear_matches_tf_image_resize():
+    tf = _tf()
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        h, w, oh, ow = (int(v) for v in rng.integers(1, 70, 4))
+        c = int(rng.choice([1, 3]))
+        x = (rng.random((h, w, c)) * 255).astype(np.float32)
+        want = tf.image.resize(x, (oh, ow), method="bilinear").numpy()
+        np.testing.assert_allclose(resize.bilinear(x, oh, ow), want, rtol=0, atol=1e-4)
+    # Strong down-scaling, as for a large photo brought to 28 x 28.
+    x = rng.integers(0, 256, (900, 700, 1)).astype(np.float32)
+    want = tf.image.resize(x, (28, 28), method="bilinear").numpy()
+    np.testing.assert_allclose(resize.bilinear(x, 28, 28), want, rtol=0, atol=1e-4)
+
+
+def test_resize_center_crop_matches_augment():
+    tf = _tf()
+    from grafit_tf import augment
+
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        h, w = (int(v) for v in rng.integers(8, 300, 2))
+        size = tuple(int(v) for v in rng.integers(8, 64, 2))
+        x = rng.integers(0, 256, (h, w, 3)).astype(np.float32)
+        want = augment.resize_center_crop(tf.constant(x), size).numpy()
+        got = resize.resize_center_crop(x, size)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_crop_or_pad_matches_tf():
+    tf = _tf()
+    x = np.arange(5 * 8 * 2, dtype=np.float32).reshape(5, 8, 2)
+    for th, tw in ((3, 3), (9, 4), (5, 11), (2, 8)):
+        want = tf.image.resize_with_crop_or_pad(x, th, tw).numpy()
+        np.testing.assert_array_equal(resize.crop_or_pad(x, th, tw), want)
+
+
+def _save(path, image, **kwargs):
+    image.save(path, **kwargs)
+    return str(path)
+
+
+def _tf_decode(path, channels):
+    tf = _tf()
+    with open(path, "rb") as f:
+        return tf.io.decode_image(f.read(), channels=channels, expand_animations=False).numpy()
+
+
+def test_modes_decode_like_tensorflow(tmp_path):
+    rng = np.random.default_rng(2)
+    rgba = rng.integers(0, 256, (20, 30, 4)).astype(np.uint8)
+    sixteen = rng.integers(0, 65536, (20, 30)).astype(np.uint16)
+    cases = {
+        "rgba.png": (Image.fromarray(rgba, "RGBA"), 3),
+        "palette.png": (Image.fromarray(rgba[..., :3]).convert(
+            "P", palette=Image.Palette.ADAPTIVE), 3),
+        "gray16.png": (Image.fromarray(sixteen), 1),
+        "gray.png": (Image.fromarray(rgba[..., 0]), 1),
+        "rgb.png": (Image.fromarray(rgba[..., :3]), 3),
+    }
+    for name, (image, channels) in cases.items():
+        path = _save(tmp_path / name, image)
+        spec = images.Spec((20, 30, channels))
+        np.testing.assert_array_equal(images.load(path, spec), _tf_decode(path, channels),
+                                      err_msg=name)
+
+
+def test_other_modes_become_model_channels(tmp_path):
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (12, 9, 4)).astype(np.uint8)
+    files = {
+        "cmyk.jpg": Image.fromarray(pixels, "CMYK"),
+        "la.png": Image.fromarray(pixels[..., :2], "LA"),
+        "bilevel.png": Image.fromarray(pixels[..., 0] > 128),
+        "palette_transparent.png": Image.fromarray(pixels[..., :3]).convert("P"),
+    }
+    for name, image in files.items():
+        # A palette index marked transparent: Pillow warns and keeps the colour.
+        extra = {"transparency": 0} if name.startswith("palette") else {}
+        path = _save(tmp_path / name, image, **extra)
+        for channels in (1, 3):
+            out = images.load(path, images.Spec((28, 28, channels)))
+            assert out.shape == (28, 28, channels) and out.dtype == np.uint8, name
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    upright = np.zeros((20, 32), np.uint8)
+    upright[2:6, 3:25] = 255  # A bar near the top: any rotation moves it.
+    # Orientation 6: the stored pixels must be turned 90 degrees clockwise to
+    # display, so store them turned 90 degrees counter-clockwise.
+    stored = Image.fromarray(np.rot90(upright, 1).copy())
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = _save(tmp_path / "rotated.png", stored, exif=exif)
+    plain = _save(tmp_path / "upright.png", Image.fromarray(upright))
+    spec = images.Spec((20, 32, 1))
+    np.testing.assert_array_equal(images.load(rotated, spec), images.load(plain, spec))
+
+
+def test_bad_files_raise_image_error_with_reason(tmp_path):
+    good = io.BytesIO()
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (64, 64), np.uint8)).save(good, "PNG")
+    files = {
+        "empty.png": (b"", "empty file"),
+        "text.png": (b"hello, not an image\n", "not an image"),
+        "truncated.png": (good.getvalue()[: len(good.getvalue()) // 2], "truncated"),
+        "bomb.png": (png_header_only(40000, 40000), "decompression bomb"),
+    }
+    spec = images.Spec((28, 28, 1))
+    for name, (data, reason) in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(images.ImageError, match=reason):
+            images.load(str(tmp_path / name), spec)
+    # The limit is a setting: a small image is a "bomb" under a tiny limit.
+    (tmp_path / "good.png").write_bytes(good.getvalue())
+    with pytest.raises(images.ImageError, match="decompression bomb"):
+        images.load(str(tmp_path / "good.png"), images.Spec((28, 28, 1), max_pixels=100))
+
+
+def test_other_size_is_resized_bilinearly(tmp_path):
+    tf = _tf()
+    pixels = np.random.default_rng(5).integers(0, 256, (50, 40), np.uint8)
+    path = _save(tmp_path / "big.png", Image.fromarray(pixels))
+    got = images.load(path, images.Spec((28, 28, 1)))
+    want = tf.image.resize(pixels[..., None].astype(np.float32), (28, 28)).numpy()
+    np.testing.assert_array_equal(got, np.clip(np.rint(want), 0, 255).astype(np.uint8))
