@@ -13,16 +13,20 @@ from absl import app, flags
 from grafit_tf.config import Config
 
 HELP = {
-    "dataset": "Dataset: fashion_mnist (IDX files) or image_folder (root/{train,test}/...).",
+    "dataset": "Dataset: fashion_mnist (IDX files), image_folder (root/{train,test}/...), or a "
+               "TFDS one: cifar100, stanford_online_products, i_naturalist2018, cars196, "
+               "food101, oxford_flowers102, caltech_birds2011.",
     "data_dir": "Folder of the dataset (IDX .gz files, or the image_folder root).",
     "coarse_map": "JSON file fine name -> coarse name replacing the dataset's coarse labels.",
     "max_train_examples": "Use only the first N training images (0: all).",
     "max_eval_examples": "Evaluate on only the first N test images (0: all).",
-    "image_size": "Side of the model input for image_folder data (0: 224).",
+    "image_size": "Side of the model input for image_folder and TFDS data (0: 224; CIFAR: 32).",
     "augment": "Augmentation recipe: auto, grayscale_small (28x28 gray) or rgb.",
     "crop_scale_min": "Smallest area fraction kept by the random resized crop.",
     "num_views": "Augmented views per image per step (>= 2).",
-    "method": "grafit (default), or a baseline: coarse_ce, instance, fine_ce (oracle).",
+    "method": "grafit (default), or a baseline: coarse_ce, instance, fine_ce (oracle), "
+              "grafit_maskcon (MaskCon's MoCo-style reading of Grafit); "
+              "finetune: transfer, cross-entropy on fine labels (see --init_from).",
     "backbone": "Trunk: small_resnet (<= 64 px), resnet50 or regnety8gf.",
     "width": "Stem width of small_resnet (stages double it).",
     "weights": "Local .weights.h5 to initialise a keras.applications trunk.",
@@ -35,6 +39,10 @@ HELP = {
     "memory_momentum": "mu in m_i <- normalise(mu m_i + (1 - mu) z_i) (full memory).",
     "queue_size": "Length of the FIFO queue (--memory=queue).",
     "lambda_inst": "Weight of the instance (BYOL) loss in grafit.",
+    "instance_loss": "Instance loss of grafit: byol (predictor + EMA target) or infonce "
+                     "(in-batch negatives against the EMA target's keys).",
+    "instance_tau": "Temperature of --instance_loss=infonce and of grafit_maskcon.",
+    "maskcon_weight": "w in w * L_sup + (1 - w) * L_self of --method=grafit_maskcon.",
     "ema_decay": "Base EMA decay of the BYOL target (cosine-increased to 1).",
     "label_smoothing": "Label smoothing of the cross-entropy baselines.",
     "epochs": "Training epochs.",
@@ -57,6 +65,17 @@ HELP = {
     "eval_k": "Neighbours in the weighted kNN vote.",
     "eval_temperature": "Temperature of the weighted kNN vote.",
     "verbose": "Keras progress: 0 silent, 1 progress bar, 2 one line per epoch.",
+    # Datasets and transfer (issue 6).
+    "tfds_data_dir": "TensorFlow Datasets folder (empty: $TFDS_DATA_DIR or ~/tensorflow_datasets).",
+    "download": "Let TFDS download and prepare an absent dataset (off: fail at once).",
+    "shuffle_buffer": "Shuffle buffer (images) of streamed TFDS datasets, which lack random "
+                      "access; bigger mixes better and holds more encoded images in RAM.",
+    "rand_augment": "Add core Keras RandAugment (2 ops, factor 0.5) to the rgb recipe; its "
+                    "draws are not a pure function of --seed.",
+    "init_from": "Start the trunk from a Grafit work directory (its embedder.keras, else its "
+                 "latest checkpoint); same --backbone and --width.",
+    "eval_protocol": "default (see README), or maskcon: Recall@K test-vs-test on resized "
+                     "whole test images (no centre crop), as MaskCon reports it.",
 }
 
 _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,

@@ -22,6 +22,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.sections import update_section  # noqa: E402
 from grafit_tf import evaluation  # noqa: E402
 from grafit_tf.config import Config  # noqa: E402
 from grafit_tf.data import sources  # noqa: E402
@@ -111,19 +112,6 @@ def markdown(rows, command):
     return (f"{table}\n\nCommand: `{command}`  \nDate: {when}. Machine: {machine}.\n")
 
 
-def update_benchmarks(section):
-    path = os.path.join(ROOT, "BENCHMARKS.md")
-    begin, end = f"<!-- {FLAGS.name}:begin -->", f"<!-- {FLAGS.name}:end -->"
-    text = open(path, encoding="utf-8").read() if os.path.isfile(path) else "# Benchmarks\n"
-    block = f"{begin}\n{section}{end}"
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + f"\n\n{block}\n"
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
 def main(argv):
     del argv
     rows = []
@@ -141,7 +129,7 @@ def main(argv):
     section = markdown(rows, command)
     print(section)
     if FLAGS.update_benchmarks:
-        update_benchmarks(section)
+        update_section(os.path.join(ROOT, "BENCHMARKS.md"), FLAGS.name, section)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,16 @@ from grafit_tf.model import GrafitModel, Objective
 
 def objective(config, total_steps):
     return Objective(
-        method=config.method,
+        # finetune (issue 6) trains as the fine_ce objective: fine-label cross-entropy.
+        method="fine_ce" if config.method == "finetune" else config.method,
         tau=config.tau,
         lambda_inst=config.lambda_inst,
         ema_decay=config.ema_decay,
         total_steps=max(1, total_steps),
         label_smoothing=config.label_smoothing,
+        instance_loss=config.instance_loss,
+        instance_tau=config.instance_tau,
+        maskcon_weight=config.maskcon_weight,
     )
 
 
@@ -34,6 +38,10 @@ def build_model(config, source, total_steps, use_bn=True, sync_bn=False):
     obj = objective(config, total_steps)
     shape, mean, std = source.image_shape, source.mean, source.std
     trunk = backbones.build(config, shape, mean, std, use_bn=use_bn, sync_bn=sync_bn)
+    if config.init_from:  # Issue 6: start from a Grafit run's trunk (before the target copy).
+        from grafit_tf import transfer
+
+        transfer.init_trunk(trunk, config.init_from)
     parts = {}
     if obj.nca:
         parts["knn_head"] = heads.mlp(config.proj_hidden, config.knn_dim, "knn_head",
@@ -50,6 +58,16 @@ def build_model(config, source, total_steps, use_bn=True, sync_bn=False):
                                                    sync_bn=sync_bn)
         parts["target_projector"] = heads.mlp(config.proj_hidden, config.proj_dim,
                                               "target_projector", sync_bn, use_bn)
+    if obj.maskcon:
+        # MoCo: one projection head, its EMA copy as key encoder, a FIFO queue.
+        parts["projector"] = heads.mlp(config.proj_hidden, config.proj_dim, "projector",
+                                       sync_bn, use_bn)
+        parts["target_backbone"] = backbones.build(config, shape, mean, std, use_bn=use_bn,
+                                                   sync_bn=sync_bn)
+        parts["target_projector"] = heads.mlp(config.proj_hidden, config.proj_dim,
+                                              "target_projector", sync_bn, use_bn)
+        parts["memory"] = MemoryBank(source.train.coarse, config.proj_dim, kind="queue",
+                                     size=config.queue_size, seed=config.seed, name="memory")
     if obj.cross_entropy:
         hier = source.hierarchy
         classes = hier.num_fine if config.label_level == "fine" else hier.num_coarse
@@ -69,6 +87,7 @@ def _build(model, shape, num_views):
             part.build(feature)
     if model.predictor is not None:
         model.predictor.build((None, model.projector.layers[-1].units))
+    if model.target_backbone is not None:
         model.target_projector.build(feature)
         # The target starts as an exact copy of the online network.
         model.target_backbone.set_weights(model.backbone.get_weights())

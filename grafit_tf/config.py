@@ -10,8 +10,13 @@ import json
 
 from grafit_tf.errors import UserError
 
-METHODS = ("grafit", "coarse_ce", "instance", "fine_ce")
-DATASETS = ("fashion_mnist", "image_folder")
+METHODS = ("grafit", "coarse_ce", "instance", "fine_ce", "grafit_maskcon", "finetune")
+INSTANCE_LOSSES = ("byol", "infonce")
+DATASETS = ("fashion_mnist", "image_folder",
+            # TensorFlow Datasets (issue 6): coarse-to-fine, then fine labels only (transfer).
+            "cifar100", "stanford_online_products", "i_naturalist2018", "cars196",
+            "food101", "oxford_flowers102", "caltech_birds2011")
+EVAL_PROTOCOLS = ("default", "maskcon")
 BACKBONES = ("small_resnet", "resnet50", "regnety8gf")
 OPTIMIZERS = ("adamw", "sgd")
 MEMORIES = ("full", "queue")
@@ -52,6 +57,9 @@ class Config:
     memory_momentum: float = 0.5
     queue_size: int = 8192
     lambda_inst: float = 1.0
+    instance_loss: str = "byol"
+    instance_tau: float = 0.1
+    maskcon_weight: float = 0.5
     ema_decay: float = 0.99
     label_smoothing: float = 0.0
 
@@ -78,6 +86,14 @@ class Config:
     eval_temperature: float = 0.07
     verbose: int = 1
 
+    # Datasets and transfer (issue 6).
+    tfds_data_dir: str = ""
+    download: bool = False
+    shuffle_buffer: int = 10000
+    rand_augment: bool = False
+    init_from: str = ""
+    eval_protocol: str = "default"
+
     def to_dict(self):
         return dataclasses.asdict(self)
 
@@ -95,18 +111,12 @@ class Config:
 
     @property
     def uses_memory(self):
-        return self.method == "grafit"
-
-    @property
-    def uses_instance_loss(self):
-        return self.method in ("grafit", "instance") and (
-            self.method == "instance" or self.lambda_inst > 0
-        )
+        return self.method in ("grafit", "grafit_maskcon")
 
     @property
     def label_level(self):
         """Which labels the method trains on: 'coarse', 'fine' or None."""
-        if self.method == "fine_ce":
+        if self.method in ("fine_ce", "finetune"):
             return "fine"
         if self.method == "instance":
             return None
@@ -123,13 +133,15 @@ class Config:
         _one_of("distribute", self.distribute, DISTRIBUTE)
         _one_of("augment", self.augment, AUGMENTS)
         _one_of("mixed_precision", self.mixed_precision, PRECISIONS)
+        _one_of("instance_loss", self.instance_loss, INSTANCE_LOSSES)
         if self.epochs < 1:
             raise UserError(f"--epochs={self.epochs}: train for at least 1 epoch.")
         if self.batch_size < 2:
             raise UserError(f"--batch_size={self.batch_size}: use at least 2.")
-        if self.num_views < 2:
+        if self.num_views < 1 or (self.num_views < 2 and self.method != "finetune"):
             raise UserError(
-                f"--num_views={self.num_views}: the instance loss needs at least 2 views."
+                f"--num_views={self.num_views}: the instance loss needs at least 2 views "
+                "(only --method=finetune trains on 1)."
             )
         if not 0.0 < self.tau <= 10.0:
             raise UserError(f"--tau={self.tau}: the temperature must be in (0, 10].")
@@ -139,7 +151,8 @@ class Config:
             )
         if not 0.0 <= self.ema_decay <= 1.0:
             raise UserError(f"--ema_decay={self.ema_decay}: must be in [0, 1].")
-        if self.memory == "queue" and self.queue_size < self.batch_size:
+        uses_queue = self.memory == "queue" or self.method == "grafit_maskcon"
+        if uses_queue and self.queue_size < self.batch_size:
             raise UserError(
                 f"--queue_size={self.queue_size} is smaller than one global batch "
                 f"(--batch_size={self.batch_size}): use --queue_size >= --batch_size."
@@ -150,6 +163,14 @@ class Config:
             raise UserError(
                 "--embedding=knn_head exists only for --method=grafit; use --embedding=trunk."
             )
+        # Datasets and transfer (issue 6).
+        _one_of("eval_protocol", self.eval_protocol, EVAL_PROTOCOLS)
+        if self.shuffle_buffer < 1:
+            raise UserError(f"--shuffle_buffer={self.shuffle_buffer}: use at least 1.")
+        if self.image_size < 0:
+            raise UserError(f"--image_size={self.image_size}: use 0 (the dataset's) or > 0.")
+        if self.init_from and self.weights:
+            raise UserError("--init_from and --weights both initialise the trunk; give one.")
 
 
 def _one_of(name, value, allowed):

@@ -115,3 +115,38 @@ def cross_entropy(logits, labels, label_smoothing=0.0):
     return tf.reduce_mean(
         tf.nn.softmax_cross_entropy_with_logits(labels=onehot, logits=logits)
     )
+
+
+def queue_contrastive_loss(queries, keys, labels, queue, queue_labels, tau, weight=0.5):
+    """MaskCon's "Grafit" baseline: MoCo logits with a coarse-label supervised term.
+
+    logits_i = [q_i . k_i, q_i . queue_j for all j] / tau; with log-softmax l_i:
+
+        L_self = -l_i[0]                                  (InfoNCE, own key)
+        L_sup  = -mean_{j in P_i} l_i[j],  P_i = {own key} U {queue j: y_j = y_i}
+        L      = weight * L_sup + (1 - weight) * L_self
+
+    Args:
+        queries: `[B, D]` L2-normalised online embeddings.
+        keys: `[B, D]` L2-normalised key-encoder embeddings of another view.
+        labels: `[B]` int coarse labels.
+        queue: `[Q, D]` past keys (no gradient).
+        queue_labels: `[Q]` int labels (-1: empty slot, never a positive).
+        tau: temperature.
+        weight: w of the supervised term.
+
+    Returns:
+        Scalar mean over the batch.
+    """
+    keys = tf.stop_gradient(keys)
+    queue = tf.stop_gradient(queue)
+    labels = tf.cast(labels, tf.int32)
+    own = tf.reduce_sum(queries * keys, axis=1, keepdims=True)  # [B, 1]
+    logits = tf.concat([own, tf.matmul(queries, queue, transpose_b=True)], axis=1) / tau
+    log_prob = tf.nn.log_softmax(logits, axis=1)  # [B, 1 + Q]
+    same = tf.equal(labels[:, None], tf.cast(queue_labels, tf.int32)[None, :])
+    positive = tf.concat([tf.ones_like(own, tf.bool), same], axis=1)
+    mask = tf.cast(positive, log_prob.dtype)
+    sup = -tf.reduce_sum(log_prob * mask, axis=1) / tf.reduce_sum(mask, axis=1)
+    self_term = -log_prob[:, 0]
+    return tf.reduce_mean(weight * sup + (1.0 - weight) * self_term)

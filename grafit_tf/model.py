@@ -27,6 +27,9 @@ class Objective:
             schedule over `total_steps` (BYOL).
         total_steps: planned optimizer steps, for the EMA schedule.
         label_smoothing: for the cross-entropy baselines.
+        instance_loss: byol | infonce (grafit's instance term).
+        instance_tau: temperature of infonce and of grafit_maskcon.
+        maskcon_weight: w of grafit_maskcon's supervised term.
     """
 
     method: str = "grafit"
@@ -35,6 +38,9 @@ class Objective:
     ema_decay: float = 0.99
     total_steps: int = 1
     label_smoothing: float = 0.0
+    instance_loss: str = "byol"
+    instance_tau: float = 0.1
+    maskcon_weight: float = 0.5
 
     @property
     def nca(self):
@@ -48,6 +54,14 @@ class Objective:
     def cross_entropy(self):
         return self.method in ("coarse_ce", "fine_ce")
 
+    @property
+    def maskcon(self):
+        return self.method == "grafit_maskcon"
+
+    @property
+    def ema_target(self):
+        return self.instance or self.maskcon
+
     def terms(self):
         names = []
         if self.nca:
@@ -56,6 +70,8 @@ class Objective:
             names.append("instance_loss")
         if self.cross_entropy:
             names.append("ce_loss")
+        if self.maskcon:
+            names.append("maskcon_loss")
         return names
 
 
@@ -148,6 +164,11 @@ class GrafitModel(keras.Model):
             out["target"] = tf.stop_gradient(per_view(target))
         if self.objective.cross_entropy:
             out["logits"] = per_view(self.classifier(feats, training=training))
+        if self.objective.maskcon:
+            out["query"] = tf.math.l2_normalize(
+                per_view(self.projector(feats, training=training)), -1)
+            key = self.target_projector(self.target_backbone(x, training=True), training=True)
+            out["key"] = tf.stop_gradient(tf.math.l2_normalize(per_view(key), -1))
         return out
 
     def loss_terms(self, out, labels, indices):
@@ -160,14 +181,26 @@ class GrafitModel(keras.Model):
                 queries, tf.tile(labels, [v]), self.memory.embeddings, self.memory.labels,
                 self.objective.tau, exclude=tf.tile(self.memory.exclusion(indices), [v]))
         if self.objective.instance:
-            terms["instance_loss"] = self.objective_weight() * _symmetric_byol(
-                out["pred"], out["target"])
+            terms["instance_loss"] = self.objective_weight() * _over_view_pairs(
+                out["pred"], out["target"], self._instance_fn())
         if self.objective.cross_entropy:
             v = out["logits"].shape[0]
             terms["ce_loss"] = losses.cross_entropy(
                 tf.reshape(out["logits"], [-1, out["logits"].shape[-1]]), tf.tile(labels, [v]),
                 self.objective.label_smoothing)
+        if self.objective.maskcon:
+            # View 0 queries, view 1 is the key (MaskCon's strong / weak pair).
+            terms["maskcon_loss"] = losses.queue_contrastive_loss(
+                out["query"][0], out["key"][1], labels, self.memory.embeddings,
+                self.memory.labels, self.objective.instance_tau, self.objective.maskcon_weight)
         return terms
+
+    def _instance_fn(self):
+        if self.objective.instance_loss == "infonce":
+            tau = self.objective.instance_tau
+            return lambda p, t: losses.info_nce_loss(
+                tf.math.l2_normalize(p, -1), tf.math.l2_normalize(t, -1), tau)
+        return losses.byol_loss
 
     def objective_weight(self):
         return 1.0 if self.objective.method == "instance" else self.objective.lambda_inst
@@ -193,7 +226,9 @@ class GrafitModel(keras.Model):
         if self.objective.nca:
             mean_view = tf.math.l2_normalize(tf.reduce_mean(out["knn"], axis=0), axis=1)
             self.memory.update(mean_view, labels, indices)
-        if self.objective.instance:
+        if self.objective.maskcon:
+            self.memory.update(out["key"][1], labels, indices)
+        if self.objective.ema_target:
             decay = self.ema_decay()
             pairs = zip(self.backbone.weights + self.projector.weights,
                         self.target_backbone.weights + self.target_projector.weights)
@@ -201,8 +236,13 @@ class GrafitModel(keras.Model):
                 target.assign(decay * target + (1.0 - decay) * online)
 
     def ema_decay(self):
-        """BYOL's schedule: base decay at step 0, cosine up to 1 at the end."""
+        """BYOL's schedule: base decay at step 0, cosine up to 1 at the end.
+
+        MoCo (grafit_maskcon) keeps the base decay constant.
+        """
         base = self.objective.ema_decay
+        if self.objective.maskcon:
+            return tf.constant(base, tf.float32)
         progress = tf.minimum(
             tf.cast(self.optimizer.iterations, tf.float32) / float(self.objective.total_steps),
             1.0)
@@ -221,13 +261,14 @@ def _log_value(value):
     return value
 
 
-def _symmetric_byol(pred, target):
-    """BYOL over every ordered pair of distinct views.
+def _over_view_pairs(pred, target, loss_fn):
+    """An instance loss averaged over every ordered pair of distinct views.
 
     Args:
         pred: `[V, b, P]` online predictions.
         target: `[V, b, P]` target projections.
+        loss_fn: `(pred [b, P], target [b, P]) -> scalar`.
     """
     v = pred.shape[0]
     pairs = [(i, j) for i in range(v) for j in range(v) if i != j]
-    return tf.add_n([losses.byol_loss(pred[i], target[j]) for i, j in pairs]) / len(pairs)
+    return tf.add_n([loss_fn(pred[i], target[j]) for i, j in pairs]) / len(pairs)

@@ -94,8 +94,11 @@ def append_csv(path, row):
 
 def prefill_memory(model, source, config):
     """Fills the memory with real embeddings of the (un-augmented) training images."""
-    head = heads.embedder(model.backbone, model.knn_head)
-    split = source.train if config.memory == "full" else source.train.take(config.queue_size)
+    if model.objective.maskcon:  # The queue holds keys: the key encoder's embeddings.
+        head = heads.embedder(model.target_backbone, model.target_projector)
+    else:
+        head = heads.embedder(model.backbone, model.knn_head)
+    split = source.train if model.memory.kind == "full" else source.train.take(model.memory.size)
     z = embed(head, split, source)
     labels = source.train.coarse[: len(z)]
     model.memory.fill(z, labels)
@@ -178,6 +181,11 @@ def run(config, workdir):
         raise RuntimeError("training stopped early (a NaN loss?); see logs/train.csv")
 
     metrics = evaluate(embedder, source, config)
+    if config.method == "finetune":  # Issue 6: transfer is scored by the classifier's top-1.
+        from grafit_tf import transfer
+
+        metrics["fine_top1"] = transfer.classification_top1(model, source)
+        print(f"fine top-1 (classifier): {100 * metrics['fine_top1']:.2f}%", flush=True)
     metrics.update(
         method=config.method,
         epochs=config.epochs,

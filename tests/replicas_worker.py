@@ -57,7 +57,7 @@ def strategies():
 
 def run(method, batch_norm=False):
     """`batch_norm`: trunk and heads with synchronised batch norm."""
-    config = Config(method=method, batch_size=16, width=4, proj_hidden=16, knn_dim=8,
+    config = Config(method=method, batch_size=16, queue_size=32, width=4, proj_hidden=16, knn_dim=8,
                     proj_dim=8, optimizer="sgd", learning_rate=0.01, warmup_epochs=0,
                     weight_decay=0.0, epochs=1, seed=3)
     source = synthetic_source()

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import REPO
 
-METHODS = ["grafit", "coarse_ce", "instance", "fine_ce", "grafit+bn"]
+METHODS = ["grafit", "coarse_ce", "instance", "fine_ce", "grafit_maskcon", "grafit+bn"]
 
 
 @pytest.mark.parametrize("replicas", [2, 4])
@@ -28,7 +28,7 @@ def test_one_step_matches_single_device(replicas):
         assert r["weights_changed"] > 1e-3, (method, r)  # The step did something.
         assert abs(r["loss_one"] - r["loss_mirrored"]) <= 1e-5 * max(1.0, r["loss_one"]), r
         assert r["weight_diff"] <= 1e-5, (method, r)
-        if method.startswith("grafit"):
+        if method.startswith("grafit"):  # Memory (grafit) or queue (grafit_maskcon).
             # Every replica holds the same, complete memory as the single device.
             assert r["memory_copies"] == replicas, r
             assert r["memory_diff"] <= 1e-5, r

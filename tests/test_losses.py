@@ -136,3 +136,18 @@ def test_cross_entropy_with_smoothing(rng):
     want = -np.mean(np.sum(onehot * logp, axis=1))
     np.testing.assert_allclose(losses.cross_entropy(logits, labels, 0.1).numpy(), want,
                                rtol=1e-5)
+
+
+def test_queue_contrastive_matches_reference(rng):
+    q = _unit(rng.normal(size=(3, 4))).astype(np.float32)
+    k = _unit(rng.normal(size=(3, 4))).astype(np.float32)
+    queue = _unit(rng.normal(size=(5, 4))).astype(np.float32)
+    y, qy = np.array([0, 1, 2]), np.array([0, 1, 0, -1, 1])
+    got = losses.queue_contrastive_loss(q, k, y, queue, qy, 0.1, weight=0.3).numpy()
+    want = []
+    for i in range(3):
+        logits = np.concatenate([[q[i] @ k[i]], queue @ q[i]]) / 0.1
+        logp = logits - np.log(np.exp(logits).sum())
+        pos = [0] + [1 + j for j in range(5) if qy[j] == y[i]]
+        want.append(0.3 * -np.mean(logp[pos]) + 0.7 * -logp[0])
+    np.testing.assert_allclose(got, np.mean(want), rtol=1e-5)

@@ -73,17 +73,24 @@ def test_target_starts_as_copy_and_follows_by_ema():
     assert not any("target" in w.path for w in model.trainable_weights)
 
 
-@pytest.mark.parametrize("method", ["grafit", "coarse_ce", "instance", "fine_ce"])
+@pytest.mark.parametrize("method", ["grafit", "coarse_ce", "instance", "fine_ce",
+                                    "grafit_maskcon", "grafit+infonce"])
 def test_each_method_has_its_losses_and_embeds(method):
     source = synthetic_source()
-    config = small_config(method=method)
+    method, _, instance_loss = method.partition("+")
+    config = small_config(method=method, instance_loss=instance_loss or "byol", queue_size=16)
     model = builders.build_model(config, source, total_steps=4)
     model.compile(optimizer=builders.build_optimizer(config, 4, 4), jit_compile=True)
     assert model.jit_compile is True  # Explicit, never Keras's "auto".
     model.compile(optimizer=builders.build_optimizer(config, 4, 4), jit_compile=False)
     logs = tf.function(model.train_step)(batch(source))
     expected = {"grafit": {"nca_loss", "instance_loss"}, "coarse_ce": {"ce_loss"},
-                "instance": {"instance_loss"}, "fine_ce": {"ce_loss"}}[method]
+                "instance": {"instance_loss"}, "fine_ce": {"ce_loss"},
+                "grafit_maskcon": {"maskcon_loss"}}[method]
     assert set(logs) == expected | {"loss"}
+    assert all(np.isfinite(float(v)) for v in logs.values())
+    if method == "grafit_maskcon":  # The step's keys went into the FIFO queue.
+        assert int(model.memory.pointer.numpy()) == 8
+        np.testing.assert_array_equal(model.memory.labels.numpy()[:8], source.train.coarse[:8])
     z = builders.build_embedder(model)(np.zeros((3, 12, 12, 1), np.float32))
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
