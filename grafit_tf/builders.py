@@ -49,23 +49,18 @@ def build_model(config, source, total_steps, use_bn=True, sync_bn=False):
         parts["memory"] = MemoryBank(source.train.coarse, config.knn_dim, kind=config.memory,
                                      size=config.queue_size, momentum=config.memory_momentum,
                                      seed=config.seed, name="memory")
+    if obj.ema_target:
+        # A projection head and its EMA copy (on an EMA copy of the trunk): BYOL's
+        # target network, or MoCo's key encoder for grafit_maskcon.
+        head = lambda name: heads.mlp(config.proj_hidden, config.proj_dim, name, sync_bn, use_bn)
+        parts["projector"] = head("projector")
+        parts["target_projector"] = head("target_projector")
+        parts["target_backbone"] = backbones.build(config, shape, mean, std, use_bn=use_bn,
+                                                   sync_bn=sync_bn)
     if obj.instance:
-        parts["projector"] = heads.mlp(config.proj_hidden, config.proj_dim, "projector",
-                                       sync_bn, use_bn)
         parts["predictor"] = heads.mlp(config.proj_hidden, config.proj_dim, "predictor",
                                        sync_bn, use_bn)
-        parts["target_backbone"] = backbones.build(config, shape, mean, std, use_bn=use_bn,
-                                                   sync_bn=sync_bn)
-        parts["target_projector"] = heads.mlp(config.proj_hidden, config.proj_dim,
-                                              "target_projector", sync_bn, use_bn)
-    if obj.maskcon:
-        # MoCo: one projection head, its EMA copy as key encoder, a FIFO queue.
-        parts["projector"] = heads.mlp(config.proj_hidden, config.proj_dim, "projector",
-                                       sync_bn, use_bn)
-        parts["target_backbone"] = backbones.build(config, shape, mean, std, use_bn=use_bn,
-                                                   sync_bn=sync_bn)
-        parts["target_projector"] = heads.mlp(config.proj_hidden, config.proj_dim,
-                                              "target_projector", sync_bn, use_bn)
+    if obj.maskcon:  # MoCo's FIFO queue of keys with their coarse labels.
         parts["memory"] = MemoryBank(source.train.coarse, config.proj_dim, kind="queue",
                                      size=config.queue_size, seed=config.seed, name="memory")
     if obj.cross_entropy:
