@@ -3,12 +3,20 @@
 In the spirit of DINO's `eval_knn.knn_classifier`: queries are processed in
 chunks, so memory is `O(chunk * gallery)` and an `N x N` similarity matrix is
 never held. Shared by training's evaluation and by `serve.py`.
+
+Large searches (iNaturalist, SOP: hundreds of thousands of images) go to
+faiss-cpu's exact `IndexFlatIP` when it is installed: the same neighbours,
+multi-threaded, with a heap instead of a partition of every row.
 """
 
 import numpy as np
 
+# Query x gallery products above which `search` uses faiss (backend "auto").
+# Below it NumPy is as fast, and its results are the reference.
+FAISS_MIN_PRODUCTS = 2_000_000_000
 
-def search(queries, gallery, k, chunk=1024, exclude_self=False):
+
+def search(queries, gallery, k, chunk=1024, exclude_self=False, backend="auto"):
     """Top-k inner-product neighbours of each query.
 
     Args:
@@ -18,6 +26,8 @@ def search(queries, gallery, k, chunk=1024, exclude_self=False):
         chunk: queries per block.
         exclude_self: queries *are* the gallery (same order); query i never
             returns gallery item i.
+        backend: "numpy", "faiss" (exact inner-product index), or "auto"
+            (faiss for searches of at least `FAISS_MIN_PRODUCTS` products).
 
     Returns:
         `(similarities [Q, k] float32, indices [Q, k] int64)`, best first.
@@ -28,6 +38,11 @@ def search(queries, gallery, k, chunk=1024, exclude_self=False):
     k = min(k, limit)
     if k <= 0:
         raise ValueError("the gallery is too small for a neighbour search")
+    if backend == "auto":
+        big = len(queries) * len(gallery) >= FAISS_MIN_PRODUCTS
+        backend = "faiss" if big and _faiss() is not None else "numpy"
+    if backend == "faiss":
+        return _faiss_search(queries, gallery, k, chunk * 16, exclude_self)
     sims = np.empty((len(queries), k), np.float32)
     idx = np.empty((len(queries), k), np.int64)
     for start in range(0, len(queries), chunk):
@@ -61,3 +76,36 @@ def weighted_vote(similarities, neighbour_labels, num_classes, temperature=0.07)
     np.add.at(scores, (np.arange(len(similarities))[:, None], neighbour_labels), weights)
     scores /= scores.sum(axis=1, keepdims=True)
     return scores.argmax(axis=1), scores.astype(np.float32)
+
+
+def _faiss():
+    try:
+        import faiss  # Optional: faiss-cpu.
+    except ImportError:
+        return None
+    return faiss
+
+
+def _faiss_search(queries, gallery, k, chunk, exclude_self):
+    """`search` with faiss's exact `IndexFlatIP`; same outputs."""
+    faiss = _faiss()
+    if faiss is None:
+        raise ValueError("backend='faiss' needs faiss-cpu (pip install faiss-cpu)")
+    index = faiss.IndexFlatIP(gallery.shape[1])
+    index.add(np.ascontiguousarray(gallery))
+    extra = 1 if exclude_self else 0
+    sims = np.empty((len(queries), k), np.float32)
+    idx = np.empty((len(queries), k), np.int64)
+    for start in range(0, len(queries), chunk):
+        block = np.ascontiguousarray(queries[start:start + chunk])
+        s, i = index.search(block, k + extra)
+        if exclude_self:
+            # Drop the query itself wherever it came; else the (k+1)-th neighbour.
+            own = i == (start + np.arange(len(block)))[:, None]
+            own[~own.any(axis=1), -1] = True
+            keep = ~own
+            s = s[keep].reshape(len(block), k)
+            i = i[keep].reshape(len(block), k)
+        sims[start:start + len(block)] = s
+        idx[start:start + len(block)] = i
+    return sims, idx

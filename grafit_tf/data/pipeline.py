@@ -6,11 +6,19 @@ and every view of every image is augmented with a stateless seed derived from
 `(seed, e, image index, view)`. So the pipeline is deterministic, can start at
 any global step (resuming mid-epoch), and shards across input pipelines
 without any two replicas seeing the same image in a step.
+
+Streamed splits (`sources.Stream`, large TFDS datasets: no random access) are
+read in their fixed order, numbered (element i is image i), and shuffled with a
+`--shuffle_buffer` seeded by `(seed, epoch)`: still deterministic and
+resumable, but only as random as the buffer.
 """
+
+import functools
 
 import tensorflow as tf
 
 from grafit_tf import augment
+from grafit_tf.errors import UserError
 
 
 def steps_per_epoch(num_examples, global_batch):
@@ -26,11 +34,21 @@ def epoch_order(num_examples, seed, epoch):
     return tf.cast(tf.argsort(keys, stable=True), tf.int32)
 
 
+def decode(data, channels):
+    """Encoded image bytes (JPEG, PNG, ...) -> float32 `[H, W, channels]` in 0..255."""
+    image = tf.io.decode_image(data, channels=channels, expand_animations=False)  # uint8
+    image = tf.cast(image, tf.float32)
+    image.set_shape([None, None, channels])
+    return image
+
+
 class ImageReader:
     """Reads image `i` of a split as float32 `[H, W, C]` in 0..255."""
 
     def __init__(self, split, image_shape):
         self.image_shape = tuple(image_shape)
+        if split.stream is not None:
+            raise ValueError("a streamed split has no random access; read it in order")
         if split.images is not None:
             self._images = tf.constant(split.images)
             self._paths = None
@@ -41,13 +59,7 @@ class ImageReader:
     def __call__(self, index):
         if self._images is not None:
             return tf.cast(tf.gather(self._images, index), tf.float32)
-        data = tf.io.read_file(tf.gather(self._paths, index))
-        image = tf.io.decode_image(
-            data, channels=self.image_shape[-1], expand_animations=False
-        )
-        image = tf.cast(image, tf.float32)
-        image.set_shape([None, None, self.image_shape[-1]])
-        return image
+        return decode(tf.io.read_file(tf.gather(self._paths, index)), self.image_shape[-1])
 
 
 def view_fn(config, image_shape):
@@ -58,6 +70,13 @@ def view_fn(config, image_shape):
     if recipe == "grayscale_small":
         return lambda image, seed: augment.grayscale_small(image, seed, config.crop_scale_min)
     size = tuple(image_shape[:2])
+    if config.rand_augment:
+        if image_shape[-1] != 3:
+            raise UserError("--rand_augment needs RGB images; drop it for grayscale data.")
+        rand_augment = augment.make_rand_augment(config.seed)
+        # The layer needs a static channel count, which the colour ops lose.
+        return lambda image, seed: rand_augment(tf.ensure_shape(
+            augment.rgb(image, seed, size, config.crop_scale_min), size + (3,)))
     return lambda image, seed: augment.rgb(image, seed, size, config.crop_scale_min)
 
 
@@ -86,7 +105,7 @@ def train_dataset_fn(source, config, start_step=0):
             else global_batch
         )
         shard = global_batch // pipelines
-        reader = ImageReader(split, source.image_shape)
+        reader = None if split.stream is not None else ImageReader(split, source.image_shape)
         one_view = view_fn(config, source.image_shape)
         label_table = tf.constant(labels, tf.int32)
 
@@ -98,15 +117,34 @@ def train_dataset_fn(source, config, start_step=0):
             steps = tf.data.Dataset.from_tensor_slices(rows).skip(tf.cast(skip, tf.int64))
             return steps.unbatch().map(lambda i: (tf.cast(epoch, tf.int32), i))
 
-        def example(epoch, index):
-            image = reader(index)
+        def stream_epoch(epoch):
+            # Numbered in read order, shuffled by a buffer seeded by (seed, epoch);
+            # every pipeline reads the same order and keeps its part of each batch.
+            # `epoch` is a Python int: tf.data takes no tensor seed under a global seed.
+            ds = tf.data.Dataset.zip(
+                tf.data.Dataset.range(num).map(lambda i: tf.cast(i, tf.int32)),
+                split.stream.dataset())
+            ds = ds.shuffle(config.shuffle_buffer, seed=config.seed * 1000003 + epoch,
+                            reshuffle_each_iteration=False)
+            ds = ds.batch(global_batch, drop_remainder=True).map(
+                lambda i, data: (i[pipeline_id * shard:(pipeline_id + 1) * shard],
+                                 data[pipeline_id * shard:(pipeline_id + 1) * shard]))
+            skip = skip_steps if epoch == start_epoch else 0
+            return ds.skip(skip).unbatch().map(lambda i, data: (tf.constant(epoch), i, data))
+
+        def example(epoch, index, data=None):
+            image = reader(index) if data is None else decode(data, source.image_shape[-1])
             base = augment.fold(augment.fold(tf.constant([config.seed, 0]), epoch), index)
             views = tf.stack(
                 [one_view(image, augment.fold(base, v)) for v in range(config.num_views)]
             )
             return {"views": views, "index": index, "label": tf.gather(label_table, index)}
 
-        ds = tf.data.Dataset.range(start_epoch, config.epochs).flat_map(epoch_steps)
+        if reader is not None:
+            ds = tf.data.Dataset.range(start_epoch, config.epochs).flat_map(epoch_steps)
+        else:
+            ds = functools.reduce(lambda a, b: a.concatenate(b), [
+                stream_epoch(e) for e in range(start_epoch, config.epochs)])
         ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.batch(per_replica, drop_remainder=True)
         options = tf.data.Options()
@@ -123,13 +161,21 @@ def train_dataset_fn(source, config, start_step=0):
 
 def eval_image(image, source):
     """Evaluation preprocessing of one image: `[H,W,C]` -> `source.image_shape`."""
-    if source.resize == "resize_center_crop":
+    method = source.eval_resize or source.resize
+    if method == "resize_center_crop":
         return augment.resize_center_crop(image, source.image_shape[:2])
+    if method == "resize":  # The whole image, aspect ratio not kept (MaskCon's protocol).
+        return tf.image.resize(image, source.image_shape[:2], method="bilinear")
     return image
 
 
 def eval_dataset(split, source, batch_size=512):
     """Batches `[b, H, W, C]` float32 of a split in order, evaluation preprocessing."""
+    if split.stream is not None:
+        ds = split.stream.dataset().map(
+            lambda data: eval_image(decode(data, source.image_shape[-1]), source),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
     reader = ImageReader(split, source.image_shape)
     ds = tf.data.Dataset.range(len(split)).map(
         lambda i: eval_image(reader(tf.cast(i, tf.int32)), source),

@@ -29,12 +29,35 @@ IMAGENET_STATS = ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
 
 
 @dataclasses.dataclass(frozen=True)
+class Stream:
+    """A split read in a fixed order from a `tf.data` source (TFDS), images encoded.
+
+    There is no random access: the pipeline numbers the elements as they come
+    (element i is example i, the index of the labels and of the memory slots)
+    and shuffles them with a buffer.
+
+    Attributes:
+        open_fn: `() -> tf.data.Dataset` of encoded images (`[]` tf.string,
+            JPEG or PNG), always in the same order.
+        limit: read only the first `limit` elements (0: all).
+    """
+
+    open_fn: object
+    limit: int = 0
+
+    def dataset(self):
+        ds = self.open_fn()
+        return ds.take(self.limit) if self.limit else ds
+
+
+@dataclasses.dataclass(frozen=True)
 class Split:
-    """One split. Exactly one of `images` and `paths` is set.
+    """One split. Exactly one of `images`, `paths` and `stream` is set.
 
     Attributes:
         images: `[N, H, W, C]` uint8, for datasets held in memory.
         paths: `[N]` str, image files decoded by the pipeline.
+        stream: a `Stream` of N encoded images (large TFDS datasets).
         fine: `[N]` int32 fine labels.
         coarse: `[N]` int32 coarse labels.
     """
@@ -43,6 +66,7 @@ class Split:
     paths: np.ndarray = None
     fine: np.ndarray = None
     coarse: np.ndarray = None
+    stream: Stream = None
 
     def __len__(self):
         return len(self.fine)
@@ -56,6 +80,7 @@ class Split:
             paths=None if self.paths is None else self.paths[:n],
             fine=self.fine[:n],
             coarse=self.coarse[:n],
+            stream=None if self.stream is None else dataclasses.replace(self.stream, limit=n),
         )
 
 
@@ -70,7 +95,10 @@ class Source:
         image_shape: `(H, W, C)` the model sees.
         mean, std: per-channel normalisation in 0..255 units.
         resize: how evaluation images are brought to `image_shape`
-            ('none' when they already have it).
+            ('none' when they already have it); what serving repeats.
+        eval_resize: overrides `resize` for evaluation only ('' : same);
+            'resize' (whole image, aspect ratio not kept) for
+            `--eval_protocol=maskcon`.
     """
 
     name: str
@@ -81,6 +109,7 @@ class Source:
     mean: tuple
     std: tuple
     resize: str = "none"
+    eval_resize: str = ""
 
 
 def load(config):
@@ -90,12 +119,15 @@ def load(config):
     elif config.dataset == "image_folder":
         source = _image_folder(config)
     else:
-        raise UserError(
-            f"--dataset={config.dataset!r} is not known; choose fashion_mnist or image_folder."
-        )
+        # Issue 6. Imported here: TensorFlow Datasets is heavy, and it imports this module.
+        from grafit_tf.data import tfds_sources
+
+        source = tfds_sources.load(config)
     train = source.train.take(config.max_train_examples)
     test = source.test.take(config.max_eval_examples)
-    return dataclasses.replace(source, train=train, test=test)
+    # MaskCon's protocol (issue 6) evaluates resized whole images, no centre crop.
+    eval_resize = "resize" if config.eval_protocol == "maskcon" else source.eval_resize
+    return dataclasses.replace(source, train=train, test=test, eval_resize=eval_resize)
 
 
 def _hierarchy(config, fine_names, default_map):

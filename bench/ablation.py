@@ -1,0 +1,87 @@
+"""Ablations of Grafit: one setting changed at a time from the default config.
+
+    python bench/ablation.py --epochs=3 --variants=default,tau_0.1,lambda_2
+
+Every variant runs `train.py --flagfile=CONFIG <common overrides> <its flags>` in
+its own process with the same seed; the table (fine kNN top-1, weighted, R@1,
+coarse top-1, minutes) goes to `bench/results/<name>.json` and into
+BENCHMARKS.md between markers. Fine labels are used for scoring only: the
+table reports test-split numbers and is not used to pick the defaults silently.
+"""
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.sections import update_section  # noqa: E402
+from grafit_tf import evaluation  # noqa: E402
+
+VARIANTS = {
+    "default": [],
+    "tau_0.1": ["--tau=0.1"],
+    "tau_0.02": ["--tau=0.02"],
+    "lambda_0": ["--lambda_inst=0"],
+    "lambda_2": ["--lambda_inst=2"],
+    "memory_queue_8192": ["--memory=queue", "--queue_size=8192"],
+    "instance_infonce": ["--instance_loss=infonce"],
+    "views_3": ["--num_views=3"],
+    "weak_augment": ["--crop_scale_min=0.8"],
+    "embedding_knn_head": ["--embedding=knn_head"],
+    "grafit_maskcon": ["--flagfile=configs/fashion_mnist_grafit_maskcon.cfg"],
+}
+
+flags.DEFINE_string("config", "configs/fashion_mnist.cfg", "Flagfile of the default.")
+flags.DEFINE_list("variants", list(VARIANTS), f"Variants to run, of: {', '.join(VARIANTS)}.")
+flags.DEFINE_integer("epochs", 3, "Epochs of every variant (shorter than the default).")
+flags.DEFINE_multi_string("override", [], "Extra train.py flag for every run.")
+flags.DEFINE_string("workdir", "runs/ablation", "Root of the per-variant work directories.")
+flags.DEFINE_string("name", "ablation", "Results name and BENCHMARKS.md section.")
+flags.DEFINE_bool("reuse", True, "Reuse a variant whose work directory has metrics.json.")
+FLAGS = flags.FLAGS
+
+COLUMNS = (("variant", "variant"), ("changed", "flags changed")) + tuple(
+    c for c in evaluation.METRIC_COLUMNS if c[0] in (
+        "fine_knn_top1", "fine_knn_weighted_top1", "fine_recall_at_1", "coarse_knn_top1")
+) + (("train_minutes", "train minutes"),)
+
+
+def run(variant):
+    workdir = os.path.join(FLAGS.workdir, variant)
+    path = os.path.join(workdir, "metrics.json")
+    if not (FLAGS.reuse and os.path.isfile(path)):
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--flagfile={FLAGS.config}",
+               *VARIANTS[variant], f"--epochs={FLAGS.epochs}", f"--workdir={workdir}",
+               "--verbose=2", *FLAGS.override]
+        print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    with open(path, encoding="utf-8") as f:
+        m = json.load(f)
+    return dict(m, variant=variant, changed=" ".join(VARIANTS[variant]) or "(none)",
+                train_minutes=m["train_seconds"] / 60)
+
+
+def main(argv):
+    del argv
+    rows = [run(v) for v in FLAGS.variants]
+    command = "python bench/ablation.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    section = (evaluation.format_table(rows, COLUMNS) +
+               f"\n\nCommand: `{command}`  \nDate: {datetime.date.today().isoformat()}. "
+               f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), no GPU.\n")
+    print(section)
+    with open(os.path.join(ROOT, "bench", "results", f"{FLAGS.name}.json"), "w") as f:
+        json.dump({"command": command, "rows": [
+            {k: v for k, v in r.items() if k != "history"} for r in rows]}, f, indent=2)
+    update_section(os.path.join(ROOT, "BENCHMARKS.md"), FLAGS.name, section)
+
+
+if __name__ == "__main__":
+    app.run(main)

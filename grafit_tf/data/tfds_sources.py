@@ -1,0 +1,238 @@
+"""TensorFlow Datasets with coarse/fine hierarchies, read into a `sources.Source`.
+
+Every dataset is read with `tfds.load(..., data_dir=--tfds_data_dir,
+download=--download)`; download is off by default, so an absent dataset stops
+the run at once with a `UserError` saying how to prepare it.
+
+Two ways to hold a split:
+- CIFAR-100 (50,000 images of 32x32x3, 150 MB) is materialised as uint8 in
+  memory: exact random access, like Fashion-MNIST.
+- Every other dataset is a `sources.Stream` of encoded images (TFDS's own
+  JPEG / PNG bytes, decoded by the pipeline in parallel). TFDS's TFRecord files
+  have no random access, so element i of the fixed read order *is* example i:
+  the labels (read once, at load time, in that order) and the memory slots
+  use that index, and training shuffles with a buffer.
+
+Hierarchies (fine label = the dataset's own class id):
+- cifar100: the 20 superclasses (`coarse_label`) of the 100 classes (`label`),
+  from `maps/cifar100_coarse20.json` (the official grouping; this TFDS version
+  ships no class names offline, the map gives them).
+- stanford_online_products: `super_class_id` (12) -> `class_id` (22,634).
+- i_naturalist2018: `supercategory` (14) -> `label` (8,142).
+  For these two the fine -> coarse map is read off the data (every class lies
+  in one super class); a class absent from the data goes to coarse class 0.
+- cars196: the 8 body types of `maps/cars196_body_type.json` (MaskCon's
+  grouping) -> the 196 models.
+- food101, oxford_flowers102, caltech_birds2011: fine labels only, for
+  transfer (`--method=finetune`); the coarse level is a single class `all`,
+  which makes `--method=grafit` on them unsupervised (the paper's special case).
+`--coarse_map=FILE` replaces any of these groupings, by fine class name.
+"""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from grafit_tf.data import hierarchy as hierarchy_lib
+from grafit_tf.data import sources
+from grafit_tf.errors import UserError
+
+# Per-channel mean / std of CIFAR-100's training images, in 0..255 units.
+CIFAR100_STATS = ((129.30, 124.07, 112.43), (68.17, 65.39, 70.42))
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """How one TFDS dataset maps onto fine / coarse labels.
+
+    Attributes:
+        train, test: TFDS split strings.
+        fine: feature holding the fine label.
+        coarse: feature holding a per-example coarse label ('' : none).
+        builtin_map: a `maps/<name>.json` grouping ('' : none).
+        in_memory: materialise the images as uint8 (small, fixed-size images).
+        size: default `--image_size`.
+    """
+
+    train: str
+    test: str
+    fine: str = "label"
+    coarse: str = ""
+    builtin_map: str = ""
+    in_memory: bool = False
+    size: int = 224
+
+
+SPECS = {
+    "cifar100": Spec("train", "test", builtin_map="cifar100_coarse20", in_memory=True, size=32),
+    "stanford_online_products": Spec("train", "test", fine="class_id", coarse="super_class_id"),
+    # The test split of iNaturalist 2018 has no labels: evaluate on validation.
+    "i_naturalist2018": Spec("train", "validation", coarse="supercategory"),
+    "cars196": Spec("train", "test", builtin_map="cars196_body_type"),
+    "food101": Spec("train", "validation"),
+    # Flowers-102's standard protocol trains on train + validation (2 x 1,020 images).
+    "oxford_flowers102": Spec("train+validation", "test"),
+    "caltech_birds2011": Spec("train", "test"),
+}
+DATASETS = tuple(SPECS)
+
+
+def load(config):
+    """The `sources.Source` of `config.dataset`. Raises `UserError` if not prepared."""
+    if config.dataset not in SPECS:
+        raise UserError(
+            f"--dataset={config.dataset!r} is not known; choose one of: "
+            f"fashion_mnist, image_folder, {', '.join(DATASETS)}."
+        )
+    import tensorflow_datasets as tfds  # Heavy: only for these datasets.
+
+    name, spec = config.dataset, SPECS[config.dataset]
+    builder = tfds.builder(name, data_dir=config.tfds_data_dir or None)
+    features = builder.info.features
+    fine_names = tuple(features[spec.fine].names)
+    if spec.in_memory:
+        splits = {s: _in_memory(name, split, spec, config)
+                  for s, split in (("train", spec.train), ("test", spec.test))}
+    else:
+        splits = {s: _streamed(name, split, spec, config)
+                  for s, split in (("train", spec.train), ("test", spec.test))}
+    hier = _hierarchy(config, name, spec, features, fine_names, splits)
+    out = {s: sources.Split(images=images, stream=stream, fine=fine,
+                            coarse=hier.coarse_of(fine))
+           for s, (images, stream, fine, _) in splits.items()}
+    size = config.image_size or spec.size
+    stats = CIFAR100_STATS if name == "cifar100" else sources.IMAGENET_STATS
+    # CIFAR-100 at its own 32 px needs no resize; any other size uses the
+    # resize + centre crop that serving knows too.
+    native = spec.in_memory and tuple(out["train"].images.shape[1:3]) == (size, size)
+    resize = "none" if native else "resize_center_crop"
+    return sources.Source(
+        name=name, train=out["train"], test=out["test"], hierarchy=hier,
+        image_shape=(size, size, 3), mean=stats[0], std=stats[1], resize=resize,
+    )
+
+
+def not_prepared_message(name, data_dir):
+    where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+    return (
+        f"TFDS dataset {name} is not prepared in {where}: run `tfds build {name} "
+        f"--data_dir={where}` (some need a manual download, see the TFDS catalog), "
+        "or pass --download to let train.py download and prepare it."
+    )
+
+
+def _tfds_load(name, split, config, decoders=None):
+    """`tfds.load` of one split, always in the same (deterministic) order.
+
+    With `shuffle_files=False` TFDS interleaves its files deterministically:
+    every read gives the order the labels and the memory's slots were numbered in.
+    """
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.load(name, split=split, data_dir=config.tfds_data_dir or None,
+                         download=config.download, shuffle_files=False, decoders=decoders)
+    except AssertionError as e:  # TFDS's "could not find data in ..." when absent.
+        if "could not find data" in str(e):
+            raise UserError(not_prepared_message(name, config.tfds_data_dir)) from None
+        raise
+
+
+def _only(keys, encoded_image):
+    """Decoders reading only `keys` (+ `image`), the image left encoded if asked.
+
+    Other features (bounding boxes, masks, file names) are never parsed.
+    """
+    import tensorflow_datasets as tfds
+
+    return tfds.decode.PartialDecoding(
+        {k: True for k in ("image", *keys)},
+        decoders={"image": tfds.decode.SkipDecoding()} if encoded_image else None)
+
+
+def _labels(dataset, keys):
+    """Reads the label features `keys` of every element: dict of `[N]` int32."""
+    ds = dataset.map(lambda ex: {k: ex[k] for k in keys}).batch(8192)
+    parts = {k: [] for k in keys}
+    for batch in ds.as_numpy_iterator():
+        for k in keys:
+            parts[k].append(batch[k])
+    return {k: np.concatenate(v).astype(np.int32) if v else np.zeros([0], np.int32)
+            for k, v in parts.items()}
+
+
+def _in_memory(name, split, spec, config):
+    """`(images [N, H, W, 3] uint8, None, fine [N], per-example coarse [N] or None)`."""
+    keys = [spec.fine] + ([spec.coarse] if spec.coarse else [])
+    ds = _tfds_load(name, split, config, _only(keys, encoded_image=False))
+    images, labels = [], {k: [] for k in keys}
+    for batch in ds.batch(4096).as_numpy_iterator():
+        images.append(batch["image"])
+        for k in keys:
+            labels[k].append(batch[k])
+    fine = np.concatenate(labels[spec.fine]).astype(np.int32)
+    coarse = np.concatenate(labels[spec.coarse]).astype(np.int32) if spec.coarse else None
+    return np.concatenate(images).astype(np.uint8), None, fine, coarse
+
+
+def _streamed(name, split, spec, config):
+    """`(None, Stream, fine [N], per-example coarse [N] or None)`; reads the labels now."""
+    keys = [spec.fine] + ([spec.coarse] if spec.coarse else [])
+    open_dataset = lambda: _tfds_load(name, split, config, _only(keys, encoded_image=True))
+    labels = _labels(open_dataset(), keys)
+    stream = sources.Stream(open_fn=lambda: open_dataset().map(lambda ex: ex["image"]))
+    return None, stream, labels[spec.fine], labels.get(spec.coarse)
+
+
+def _hierarchy(config, name, spec, features, fine_names, splits):
+    if config.coarse_map:
+        return hierarchy_lib.load_coarse_map(config.coarse_map, fine_names)
+    if spec.builtin_map == "cars196_body_type":
+        return cars196_hierarchy(fine_names)
+    if spec.builtin_map:
+        path = hierarchy_lib.builtin_map(spec.builtin_map)
+        with open(path, encoding="utf-8") as f:
+            mapping = json.load(f)
+        # TFDS's CIFAR-100 has no class names offline ('0'..'99'); the official
+        # order is the alphabetical order of the names, which the map gives.
+        names = tuple(sorted(mapping)) if fine_names[0] == "0" else fine_names
+        return hierarchy_lib.from_mapping(names, mapping, source=f"maps/{spec.builtin_map}.json")
+    if spec.coarse:
+        fine = np.concatenate([splits[s][2] for s in ("train", "test")])
+        coarse = np.concatenate([splits[s][3] for s in ("train", "test")])
+        return from_pairs(fine_names, tuple(features[spec.coarse].names), fine, coarse)
+    return hierarchy_lib.Hierarchy(fine_names, ("all",), (0,) * len(fine_names))
+
+
+def from_pairs(fine_names, coarse_names, fine, coarse):
+    """The hierarchy read off `(fine, coarse)` label pairs `[N]`.
+
+    Each fine class takes its most frequent coarse class (in the real data
+    there is exactly one); a fine class with no example takes coarse class 0.
+    """
+    counts = np.zeros([len(fine_names), len(coarse_names)], np.int64)
+    np.add.at(counts, (fine, coarse), 1)
+    return hierarchy_lib.Hierarchy(tuple(fine_names), tuple(coarse_names),
+                                   tuple(int(c) for c in counts.argmax(axis=1)))
+
+
+def cars196_hierarchy(fine_names):
+    """The 8 body types of `maps/cars196_body_type.json` over the 196 models.
+
+    Raises:
+        UserError: the map's class order differs from the dataset's.
+    """
+    with open(hierarchy_lib.builtin_map("cars196_body_type"), encoding="utf-8") as f:
+        table = json.load(f)
+    names = [entry["name"] for entry in sorted(table["fine"], key=lambda e: e["index"])]
+    if tuple(names) != tuple(fine_names):
+        raise UserError(
+            "maps/cars196_body_type.json does not list the 196 classes in the dataset's "
+            "order; give --coarse_map=FILE (JSON model name -> body type) instead."
+        )
+    index = {c: i for i, c in enumerate(table["coarse_names"])}
+    return hierarchy_lib.Hierarchy(
+        tuple(fine_names), tuple(table["coarse_names"]),
+        tuple(index[e["coarse"]] for e in sorted(table["fine"], key=lambda e: e["index"])))
