@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
+# Extra train.py flags for the demo, e.g. TRAIN_ARGS="--epochs=1 --max_train_examples=2000".
+TRAIN_ARGS ?=
 
 .PHONY: venv data test demo bench-quality bench-serve clean
 
@@ -38,7 +40,7 @@ test: venv data
 # then classify every test PNG at the fine level with serve.py.
 demo: venv data
 	$(PY) train.py --flagfile=configs/fashion_mnist.cfg --data_dir=$(FASHION_MNIST) \
-	  --workdir=$(WORKDIR)
+	  --workdir=$(WORKDIR) $(TRAIN_ARGS)
 	$(PY) export/export_onnx.py --workdir=$(WORKDIR) --data_dir=$(FASHION_MNIST)
 	$(PY) export/fashion_mnist_png.py --data_dir=$(FASHION_MNIST) --split=train \
 	  --max_per_class=500 --output=$(WORKDIR)/png/gallery --overwrite
