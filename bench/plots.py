@@ -79,7 +79,7 @@ def plot_tsne(runs, path):
         xy = TSNE(n_components=2, init="pca", random_state=0, perplexity=30).fit_transform(z)
         for c in range(len(names)):
             sel = fine == c
-            ax.scatter(xy[sel, 0], xy[sel, 1], s=3, label=names[c], cmap="tab10")
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=3, label=names[c], color=f"C{c}")
         top1 = json.load(open(os.path.join(runs[method], "metrics.json")))["fine_knn_top1"]
         ax.set_title(f"{method}: fine kNN top-1 {100 * top1:.1f}%")
         ax.set_xticks([])
