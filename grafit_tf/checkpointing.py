@@ -14,10 +14,11 @@ import keras
 STATE = "state.json"
 
 
-def _atomic_json(path, value):
+def write_json(path, value):
+    """Writes `value` as JSON to a temporary name, fsyncs, then renames it over `path`."""
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
+        json.dump(value, f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -55,7 +56,7 @@ def save(model, directory, steps_per_epoch, keep_epochs=2):
     tmp = os.path.join(directory, "tmp.weights.h5")
     model.save_weights(tmp)
     os.replace(tmp, os.path.join(directory, name))
-    _atomic_json(os.path.join(directory, STATE), {"step": step, "epoch": epoch, "path": name})
+    write_json(os.path.join(directory, STATE), {"step": step, "epoch": epoch, "path": name})
     epochs = sorted(f for f in os.listdir(directory) if f.startswith("epoch-"))
     for old in epochs[:-keep_epochs]:
         if old != name:

@@ -5,7 +5,6 @@ Writes into `workdir`: `config.json`, `checkpoints/`, `logs/` (TensorBoard,
 command again after a crash resumes from the last checkpoint.
 """
 
-import json
 import os
 import time
 
@@ -34,13 +33,6 @@ def check_batch(config, source, replicas):
             f"(--batch_size={config.batch_size}); lower --batch_size or raise "
             "--max_train_examples."
         )
-
-
-def write_json(path, value):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def embed(embedder, split, source, batch_size=512):
@@ -132,7 +124,7 @@ def run(config, workdir):
     logs = os.path.join(workdir, "logs")
     if chief:
         os.makedirs(logs, exist_ok=True)
-        write_json(os.path.join(workdir, "config.json"), dict(
+        checkpointing.write_json(os.path.join(workdir, "config.json"), dict(
             config.to_dict(), num_replicas=replicas, version=grafit_tf.__version__,
             data=sources.describe(source)))
 
@@ -200,7 +192,7 @@ def run(config, workdir):
     )
     if chief:
         embedder.save(os.path.join(workdir, "embedder.keras"))
-        write_json(os.path.join(workdir, "metrics.json"), metrics)
+        checkpointing.write_json(os.path.join(workdir, "metrics.json"), metrics)
         print(evaluation.format_table([metrics], evaluation.METRIC_COLUMNS), flush=True)
     return Result(model, embedder, metrics)
 

@@ -106,13 +106,8 @@ def classification_top1(model, source, batch_size=256):
     Returns:
         float in [0, 1].
     """
-    from grafit_tf.data import pipeline
+    from grafit_tf.trainer import embed  # The same batched, in-order evaluation pass.
 
-    @tf.function
-    def predict(images):  # [b, H, W, C] -> [b] int32
-        logits = model.classifier(model.backbone(images, training=False), training=False)
-        return tf.argmax(logits, axis=-1, output_type=tf.int32)
-
-    preds = np.concatenate([predict(b).numpy()
-                            for b in pipeline.eval_dataset(source.test, source, batch_size)])
-    return float(np.mean(preds == source.test.fine))
+    classify = keras.Sequential([model.backbone, model.classifier])
+    logits = embed(classify, source.test, source, batch_size)  # [N, classes]
+    return float(np.mean(logits.argmax(axis=1) == source.test.fine))
