@@ -27,7 +27,7 @@ HELP = {
     "method": "grafit (default), or a baseline: coarse_ce, instance, fine_ce (oracle), "
               "grafit_maskcon (MaskCon's MoCo-style reading of Grafit); "
               "finetune: transfer, cross-entropy on fine labels (see --init_from).",
-    "backbone": "Trunk: small_resnet (<= 64 px), resnet50 or regnety8gf.",
+    "backbone": "Trunk: small_resnet or resnet18 (3x3 stem, for <= 64 px), resnet50 or regnety8gf.",
     "width": "Stem width of small_resnet (stages double it).",
     "weights": "Local .weights.h5 to initialise a keras.applications trunk.",
     "knn_dim": "Width of the kNN-loss embedding head.",

@@ -9,6 +9,7 @@ Keras 3 layer.
 Images are float32 in 0..255 throughout; normalisation happens inside the model.
 """
 
+import keras
 import tensorflow as tf
 
 
@@ -113,10 +114,48 @@ def rgb(image, seed, size, crop_scale_min=0.08):
 
 
 def make_rand_augment(seed):
-    """Core Keras 3 RandAugment for 0..255 images (replaces keras-cv's)."""
-    import keras  # Local: only the RGB recipe needs the layer.
+    """Core Keras 3 RandAugment for 0..255 images, driven by per-image stateless seeds.
 
-    return keras.layers.RandAugment(value_range=(0, 255), num_ops=2, factor=0.5, seed=seed)
+    Keras's layer draws its randomness from a stateful `SeedGenerator`: inside a
+    parallel `tf.data` map the draws would follow thread scheduling, and a run
+    resumed mid-epoch could not replay them. Here every random draw of the layer
+    and of its sub-layers comes from the seed of the image being augmented.
+
+    Args:
+        seed: the run's `--seed` (kept in the layer's config only).
+
+    Returns:
+        `fn(image [H, W, 3] float32 0..255, seed [2] int32) -> [H, W, 3]`.
+    """
+    layer = keras.layers.RandAugment(value_range=(0, 255), num_ops=2, factor=0.5, seed=seed)
+    seeds = PerImageSeeds(seed)
+    layer.generator = seeds
+    for name in layer._AUGMENT_LAYERS:  # Its sub-layers (shear, rotation, ...) too.
+        getattr(layer, name).generator = seeds
+
+    def apply(image, image_seed):
+        seeds.start(image_seed)
+        return layer(image, training=True)
+
+    return apply
+
+
+class PerImageSeeds(keras.random.SeedGenerator):
+    """A `SeedGenerator` whose draws are folds of one per-image seed tensor.
+
+    Keras's TF random ops are stateless, fed by `generator.next()`; this
+    `next()` returns `fold(image_seed, k)` for the k-th draw of a trace. The
+    map function is traced once, so `start` binds the symbolic seed of the
+    element being mapped.
+    """
+
+    def start(self, image_seed):
+        self.image_seed, self.draws = image_seed, 0
+
+    def next(self, ordered=True):
+        del ordered
+        self.draws += 1
+        return fold(self.image_seed, self.draws)
 
 
 def resize_center_crop(image, size, crop_fraction=0.875):

@@ -10,6 +10,7 @@ import os
 import keras
 from keras import layers
 
+from grafit_tf import regnet
 from grafit_tf.errors import UserError
 
 
@@ -63,43 +64,73 @@ def small_resnet(input_shape, mean, std, width=32, blocks=(1, 1, 1), use_bn=True
     Returns:
         A `keras.Model` `[N, H, W, C] -> [N, width * 2**len(blocks)]`.
     """
+    stages = [(width * 2 ** (s + 1), count, 2) for s, count in enumerate(blocks)]
+    return _stem_resnet(input_shape, mean, std, width, stages, use_bn, sync_bn, name)
+
+
+def resnet18_small(input_shape, mean, std, use_bn=True, sync_bn=False, name="resnet18"):
+    """ResNet-18 with a 3x3 stem and no max-pool: the usual trunk for 32 px images.
+
+    MaskCon's (and most CIFAR papers') ResNet-18: stem 64, then stages of two
+    basic blocks at 64 (stride 1), 128, 256, 512 channels (stride 2), 11.2M
+    parameters, 512-d pooled features.
+
+    Returns:
+        A `keras.Model` `[N, H, W, C] -> [N, 512]`.
+    """
+    stages = [(64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2)]
+    return _stem_resnet(input_shape, mean, std, 64, stages, use_bn, sync_bn, name)
+
+
+def _stem_resnet(input_shape, mean, std, stem, stages, use_bn, sync_bn, name):
+    """3x3 stem at full resolution, then `stages` of `(filters, blocks, stride)`."""
     inputs = keras.Input(input_shape, name="image")
     x = normalization(mean, std)(inputs)
-    x = layers.Conv2D(width, 3, 1, "same", use_bias=not use_bn, name="stem_conv")(x)
+    x = layers.Conv2D(stem, 3, 1, "same", use_bias=not use_bn, name="stem_conv")(x)
     if use_bn:
         x = batch_norm(sync_bn, "stem_bn")(x)
     x = layers.ReLU(name="stem_relu")(x)
-    filters = width
-    for s, count in enumerate(blocks):
-        filters *= 2
+    for s, (filters, count, stride) in enumerate(stages):
         for b in range(count):
-            x = _basic_block(x, filters, 2 if b == 0 else 1, use_bn, sync_bn, f"s{s}b{b}")
+            x = _basic_block(x, filters, stride if b == 0 else 1, use_bn, sync_bn, f"s{s}b{b}")
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     return keras.Model(inputs, x, name=name)
 
 
-def _applications_trunk(builder, input_shape, mean, std, weights, name, **kwargs):
+def _full_size_trunk(body, input_shape, mean, std, weights, name):
+    """Normalisation + `body`, a `keras.Model` `[N, H, W, 3] -> [N, F]`.
+
+    `weights` (a local `.weights.h5`) is loaded into `body`: Keras's ImageNet
+    file for ResNet-50, or one saved from this trunk's body.
+    """
     if weights and not os.path.isfile(weights):
         raise UserError(f"--weights={weights}: no such file (a local .weights.h5 is needed).")
     inputs = keras.Input(input_shape, name="image")
     x = normalization(mean, std)(inputs)
-    trunk = builder(include_top=False, weights=None, input_shape=input_shape, pooling="avg", **kwargs)
     if weights:
-        trunk.load_weights(weights)
-    return keras.Model(inputs, trunk(x), name=name)
+        body.load_weights(weights)
+    return keras.Model(inputs, body(x), name=name)
+
+
+def _regnety8gf_body(input_shape):
+    inputs = keras.Input(input_shape, name="normalized")
+    return keras.Model(inputs, regnet.regnety(inputs, regnet.REGNETY_8GF), name="regnety080")
 
 
 def build(config, input_shape, mean, std, use_bn=True, sync_bn=False):
     """The trunk named by `config.backbone`."""
     if config.backbone == "small_resnet":
         return small_resnet(input_shape, mean, std, config.width, use_bn=use_bn, sync_bn=sync_bn)
+    if config.backbone == "resnet18":
+        if config.weights:
+            raise UserError("--weights is for resnet50 / regnety8gf; resnet18 trains from scratch.")
+        return resnet18_small(input_shape, mean, std, use_bn=use_bn, sync_bn=sync_bn)
     if config.backbone == "resnet50":
-        return _applications_trunk(
-            keras.applications.ResNet50, input_shape, mean, std, config.weights, "resnet50"
-        )
+        body = keras.applications.ResNet50(include_top=False, weights=None,
+                                           input_shape=input_shape, pooling="avg")
+        return _full_size_trunk(body, input_shape, mean, std, config.weights, "resnet50")
     if config.backbone == "regnety8gf":
-        return _applications_trunk(
-            keras.applications.RegNetY080, input_shape, mean, std, config.weights, "regnety8gf",
-            include_preprocessing=False,  # Normalisation is ours, in front.
-        )
+        # Written here: Keras 3's applications have no RegNet.
+        return _full_size_trunk(_regnety8gf_body(input_shape), input_shape, mean, std,
+                                config.weights, "regnety8gf")
     raise UserError(f"--backbone={config.backbone!r} is not known.")

@@ -17,7 +17,7 @@ DATASETS = ("fashion_mnist", "image_folder",
             "cifar100", "stanford_online_products", "i_naturalist2018", "cars196",
             "food101", "oxford_flowers102", "caltech_birds2011")
 EVAL_PROTOCOLS = ("default", "maskcon")
-BACKBONES = ("small_resnet", "resnet50", "regnety8gf")
+BACKBONES = ("small_resnet", "resnet18", "resnet50", "regnety8gf")
 OPTIMIZERS = ("adamw", "sgd")
 MEMORIES = ("full", "queue")
 EMBEDDINGS = ("trunk", "knn_head")

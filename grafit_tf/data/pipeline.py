@@ -76,7 +76,8 @@ def view_fn(config, image_shape):
         rand_augment = augment.make_rand_augment(config.seed)
         # The layer needs a static channel count, which the colour ops lose.
         return lambda image, seed: rand_augment(tf.ensure_shape(
-            augment.rgb(image, seed, size, config.crop_scale_min), size + (3,)))
+            augment.rgb(image, seed, size, config.crop_scale_min), size + (3,)),
+            augment.fold(seed, 5))
     return lambda image, seed: augment.rgb(image, seed, size, config.crop_scale_min)
 
 
