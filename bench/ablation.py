@@ -34,15 +34,31 @@ VARIANTS = {
     "memory_queue_8192": ["--memory=queue", "--queue_size=8192"],
     "instance_infonce": ["--instance_loss=infonce"],
     "views_3": ["--num_views=3"],
-    "weak_augment": ["--crop_scale_min=0.8"],
+    "crop_0.6": ["--crop_scale_min=0.6"],
+    "crop_0.8": ["--crop_scale_min=0.8"],
+    "crop_1.0": ["--crop_scale_min=1.0"],
     "embedding_knn_head": ["--embedding=knn_head"],
-    "grafit_maskcon": ["--flagfile=configs/fashion_mnist_grafit_maskcon.cfg"],
+    "grafit_maskcon": "configs/fashion_mnist_grafit_maskcon.cfg",
 }
+
+
+def variant_flags(variant):
+    """A variant's flags; a preset file's own lines minus its nested default flagfile
+    (which would undo --base)."""
+    spec = VARIANTS[variant]
+    if isinstance(spec, list):
+        return spec
+    lines = open(os.path.join(ROOT, spec), encoding="utf-8").read().splitlines()
+    return [l.strip() for l in lines
+            if l.strip().startswith("--") and not l.strip().startswith("--flagfile=")]
 
 flags.DEFINE_string("config", "configs/fashion_mnist.cfg", "Flagfile of the default.")
 flags.DEFINE_list("variants", list(VARIANTS), f"Variants to run, of: {', '.join(VARIANTS)}.")
 flags.DEFINE_integer("epochs", 3, "Epochs of every variant (shorter than the default).")
-flags.DEFINE_multi_string("override", [], "Extra train.py flag for every run.")
+flags.DEFINE_multi_string("base", [], "train.py flag of the reference point, applied after "
+                          "the config and before each variant's own flags (so a variant "
+                          "may change it), e.g. --base=--crop_scale_min=0.35.")
+flags.DEFINE_multi_string("override", [], "Extra train.py flag for every run (wins over all).")
 flags.DEFINE_string("workdir", "runs/ablation", "Root of the per-variant work directories.")
 flags.DEFINE_string("name", "ablation", "Results name and BENCHMARKS.md section.")
 flags.DEFINE_bool("reuse", True, "Reuse a variant whose work directory has metrics.json.")
@@ -59,13 +75,15 @@ def run(variant):
     path = os.path.join(workdir, "metrics.json")
     if not (FLAGS.reuse and os.path.isfile(path)):
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--flagfile={FLAGS.config}",
-               *VARIANTS[variant], f"--epochs={FLAGS.epochs}", f"--workdir={workdir}",
+               *FLAGS.base, *variant_flags(variant), f"--epochs={FLAGS.epochs}", f"--workdir={workdir}",
                "--verbose=2", *FLAGS.override]
         print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
     with open(path, encoding="utf-8") as f:
         m = json.load(f)
-    return dict(m, variant=variant, changed=" ".join(VARIANTS[variant]) or "(none)",
+    spec = VARIANTS[variant]
+    changed = " ".join(spec) if isinstance(spec, list) else f"the preset {spec}"
+    return dict(m, variant=variant, changed=changed or "(none)",
                 train_minutes=m["train_seconds"] / 60)
 
 
@@ -73,7 +91,9 @@ def main(argv):
     del argv
     rows = [run(v) for v in FLAGS.variants]
     command = "python bench/ablation.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    section = (evaluation.format_table(rows, COLUMNS) +
+    reference = " ".join([f"--flagfile={FLAGS.config}", *FLAGS.base, f"--epochs={FLAGS.epochs}"])
+    section = (f"Reference point (`default`): `train.py {reference}`; each other row changes "
+               "only the flags shown.\n\n" + evaluation.format_table(rows, COLUMNS) +
                f"\n\nCommand: `{command}`  \nDate: {datetime.date.today().isoformat()}. "
                f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), no GPU.\n")
     print(section)

@@ -138,10 +138,11 @@ class Config:
             raise UserError(f"--epochs={self.epochs}: train for at least 1 epoch.")
         if self.batch_size < 2:
             raise UserError(f"--batch_size={self.batch_size}: use at least 2.")
-        if self.num_views < 1 or (self.num_views < 2 and self.method != "finetune"):
+        single_view_ok = self.method in ("coarse_ce", "fine_ce", "finetune")
+        if self.num_views < 1 or (self.num_views < 2 and not single_view_ok):
             raise UserError(
-                f"--num_views={self.num_views}: the instance loss needs at least 2 views "
-                "(only --method=finetune trains on 1)."
+                f"--num_views={self.num_views}: --method={self.method} needs at least 2 views "
+                "(only the cross-entropy methods coarse_ce, fine_ce and finetune train on 1)."
             )
         if not 0.0 < self.tau <= 10.0:
             raise UserError(f"--tau={self.tau}: the temperature must be in (0, 10].")

@@ -60,11 +60,18 @@ def test_flags_after_flagfile_override(monkeypatch):
     (dict(dataset="mnist"), "--dataset"),
     (dict(memory="queue", queue_size=8, batch_size=16), "--queue_size"),
     (dict(num_views=1), "--num_views"),
+    (dict(num_views=1, method="instance"), "--num_views"),
+    (dict(num_views=0, method="coarse_ce"), "--num_views"),
     (dict(embedding="knn_head", method="coarse_ce"), "--embedding"),
 ])
 def test_validate_rejects(changes, needle):
     with pytest.raises(UserError, match=needle):
         Config(**changes).validate()
+
+
+@pytest.mark.parametrize("method", ["coarse_ce", "fine_ce", "finetune"])
+def test_cross_entropy_methods_may_train_on_one_view(method):
+    Config(method=method, num_views=1).validate()
 
 
 def test_round_trip():
