@@ -37,6 +37,8 @@ VARIANTS = {
     "crop_0.6": ["--crop_scale_min=0.6"],
     "crop_0.8": ["--crop_scale_min=0.8"],
     "crop_1.0": ["--crop_scale_min=1.0"],
+    "crop_0.8_tau_0.1": ["--crop_scale_min=0.8", "--tau=0.1"],
+    "crop_0.8_infonce": ["--crop_scale_min=0.8", "--instance_loss=infonce"],
     "embedding_knn_head": ["--embedding=knn_head"],
     "grafit_maskcon": "configs/fashion_mnist_grafit_maskcon.cfg",
 }

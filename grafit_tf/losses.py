@@ -41,7 +41,8 @@ def nca_loss(queries, query_labels, memory, memory_labels, tau, exclude=None):
     memory = tf.stop_gradient(memory)
     query_labels = tf.cast(query_labels, tf.int32)
     memory_labels = tf.cast(memory_labels, tf.int32)
-    logits = tf.matmul(queries, memory, transpose_b=True) / tau  # [B, M]
+    # 1/tau on the [B, D] queries, not on the [B, M] logits: one pass less over the big tensor.
+    logits = tf.matmul(queries * (1.0 / tau), memory, transpose_b=True)  # [B, M]
     if exclude is not None:
         # Knock out each query's own slot: B scattered writes, no [B, M] mask.
         exclude = tf.cast(exclude, tf.int32)
