@@ -1,6 +1,7 @@
 """Shared fixtures. The Fashion-MNIST files are real (Debian's dataset-fashion-mnist)."""
 
 import os
+import sys
 
 import pytest
 
@@ -98,3 +99,13 @@ def rgb_export(rgb_workdir):
     from grafit_tf import export
 
     return export.export(rgb_workdir, num_parity_images=64)
+
+
+@pytest.fixture(autouse=True)
+def float32_policy_after_each_test():
+    """A run of a bf16 config sets Keras's *global* dtype policy; restore it so that
+    no later test builds its model in bfloat16 by accident."""
+    yield
+    keras = sys.modules.get("keras")
+    if keras is not None:  # Only where a test brought Keras in.
+        keras.mixed_precision.set_global_policy("float32")
