@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # Extra train.py flags for the demo, e.g. TRAIN_ARGS="--epochs=1 --max_train_examples=2000".
 TRAIN_ARGS ?=
 
-.PHONY: venv data test demo bench-quality bench-serve clean
+.PHONY: venv data test demo bench-quality bench-coarse2 bench-ablation bench-serve clean
 
 venv: $(VENV)/.installed
 
@@ -53,9 +53,21 @@ demo: venv data
 bench-serve: venv data
 	$(PY) bench/serve_throughput.py --workdir=$(WORKDIR)
 
+# The four-method table of BENCHMARKS.md (about 75 minutes on 2 cores), then its pictures.
 bench-quality: venv data
 	$(PY) bench/quality.py --config=configs/fashion_mnist.cfg \
 	  --methods=grafit,coarse_ce,instance,fine_ce
+	$(PY) bench/plots.py --workdir=runs/quality --name=quality
+
+# The same bench on the second coarse grouping (2 classes; about 40 minutes).
+bench-coarse2: venv data
+	$(PY) bench/quality.py --config=configs/fashion_mnist_coarse2.cfg \
+	  --methods=grafit,coarse_ce --workdir=runs/quality_coarse2 --name=quality_coarse2
+
+# The 2-epoch ablations, from the first default config (about 5 minutes a row).
+bench-ablation: venv data
+	$(PY) bench/ablation.py --epochs=2 --base=--crop_scale_min=0.35 --base=--instance_loss=byol \
+	  --variants=default,lambda_0,tau_0.1,instance_infonce,crop_1.0,crop_0.8,crop_0.8_tau_0.1,crop_0.8_infonce,embedding_knn_head,memory_queue_8192,grafit_maskcon,views_3
 
 clean:
 	rm -rf runs
