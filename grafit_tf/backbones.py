@@ -122,8 +122,6 @@ def build(config, input_shape, mean, std, use_bn=True, sync_bn=False):
     if config.backbone == "small_resnet":
         return small_resnet(input_shape, mean, std, config.width, use_bn=use_bn, sync_bn=sync_bn)
     if config.backbone == "resnet18":
-        if config.weights:
-            raise UserError("--weights is for resnet50 / regnety8gf; resnet18 trains from scratch.")
         return resnet18_small(input_shape, mean, std, use_bn=use_bn, sync_bn=sync_bn)
     if config.backbone == "resnet50":
         body = keras.applications.ResNet50(include_top=False, weights=None,

@@ -172,6 +172,9 @@ class Config:
             raise UserError(f"--image_size={self.image_size}: use 0 (the dataset's) or > 0.")
         if self.init_from and self.weights:
             raise UserError("--init_from and --weights both initialise the trunk; give one.")
+        if self.weights and self.backbone in ("small_resnet", "resnet18"):
+            raise UserError(f"--weights is for resnet50 / regnety8gf; --backbone={self.backbone} "
+                            "trains from scratch (use --init_from=W to start from a run).")
 
 
 def _one_of(name, value, allowed):

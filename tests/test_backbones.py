@@ -64,5 +64,6 @@ def test_local_weights_file_is_loaded(name, body, tmp_path):
 def test_weights_errors(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         build("resnet50", weights=str(tmp_path / "absent.weights.h5"))
-    with pytest.raises(UserError, match="resnet18 trains from scratch"):
-        build("resnet18", weights=str(tmp_path / "x.weights.h5"))
+    for small in ("resnet18", "small_resnet"):  # Checked with the rest of the flags.
+        with pytest.raises(UserError, match=f"backbone={small} trains from scratch"):
+            Config(backbone=small, weights=str(tmp_path / "x.weights.h5")).validate()

@@ -77,7 +77,7 @@ def view_fn(config, image_shape):
         # The layer needs a static channel count, which the colour ops lose.
         return lambda image, seed: rand_augment(tf.ensure_shape(
             augment.rgb(image, seed, size, config.crop_scale_min), size + (3,)),
-            augment.fold(seed, 5))
+            augment.fold(seed, 5))  # augment.rgb uses folds 0-4 of the view's seed.
     return lambda image, seed: augment.rgb(image, seed, size, config.crop_scale_min)
 
 
