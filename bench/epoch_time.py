@@ -10,10 +10,8 @@ images, cross-entropy, an optimizer step per batch. Run it with nothing else on
 the cores: the figure is a timing.
 """
 
-import datetime
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -24,7 +22,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.sections import update_section  # noqa: E402
+from bench.sections import publish  # noqa: E402
 
 flags.DEFINE_string("config", "configs/fashion_mnist.cfg", "Flagfile of every run.")
 flags.DEFINE_list("runs", ["coarse_ce:1", "grafit:2"], "method:views pairs to time.")
@@ -58,17 +56,8 @@ def main(argv):
              "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['method']} | {r['views']} | {r['train_examples']} | "
               f"{r['epoch_seconds']:.0f} | {r['images_per_second']:.0f} |" for r in rows]
-    section = ("\n".join(lines) + "\n\nImages/s counts dataset images (each seen `views` "
-               "times per epoch).\n\n"
-               f"Command: `{command}`  \nDate: {datetime.date.today().isoformat()}. Machine: "
-               f"{os.cpu_count()} CPU cores ({platform.machine()}), no GPU.\n")
-    print(section)
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", "epoch_time.json"), "w") as f:
-        json.dump({"command": command, "rows": rows}, f, indent=2)
-    if FLAGS.update_benchmarks:
-        update_section(os.path.join(ROOT, "BENCHMARKS.md"), "epoch_time", section)
-
+    publish("epoch_time", command, rows, "\n".join(lines) + "\n\nImages/s counts dataset "
+            "images (each seen `views` times per epoch).", FLAGS.update_benchmarks)
 
 if __name__ == "__main__":
     app.run(main)

@@ -8,10 +8,8 @@ devices share the same cores: this measures the overhead of the distributed
 path, not a speed-up.
 """
 
-import datetime
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -56,21 +54,13 @@ def main(argv):
     for r in rows:
         lines.append(f"| {r['num_replicas']} | {r['images_per_second']:.0f} | "
                      f"{r['images_per_second'] / base:.2f} | {r['train_seconds']:.0f} |")
-    section = ("\n".join(lines) + "\n\nLogical CPU devices share the same 2 cores, so this shows "
-               "the cost of the distributed path (all-gathers, per-replica batches, synchronised "
-               "batch norm), not a speed-up.\n\n"
-               f"Command: `{command}`  \nDate: {datetime.date.today().isoformat()}. Machine: "
-               f"{os.cpu_count()} CPU cores ({platform.machine()}), no GPU.\n")
-    print(section)
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", "replicas.json"), "w") as f:
-        json.dump({"command": command, "rows": rows}, f, indent=2)
-    if FLAGS.update_benchmarks:
-        sys.path.insert(0, ROOT)
-        from bench.sections import update_section
+    sys.path.insert(0, ROOT)
+    from bench.sections import publish
 
-        update_section(os.path.join(ROOT, "BENCHMARKS.md"), "replicas", section)
-
+    publish("replicas", command, rows, "\n".join(lines) + "\n\nLogical CPU devices share the "
+            "same 2 cores, so this shows the cost of the distributed path (all-gathers, "
+            "per-replica batches, synchronised batch norm), not a speed-up.",
+            FLAGS.update_benchmarks)
 
 if __name__ == "__main__":
     app.run(main)

@@ -17,3 +17,23 @@ def update_section(path, name, body):
         text = text.rstrip() + f"\n\n{block}\n"
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+def publish(name, command, rows, body, update=True):
+    """A bench's result: `body` + command / date / machine footer, printed, saved as
+    `bench/results/<name>.json` (command and rows) and, if `update`, written into
+    BENCHMARKS.md's `name` section. Returns the section text."""
+    import datetime
+    import json
+    import platform
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    section = (f"{body}\n\nCommand: `{command}`  \nDate: {datetime.date.today().isoformat()}. "
+               f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), no GPU.\n")
+    print(section)
+    os.makedirs(os.path.join(root, "bench", "results"), exist_ok=True)
+    with open(os.path.join(root, "bench", "results", f"{name}.json"), "w") as f:
+        json.dump({"command": command, "rows": rows}, f, indent=2)
+    if update:
+        update_section(os.path.join(root, "BENCHMARKS.md"), name, section)
+    return section
