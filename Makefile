@@ -64,10 +64,15 @@ bench-coarse2: venv data
 	$(PY) bench/quality.py --config=configs/fashion_mnist_coarse2.cfg \
 	  --methods=grafit,coarse_ce --workdir=runs/quality_coarse2 --name=quality_coarse2
 
-# The 2-epoch ablations, from the first default config (about 5 minutes a row).
+# The 2-epoch ablations (about 5 minutes a row on idle cores): first from the first
+# default config (the path to the second), then from the second default config (crop
+# 0.8, InfoNCE, lambda 1): loss weight, temperatures, memory kind and size, instance
+# queue, views and retrieval layer around it.
 bench-ablation: venv data
 	$(PY) bench/ablation.py --epochs=2 --base=--crop_scale_min=0.35 --base=--instance_loss=byol \
-	  --variants=default,lambda_0,tau_0.1,instance_infonce,crop_1.0,crop_0.8,crop_0.8_tau_0.1,crop_0.8_infonce,embedding_knn_head,memory_queue_8192,grafit_maskcon,views_3
+	  --variants=default,lambda_0,tau_0.1,instance_infonce,crop_1.0,crop_0.8,crop_0.8_tau_0.1,crop_0.8_infonce,grafit_maskcon
+	$(PY) bench/ablation.py --epochs=2 --base=--lambda_inst=1.0 --workdir=runs/ablation_current \
+	  --name=ablation_current --variants=default,lambda_0.5,lambda_2,tau_0.1,instance_tau_0.2,instance_queue_4096,instance_queue_16384,memory_queue_8192,views_3,embedding_knn_head
 
 clean:
 	rm -rf runs

@@ -23,6 +23,8 @@ HELP = {
     "image_size": "Side of the model input for image_folder and TFDS data (0: 224; CIFAR: 32).",
     "augment": "Augmentation recipe: auto, grayscale_small (28x28 gray) or rgb.",
     "crop_scale_min": "Smallest area fraction kept by the random resized crop.",
+    "jitter_strength": "Strength of the brightness / contrast (RGB: and saturation) jitter "
+                       "applied with probability 0.8 (0: none).",
     "num_views": "Augmented views per image per step (>= 2).",
     "method": "grafit (default), or a baseline: coarse_ce, instance, fine_ce (oracle), "
               "grafit_maskcon (MaskCon's MoCo-style reading of Grafit); "
@@ -42,6 +44,9 @@ HELP = {
     "instance_loss": "Instance loss of grafit: byol (predictor + EMA target) or infonce "
                      "(in-batch negatives against the EMA target's keys).",
     "instance_tau": "Temperature of --instance_loss=infonce and of grafit_maskcon.",
+    "instance_queue": "InfoNCE (--instance_loss=infonce): also contrast each query with this "
+                      "many recent target keys, a MoCo-style FIFO queue (0: in-batch "
+                      "negatives only).",
     "maskcon_weight": "w in w * L_sup + (1 - w) * L_self of --method=grafit_maskcon.",
     "ema_decay": "Base EMA decay of the BYOL target (cosine-increased to 1).",
     "label_smoothing": "Label smoothing of the cross-entropy baselines.",

@@ -9,10 +9,8 @@ BENCHMARKS.md between markers. Fine labels are used for scoring only: the
 table reports test-split numbers and is not used to pick the defaults silently.
 """
 
-import datetime
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -22,7 +20,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.sections import update_section  # noqa: E402
+from bench.sections import publish  # noqa: E402
 from grafit_tf import evaluation  # noqa: E402
 
 VARIANTS = {
@@ -30,13 +28,18 @@ VARIANTS = {
     "tau_0.1": ["--tau=0.1"],
     "tau_0.02": ["--tau=0.02"],
     "lambda_0": ["--lambda_inst=0"],
+    "lambda_0.5": ["--lambda_inst=0.5"],
     "lambda_2": ["--lambda_inst=2"],
+    "instance_tau_0.2": ["--instance_tau=0.2"],
+    "instance_queue_4096": ["--instance_queue=4096"],
+    "instance_queue_16384": ["--instance_queue=16384"],
     "memory_queue_8192": ["--memory=queue", "--queue_size=8192"],
     "instance_infonce": ["--instance_loss=infonce"],
     "views_3": ["--num_views=3"],
     "crop_0.6": ["--crop_scale_min=0.6"],
     "crop_0.8": ["--crop_scale_min=0.8"],
     "crop_1.0": ["--crop_scale_min=1.0"],
+    "jitter_0": ["--jitter_strength=0"],
     "crop_0.8_tau_0.1": ["--crop_scale_min=0.8", "--tau=0.1"],
     "crop_0.8_infonce": ["--crop_scale_min=0.8", "--instance_loss=infonce"],
     "embedding_knn_head": ["--embedding=knn_head"],
@@ -94,15 +97,10 @@ def main(argv):
     rows = [run(v) for v in FLAGS.variants]
     command = "python bench/ablation.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     reference = " ".join([f"--flagfile={FLAGS.config}", *FLAGS.base, f"--epochs={FLAGS.epochs}"])
-    section = (f"Reference point (`default`): `train.py {reference}`; each other row changes "
-               "only the flags shown.\n\n" + evaluation.format_table(rows, COLUMNS) +
-               f"\n\nCommand: `{command}`  \nDate: {datetime.date.today().isoformat()}. "
-               f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), no GPU.\n")
-    print(section)
-    with open(os.path.join(ROOT, "bench", "results", f"{FLAGS.name}.json"), "w") as f:
-        json.dump({"command": command, "rows": [
-            {k: v for k, v in r.items() if k != "history"} for r in rows]}, f, indent=2)
-    update_section(os.path.join(ROOT, "BENCHMARKS.md"), FLAGS.name, section)
+    body = (f"Reference point (`default`): `train.py {reference}`; each other row changes "
+            "only the flags shown.\n\n" + evaluation.format_table(rows, COLUMNS))
+    publish(FLAGS.name, command, [{k: v for k, v in r.items() if k != "history"} for r in rows],
+            body)
 
 
 if __name__ == "__main__":

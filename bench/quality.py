@@ -8,10 +8,8 @@ process (same backbone, epochs, augmentation and seed), then the table of
 `bench/results/<name>.json` and, between markers, into `BENCHMARKS.md`.
 """
 
-import datetime
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -22,7 +20,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.sections import update_section  # noqa: E402
+from bench.sections import publish  # noqa: E402
 from grafit_tf import evaluation  # noqa: E402
 from grafit_tf.config import Config  # noqa: E402
 from grafit_tf.data import sources  # noqa: E402
@@ -101,15 +99,14 @@ def summarise(method, runs):
     return row
 
 
-def markdown(rows, command):
+def markdown(rows):
+    """The table, plus the spread over seeds when there are several."""
     table = evaluation.format_table(rows, COLUMNS)
     if any(r.get("seeds", 1) > 1 for r in rows):
         spread = "; ".join(f"{r['method']}: fine top-1 +/- {100 * r['fine_knn_top1_std']:.2f}"
                            for r in rows if "fine_knn_top1_std" in r)
         table += f"\n\nSpread (std over seeds): {spread}."
-    when = datetime.date.today().isoformat()
-    machine = f"{os.cpu_count()} CPU cores ({platform.machine()}), no GPU"
-    return (f"{table}\n\nCommand: `{command}`  \nDate: {when}. Machine: {machine}.\n")
+    return table
 
 
 def main(argv):
@@ -121,15 +118,8 @@ def main(argv):
     if FLAGS.raw_pixels:
         rows.append(dict(method="raw pixels", seeds=1, **raw_pixel_metrics()))
     command = "python bench/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", f"{FLAGS.name}.json"), "w") as f:
-        json.dump({"command": command, "date": datetime.date.today().isoformat(),
-                   "config": FLAGS.config, "overrides": FLAGS.override, "rows": rows}, f,
-                  indent=2)
-    section = markdown(rows, command)
-    print(section)
-    if FLAGS.update_benchmarks:
-        update_section(os.path.join(ROOT, "BENCHMARKS.md"), FLAGS.name, section)
+    publish(FLAGS.name, command, rows, markdown(rows), update=FLAGS.update_benchmarks,
+            extra={"config": FLAGS.config, "overrides": FLAGS.override})
 
 
 if __name__ == "__main__":

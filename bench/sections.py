@@ -19,10 +19,10 @@ def update_section(path, name, body):
         f.write(text)
 
 
-def publish(name, command, rows, body, update=True):
+def publish(name, command, rows, body, update=True, extra=None):
     """A bench's result: `body` + command / date / machine footer, printed, saved as
-    `bench/results/<name>.json` (command and rows) and, if `update`, written into
-    BENCHMARKS.md's `name` section. Returns the section text."""
+    `bench/results/<name>.json` (command, date, the `extra` dict's keys and rows) and, if
+    `update`, written into BENCHMARKS.md's `name` section. Returns the section text."""
     import datetime
     import json
     import platform
@@ -33,7 +33,8 @@ def publish(name, command, rows, body, update=True):
     print(section)
     os.makedirs(os.path.join(root, "bench", "results"), exist_ok=True)
     with open(os.path.join(root, "bench", "results", f"{name}.json"), "w") as f:
-        json.dump({"command": command, "rows": rows}, f, indent=2)
+        json.dump({"command": command, "date": datetime.date.today().isoformat(),
+                   **(extra or {}), "rows": rows}, f, indent=2)
     if update:
         update_section(os.path.join(root, "BENCHMARKS.md"), name, section)
     return section

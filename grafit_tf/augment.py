@@ -82,7 +82,7 @@ def to_grayscale_rgb(image):
     return tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image))
 
 
-def grayscale_small(image, seed, crop_scale_min=0.35):
+def grayscale_small(image, seed, crop_scale_min=0.35, jitter=0.4):
     """The recipe for small grayscale images (Fashion-MNIST, 28x28).
 
     Random resized crop back to the input size, horizontal flip, and brightness /
@@ -92,23 +92,26 @@ def grayscale_small(image, seed, crop_scale_min=0.35):
         image: `[H, W, 1]` float32 in 0..255.
         seed: `[2]` int32.
         crop_scale_min: smallest crop area kept, as a fraction of the image.
+        jitter: brightness / contrast strength (0: no jitter, intensities kept).
     """
     size = tf.shape(image)[:2]
     x = random_resized_crop(image, fold(seed, 0), size, scale=(crop_scale_min, 1.0))
     x = random_flip(x, fold(seed, 1))
-    x = _maybe(fold(seed, 2), 0.8, lambda t: brightness_contrast(t, fold(seed, 3)), x)
+    if jitter > 0:
+        x = _maybe(fold(seed, 2), 0.8, lambda t: brightness_contrast(t, fold(seed, 3), jitter), x)
     return x
 
 
-def rgb(image, seed, size, crop_scale_min=0.08):
+def rgb(image, seed, size, crop_scale_min=0.08, jitter=0.4):
     """The recipe for full-size RGB images (before RandAugment).
 
-    Random resized crop to `size`, flip, colour jitter (p=0.8) and grayscale
-    (p=0.2), as in SimCLR / BYOL.
+    Random resized crop to `size`, flip, colour jitter of strength `jitter` (p=0.8;
+    0: none) and grayscale (p=0.2), as in SimCLR / BYOL.
     """
     x = random_resized_crop(image, fold(seed, 0), size, scale=(crop_scale_min, 1.0))
     x = random_flip(x, fold(seed, 1))
-    x = _maybe(fold(seed, 2), 0.8, lambda t: color_jitter(t, fold(seed, 3)), x)
+    if jitter > 0:
+        x = _maybe(fold(seed, 2), 0.8, lambda t: color_jitter(t, fold(seed, 3), jitter), x)
     x = _maybe(fold(seed, 4), 0.2, to_grayscale_rgb, x)
     return x
 

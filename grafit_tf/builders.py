@@ -60,6 +60,10 @@ def build_model(config, source, total_steps, use_bn=True, sync_bn=False):
     if obj.instance:
         parts["predictor"] = heads.mlp(config.proj_hidden, config.proj_dim, "predictor",
                                        sync_bn, use_bn)
+        if config.instance_queue:  # MoCo's queue of past target keys (random unit vectors first).
+            parts["instance_queue"] = MemoryBank([], config.proj_dim, kind="queue",
+                                                 size=config.instance_queue, seed=config.seed + 1,
+                                                 name="instance_queue")
     if obj.maskcon:  # MoCo's FIFO queue of keys with their coarse labels.
         parts["memory"] = MemoryBank(source.train.coarse, config.proj_dim, kind="queue",
                                      size=config.queue_size, seed=config.seed, name="memory")

@@ -39,6 +39,7 @@ class Config:
     image_size: int = 0
     augment: str = "auto"
     crop_scale_min: float = 0.35
+    jitter_strength: float = 0.4
     num_views: int = 2
 
     # Model.
@@ -59,6 +60,7 @@ class Config:
     lambda_inst: float = 1.0
     instance_loss: str = "byol"
     instance_tau: float = 0.1
+    instance_queue: int = 0
     maskcon_weight: float = 0.5
     ema_decay: float = 0.99
     label_smoothing: float = 0.0
@@ -158,6 +160,18 @@ class Config:
                 f"--queue_size={self.queue_size} is smaller than one global batch "
                 f"(--batch_size={self.batch_size}): use --queue_size >= --batch_size."
             )
+        if not 0.0 <= self.jitter_strength <= 1.0:
+            raise UserError(f"--jitter_strength={self.jitter_strength}: must be in [0, 1].")
+        if self.instance_queue < 0:
+            raise UserError(f"--instance_queue={self.instance_queue}: use 0 (in-batch "
+                            "negatives only) or a positive queue length.")
+        if self.instance_queue and self.instance_loss != "infonce":
+            raise UserError("--instance_queue adds negatives to the InfoNCE instance loss: "
+                            "use it with --instance_loss=infonce.")
+        if 0 < self.instance_queue < self.num_views * self.batch_size:
+            raise UserError(
+                f"--instance_queue={self.instance_queue} is shorter than one step's keys "
+                f"(--num_views * --batch_size = {self.num_views * self.batch_size}).")
         if self.max_train_examples < 0 or self.max_eval_examples < 0:
             raise UserError("--max_train_examples and --max_eval_examples must be >= 0.")
         if self.embedding == "knn_head" and self.method != "grafit":

@@ -83,15 +83,20 @@ def byol_loss(predictions, targets):
     return tf.reduce_mean(2.0 - 2.0 * tf.reduce_sum(p * t, axis=1))
 
 
-def info_nce_loss(queries, keys, tau):
-    """InfoNCE with in-batch negatives: query i's positive is key i.
+def info_nce_loss(queries, keys, tau, negatives=None):
+    """InfoNCE: query i's positive is key i; the other keys (and `negatives`) are negatives.
 
     Args:
         queries: `[B, D]` L2-normalised.
         keys: `[B, D]` L2-normalised embeddings of other views (no gradient).
         tau: temperature.
+        negatives: optional `[K, D]` L2-normalised extra negatives (no gradient),
+            e.g. MoCo's queue of past keys: more negatives than one batch gives.
     """
-    logits = tf.matmul(queries, tf.stop_gradient(keys), transpose_b=True) / tau
+    logits = tf.matmul(queries, tf.stop_gradient(keys), transpose_b=True) / tau  # [B, B]
+    if negatives is not None:
+        extra = tf.matmul(queries, tf.stop_gradient(negatives), transpose_b=True) / tau
+        logits = tf.concat([logits, extra], axis=1)  # [B, B + K]
     labels = tf.range(tf.shape(queries)[0])
     return tf.reduce_mean(
         tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)

@@ -86,13 +86,15 @@ class GrafitModel(keras.Model):
         projector, predictor: BYOL online heads (instance loss).
         target_backbone, target_projector: EMA copies of backbone and projector.
         classifier: `[N, F] -> [N, K]` (cross-entropy baselines).
+        instance_queue: a queue `MemoryBank` of past target keys, extra negatives
+            of the InfoNCE instance loss (None: in-batch negatives only).
         embed_with_head: `call()` returns the normalised kNN-head output instead
             of the normalised trunk feature.
     """
 
     def __init__(self, backbone, objective, knn_head=None, memory=None, projector=None,
                  predictor=None, target_backbone=None, target_projector=None,
-                 classifier=None, embed_with_head=False, **kwargs):
+                 classifier=None, instance_queue=None, embed_with_head=False, **kwargs):
         super().__init__(**kwargs)
         self.backbone = backbone
         self.objective = objective
@@ -103,6 +105,7 @@ class GrafitModel(keras.Model):
         self.target_backbone = target_backbone
         self.target_projector = target_projector
         self.classifier = classifier
+        self.instance_queue = instance_queue
         self.embed_with_head = embed_with_head
         self.trackers = {
             name: keras.metrics.Mean(name=name) for name in ["loss"] + objective.terms()
@@ -198,8 +201,9 @@ class GrafitModel(keras.Model):
     def _instance_fn(self):
         if self.objective.instance_loss == "infonce":
             tau = self.objective.instance_tau
+            queue = None if self.instance_queue is None else self.instance_queue.embeddings
             return lambda p, t: losses.info_nce_loss(
-                tf.math.l2_normalize(p, -1), tf.math.l2_normalize(t, -1), tau)
+                tf.math.l2_normalize(p, -1), tf.math.l2_normalize(t, -1), tau, negatives=queue)
         return losses.byol_loss
 
     def objective_weight(self):
@@ -228,6 +232,11 @@ class GrafitModel(keras.Model):
             self.memory.update(mean_view, labels, indices)
         if self.objective.maskcon:
             self.memory.update(out["key"][1], labels, indices)
+        if self.instance_queue is not None:
+            # Every view's target key joins the queue (after this step's loss used it).
+            v, width = out["target"].shape[0], out["target"].shape[-1]
+            keys = tf.math.l2_normalize(tf.reshape(out["target"], [-1, width]), -1)
+            self.instance_queue.update(keys, tf.tile(labels, [v]), tf.tile(indices, [v]))
         if self.objective.ema_target:
             decay = self.ema_decay()
             pairs = zip(self.backbone.weights + self.projector.weights,

@@ -25,6 +25,20 @@ def test_random_resized_crop_shape_and_determinism():
     assert not np.array_equal(a, c)
 
 
+def test_no_jitter_keeps_intensities():
+    image = tf.constant(np.random.default_rng(0).uniform(0, 255, (12, 12, 1)), tf.float32)
+    for i in range(8):  # Full-area crop and no jitter: the image or its mirror image.
+        out = augment.grayscale_small(image, tf.constant([i, 1]), crop_scale_min=1.0,
+                                      jitter=0.0).numpy()
+        assert any(np.allclose(out, ref, atol=1e-3)
+                   for ref in (image.numpy(), image.numpy()[:, ::-1]))
+    # With jitter (p=0.8), some of the same seeds change the intensities.
+    changed = [not np.allclose(augment.grayscale_small(
+        image, tf.constant([i, 1]), crop_scale_min=1.0).numpy().sum(),
+        image.numpy().sum(), rtol=1e-4) for i in range(8)]
+    assert any(changed)
+
+
 def test_rgb_recipe_stays_in_range():
     out = augment.rgb(image(), tf.constant([0, 1]), (32, 32))
     assert out.shape == (32, 32, 3)

@@ -128,6 +128,20 @@ def test_info_nce_matches_reference(rng):
                                -np.mean(np.diag(logp)), rtol=1e-6)
 
 
+def test_info_nce_with_queue_negatives_matches_reference(rng):
+    q = _unit(rng.normal(size=(3, 4))).astype(np.float32)
+    k = _unit(rng.normal(size=(3, 4))).astype(np.float32)
+    queue = _unit(rng.normal(size=(5, 4))).astype(np.float32)
+    want = []
+    for i in range(3):  # Positive: k[i]; negatives: the other keys and the whole queue.
+        logits = np.concatenate([k @ q[i], queue @ q[i]]) / 0.1
+        want.append(-(logits[i] - np.log(np.exp(logits).sum())))
+    got = losses.info_nce_loss(q, k, 0.1, negatives=queue).numpy()
+    np.testing.assert_allclose(got, np.mean(want), rtol=1e-5)
+    # More negatives can only raise the loss.
+    assert got > losses.info_nce_loss(q, k, 0.1).numpy()
+
+
 def test_cross_entropy_with_smoothing(rng):
     logits = rng.normal(size=(3, 4))
     labels = np.array([0, 3, 1])

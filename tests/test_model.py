@@ -94,3 +94,35 @@ def test_each_method_has_its_losses_and_embeds(method):
         np.testing.assert_array_equal(model.memory.labels.numpy()[:8], source.train.coarse[:8])
     z = builders.build_embedder(model)(np.zeros((3, 12, 12, 1), np.float32))
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["grafit", "instance"])
+def test_instance_queue_adds_negatives_and_takes_every_views_target_keys(method):
+    source = synthetic_source()
+    config = small_config(method=method, instance_loss="infonce", instance_queue=32)
+    model = builders.build_model(config, source, total_steps=4)
+    model.compile(optimizer=builders.build_optimizer(config, 4, 4), jit_compile=False)
+    model.optimizer.build(model.trainable_variables)
+    data = batch(source)
+    out = model.forward(data["views"])
+    with_queue = float(model.loss_terms(out, data["label"], data["index"])["instance_loss"])
+    queue, model.instance_queue = model.instance_queue, None
+    in_batch = float(model.loss_terms(out, data["label"], data["index"])["instance_loss"])
+    model.instance_queue = queue
+    assert with_queue > in_batch  # 32 more negatives per query.
+    tf.function(model.train_step)(data)
+    # 2 views x 8 images went in, view-major, each an L2-normalised target key.
+    assert int(queue.pointer.numpy()) == 16
+    keys = queue.embeddings.numpy()[:16]
+    np.testing.assert_allclose(np.linalg.norm(keys, axis=1), 1.0, rtol=1e-5)
+    assert not np.allclose(keys[:8], keys[8:])
+
+
+def test_instance_queue_needs_infonce_and_one_steps_keys():
+    from grafit_tf.errors import UserError
+
+    with pytest.raises(UserError, match="--instance_loss=infonce"):
+        small_config(instance_queue=64).validate()
+    with pytest.raises(UserError, match="shorter than one step"):
+        small_config(instance_loss="infonce", instance_queue=8).validate()
+    small_config(instance_loss="infonce", instance_queue=16).validate()

@@ -68,7 +68,8 @@ def view_fn(config, image_shape):
     if recipe == "auto":
         recipe = "grayscale_small" if image_shape[-1] == 1 and image_shape[0] <= 64 else "rgb"
     if recipe == "grayscale_small":
-        return lambda image, seed: augment.grayscale_small(image, seed, config.crop_scale_min)
+        return lambda image, seed: augment.grayscale_small(image, seed, config.crop_scale_min,
+                                                           config.jitter_strength)
     size = tuple(image_shape[:2])
     if config.rand_augment:
         if image_shape[-1] != 3:
@@ -76,9 +77,11 @@ def view_fn(config, image_shape):
         rand_augment = augment.make_rand_augment(config.seed)
         # The layer needs a static channel count, which the colour ops lose.
         return lambda image, seed: rand_augment(tf.ensure_shape(
-            augment.rgb(image, seed, size, config.crop_scale_min), size + (3,)),
+            augment.rgb(image, seed, size, config.crop_scale_min, config.jitter_strength),
+            size + (3,)),
             augment.fold(seed, 5))  # augment.rgb uses folds 0-4 of the view's seed.
-    return lambda image, seed: augment.rgb(image, seed, size, config.crop_scale_min)
+    return lambda image, seed: augment.rgb(image, seed, size, config.crop_scale_min,
+                                           config.jitter_strength)
 
 
 def train_dataset_fn(source, config, start_step=0):
