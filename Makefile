@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # Extra train.py flags for the demo, e.g. TRAIN_ARGS="--epochs=1 --max_train_examples=2000".
 TRAIN_ARGS ?=
 
-.PHONY: venv data test demo bench-quality bench-coarse2 bench-ablation bench-serve clean
+.PHONY: venv data test demo bench-quality bench-coarse2 bench-ablation bench-ablation-full bench-serve clean
 
 venv: $(VENV)/.installed
 
@@ -73,6 +73,13 @@ bench-ablation: venv data
 	  --variants=default,lambda_0,tau_0.1,instance_infonce,crop_1.0,crop_0.8,crop_0.8_tau_0.1,crop_0.8_infonce,grafit_maskcon
 	$(PY) bench/ablation.py --epochs=2 --base=--lambda_inst=1.0 --workdir=runs/ablation_current \
 	  --name=ablation_current --variants=default,lambda_0.5,lambda_2,tau_0.1,instance_tau_0.2,instance_queue_4096,instance_queue_16384,memory_queue_8192,views_3,embedding_knn_head
+
+# Full-length (10-epoch) runs of the instance-loss weight and of the queue memory
+# (about 27 minutes a row on idle cores; the first two rows are those of bench-quality's
+# grafit at lambda 1 and 0.5).
+bench-ablation-full: venv data
+	$(PY) bench/ablation.py --epochs=10 --base=--lambda_inst=1.0 --workdir=runs/lambda_full \
+	  --name=ablation_full --variants=default,lambda_0.5,lambda_0.25,lambda_0.5_queue_8192
 
 clean:
 	rm -rf runs
