@@ -59,5 +59,6 @@ def main(argv):
     publish("epoch_time", command, rows, "\n".join(lines) + "\n\nImages/s counts dataset "
             "images (each seen `views` times per epoch).", FLAGS.update_benchmarks)
 
+
 if __name__ == "__main__":
     app.run(main)

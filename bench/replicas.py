@@ -18,6 +18,9 @@ import tempfile
 from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.sections import publish  # noqa: E402
 
 flags.DEFINE_list("replicas", ["1", "2"], "Replica counts to compare.")
 flags.DEFINE_string("config", "configs/fashion_mnist.cfg", "Flagfile of the runs.")
@@ -54,13 +57,11 @@ def main(argv):
     for r in rows:
         lines.append(f"| {r['num_replicas']} | {r['images_per_second']:.0f} | "
                      f"{r['images_per_second'] / base:.2f} | {r['train_seconds']:.0f} |")
-    sys.path.insert(0, ROOT)
-    from bench.sections import publish
-
     publish("replicas", command, rows, "\n".join(lines) + "\n\nLogical CPU devices share the "
             "same 2 cores, so this shows the cost of the distributed path (all-gathers, "
             "per-replica batches, synchronised batch norm), not a speed-up.",
             FLAGS.update_benchmarks)
+
 
 if __name__ == "__main__":
     app.run(main)
