@@ -70,16 +70,21 @@ bench-coarse2: venv data
 # queue, views and retrieval layer around it.
 bench-ablation: venv data
 	$(PY) bench/ablation.py --epochs=2 --base=--crop_scale_min=0.35 --base=--instance_loss=byol \
+	  --base=--lambda_inst=1.0 --base=--batch_size=256 --base=--memory=full \
 	  --variants=default,lambda_0,tau_0.1,instance_infonce,crop_1.0,crop_0.8,crop_0.8_tau_0.1,crop_0.8_infonce,grafit_maskcon
-	$(PY) bench/ablation.py --epochs=2 --base=--lambda_inst=1.0 --workdir=runs/ablation_current \
+	$(PY) bench/ablation.py --epochs=2 --base=--lambda_inst=1.0 --base=--batch_size=256 \
+	  --base=--memory=full --workdir=runs/ablation_current \
 	  --name=ablation_current --variants=default,lambda_0.5,lambda_2,tau_0.1,instance_tau_0.2,instance_queue_4096,instance_queue_16384,memory_queue_8192,views_3,embedding_knn_head
+	$(PY) bench/ablation.py --epochs=2 --base=--batch_size=256 --workdir=runs/ablation_third \
+	  --name=ablation_third --variants=default,jitter_0,jitter_0.6,jitter_0.8,learning_rate_4e-3,batch_128,coarse_ce,coarse_ce_jitter_0
 
 # Full-length (10-epoch) runs of the instance-loss weight and of the queue memory
 # (about 27 minutes a row on idle cores; the first two rows are those of bench-quality's
 # grafit at lambda 1 and 0.5).
 bench-ablation-full: venv data
-	$(PY) bench/ablation.py --epochs=10 --base=--lambda_inst=1.0 --workdir=runs/lambda_full \
-	  --name=ablation_full --variants=default,lambda_0.5,lambda_0.25,lambda_0.5_queue_8192
+	$(PY) bench/ablation.py --epochs=10 --base=--lambda_inst=1.0 --base=--batch_size=256 \
+	  --base=--memory=full --workdir=runs/lambda_full --name=ablation_full \
+	  --variants=default,lambda_0.5,lambda_0.25,lambda_0.5_queue_8192,lambda_0.5_queue_8192_batch_128
 
 clean:
 	rm -rf runs

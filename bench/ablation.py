@@ -36,12 +36,22 @@ VARIANTS = {
     "instance_queue_16384": ["--instance_queue=16384"],
     "memory_queue_8192": ["--memory=queue", "--queue_size=8192"],
     "lambda_0.5_queue_8192": ["--lambda_inst=0.5", "--memory=queue", "--queue_size=8192"],
+    "lambda_0.5_queue_8192_batch_128": ["--lambda_inst=0.5", "--memory=queue",
+                                        "--queue_size=8192", "--batch_size=128"],
     "instance_infonce": ["--instance_loss=infonce"],
     "views_3": ["--num_views=3"],
     "crop_0.6": ["--crop_scale_min=0.6"],
     "crop_0.8": ["--crop_scale_min=0.8"],
     "crop_1.0": ["--crop_scale_min=1.0"],
     "jitter_0": ["--jitter_strength=0"],
+    "jitter_0.6": ["--jitter_strength=0.6"],
+    "jitter_0.8": ["--jitter_strength=0.8"],
+    "learning_rate_4e-3": ["--learning_rate=4e-3"],
+    "batch_128": ["--batch_size=128"],
+    "epochs_13": ["--epochs=13"],
+    # The coarse classifier under the same base, to see whether a change widens the gap.
+    "coarse_ce": ["--method=coarse_ce"],
+    "coarse_ce_jitter_0": ["--method=coarse_ce", "--jitter_strength=0"],
     "crop_0.8_tau_0.1": ["--crop_scale_min=0.8", "--tau=0.1"],
     "crop_0.8_infonce": ["--crop_scale_min=0.8", "--instance_loss=infonce"],
     "embedding_knn_head": ["--embedding=knn_head"],
@@ -61,7 +71,8 @@ def variant_flags(variant):
 
 flags.DEFINE_string("config", "configs/fashion_mnist.cfg", "Flagfile of the default.")
 flags.DEFINE_list("variants", list(VARIANTS), f"Variants to run, of: {', '.join(VARIANTS)}.")
-flags.DEFINE_integer("epochs", 3, "Epochs of every variant (shorter than the default).")
+flags.DEFINE_integer("epochs", 3, "Epochs of every variant (shorter than the default); "
+                     "a variant may change it (epochs_13).")
 flags.DEFINE_multi_string("base", [], "train.py flag of the reference point, applied after "
                           "the config and before each variant's own flags (so a variant "
                           "may change it), e.g. --base=--crop_scale_min=0.35.")
@@ -82,8 +93,8 @@ def run(variant):
     path = os.path.join(workdir, "metrics.json")
     if not (FLAGS.reuse and os.path.isfile(path)):
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--flagfile={FLAGS.config}",
-               *FLAGS.base, *variant_flags(variant), f"--epochs={FLAGS.epochs}", f"--workdir={workdir}",
-               "--verbose=2", *FLAGS.override]
+               *FLAGS.base, f"--epochs={FLAGS.epochs}", *variant_flags(variant),
+               f"--workdir={workdir}", "--verbose=2", *FLAGS.override]
         print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
     with open(path, encoding="utf-8") as f:
