@@ -53,7 +53,7 @@ demo: venv data
 bench-serve: venv data
 	$(PY) bench/serve_throughput.py --workdir=$(WORKDIR)
 
-# The four-method table of BENCHMARKS.md (about 75 minutes on 2 cores), then its pictures.
+# The four-method table of BENCHMARKS.md (about 85 minutes on 2 cores), then its pictures.
 bench-quality: venv data
 	$(PY) bench/quality.py --config=configs/fashion_mnist.cfg \
 	  --methods=grafit,coarse_ce,instance,fine_ce
@@ -64,10 +64,11 @@ bench-coarse2: venv data
 	$(PY) bench/quality.py --config=configs/fashion_mnist_coarse2.cfg \
 	  --methods=grafit,coarse_ce --workdir=runs/quality_coarse2 --name=quality_coarse2
 
-# The 2-epoch ablations (about 5 minutes a row on idle cores): first from the first
-# default config (the path to the second), then from the second default config (crop
-# 0.8, InfoNCE, lambda 1): loss weight, temperatures, memory kind and size, instance
-# queue, views and retrieval layer around it.
+# The 2-epoch ablations (about 5 minutes a row on idle cores), each pinning the default
+# it started from: the first default config (the path to the second); the second (crop
+# 0.8, InfoNCE, lambda 1: loss weight, temperatures, memory kind and size, instance
+# queue, views, retrieval layer); the third (lambda 0.5, queue memory: jitter, learning
+# rate, batch size, and the coarse classifier under the same settings).
 bench-ablation: venv data
 	$(PY) bench/ablation.py --epochs=2 --base=--crop_scale_min=0.35 --base=--instance_loss=byol \
 	  --base=--lambda_inst=1.0 --base=--batch_size=256 --base=--memory=full \
@@ -78,9 +79,9 @@ bench-ablation: venv data
 	$(PY) bench/ablation.py --epochs=2 --base=--batch_size=256 --workdir=runs/ablation_third \
 	  --name=ablation_third --variants=default,jitter_0,jitter_0.6,jitter_0.8,learning_rate_4e-3,batch_128,coarse_ce,coarse_ce_jitter_0
 
-# Full-length (10-epoch) runs of the instance-loss weight and of the queue memory
-# (about 27 minutes a row on idle cores; the first two rows are those of bench-quality's
-# grafit at lambda 1 and 0.5).
+# Full-length (10-epoch) runs of the instance-loss weight, the queue memory and batch 128
+# (20-27 minutes a row on idle cores; the first two rows are the grafit runs of
+# bench-quality for the second and third default configs, the last one its current one).
 bench-ablation-full: venv data
 	$(PY) bench/ablation.py --epochs=10 --base=--lambda_inst=1.0 --base=--batch_size=256 \
 	  --base=--memory=full --workdir=runs/lambda_full --name=ablation_full \

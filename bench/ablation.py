@@ -2,8 +2,8 @@
 
     python bench/ablation.py --epochs=3 --variants=default,tau_0.1,lambda_2
 
-Every variant runs `train.py --flagfile=CONFIG <common overrides> <its flags>` in
-its own process with the same seed; the table (fine kNN top-1, weighted, R@1,
+Every variant runs `train.py --flagfile=CONFIG <--base flags> --epochs=E <its flags>
+<--override flags>` in its own process with the same seed; the table (fine kNN top-1, weighted, R@1,
 coarse top-1, minutes) goes to `bench/results/<name>.json` and into
 BENCHMARKS.md between markers. Fine labels are used for scoring only: the
 table reports test-split numbers and is not used to pick the defaults silently.
@@ -48,7 +48,6 @@ VARIANTS = {
     "jitter_0.8": ["--jitter_strength=0.8"],
     "learning_rate_4e-3": ["--learning_rate=4e-3"],
     "batch_128": ["--batch_size=128"],
-    "epochs_13": ["--epochs=13"],
     # The coarse classifier under the same base, to see whether a change widens the gap.
     "coarse_ce": ["--method=coarse_ce"],
     "coarse_ce_jitter_0": ["--method=coarse_ce", "--jitter_strength=0"],
@@ -72,7 +71,7 @@ def variant_flags(variant):
 flags.DEFINE_string("config", "configs/fashion_mnist.cfg", "Flagfile of the default.")
 flags.DEFINE_list("variants", list(VARIANTS), f"Variants to run, of: {', '.join(VARIANTS)}.")
 flags.DEFINE_integer("epochs", 3, "Epochs of every variant (shorter than the default); "
-                     "a variant may change it (epochs_13).")
+                     "it comes before the variant's own flags, so a variant may change it.")
 flags.DEFINE_multi_string("base", [], "train.py flag of the reference point, applied after "
                           "the config and before each variant's own flags (so a variant "
                           "may change it), e.g. --base=--crop_scale_min=0.35.")
