@@ -26,6 +26,13 @@ HELP = {
     "jitter_strength": "Strength of the brightness / contrast (RGB: and saturation) jitter "
                        "applied with probability 0.8 (0: none).",
     "num_views": "Augmented views per image per step (>= 2).",
+    "local_crops": "Extra small views per image (multi-crop, as in SwAV / DINO; not in the "
+                   "Grafit paper): each local crop's prediction is matched to every global "
+                   "view's target by the instance loss. Only methods with an instance loss "
+                   "(grafit, instance) read them.",
+    "local_crop_size": "Side in pixels of the local crops.",
+    "local_crop_scale_min": "Smallest area fraction of the image a local crop covers.",
+    "local_crop_scale_max": "Largest area fraction of the image a local crop covers.",
     "method": "grafit (default), or a baseline: coarse_ce, instance, fine_ce (oracle), "
               "grafit_maskcon (MaskCon's MoCo-style reading of Grafit); "
               "finetune: transfer, cross-entropy on fine labels (see --init_from).",
@@ -47,6 +54,9 @@ HELP = {
     "instance_queue": "InfoNCE (--instance_loss=infonce): also contrast each query with this "
                       "many recent target keys, a MoCo-style FIFO queue (0: in-batch "
                       "negatives only).",
+    "instance_negatives": "Negatives of grafit's InfoNCE instance loss: all (every other image "
+                          "of the batch) or same_coarse (only those of the query's coarse "
+                          "class; an extension, not in the paper). Ignored by other methods.",
     "maskcon_weight": "w in w * L_sup + (1 - w) * L_self of --method=grafit_maskcon.",
     "ema_decay": "Base EMA decay of the BYOL target (cosine-increased to 1).",
     "label_smoothing": "Label smoothing of the cross-entropy baselines.",
@@ -95,6 +105,9 @@ def define_flags():
         _DEFINE[field.type if isinstance(field.type, type) else eval(field.type)](
             field.name, field.default, HELP[field.name])
     flags.DEFINE_string("workdir", None, "Work directory for checkpoints, logs and results.")
+    flags.DEFINE_bool("dry_run", False, "Check the flags, print the resolved config as JSON "
+                      "and exit without training (the benches compare it with a saved run's "
+                      "config.json before reusing that run).")
     flags.mark_flag_as_required("workdir")
 
 
@@ -110,6 +123,9 @@ def main(argv):
     try:
         config = config_from_flags()
         config.validate()
+        if flags.FLAGS.dry_run:
+            print(config.to_json())
+            return
         from grafit_tf import trainer  # Imports TensorFlow: after the cheap checks.
 
         trainer.train_and_evaluate(config, flags.FLAGS.workdir)

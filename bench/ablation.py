@@ -9,10 +9,8 @@ BENCHMARKS.md between markers. Fine labels are used for scoring only: the
 table reports test-split numbers and is not used to pick the defaults silently.
 """
 
-import json
 import os
 import shlex
-import subprocess
 import sys
 
 from absl import app, flags
@@ -20,6 +18,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.runs import train_or_reuse  # noqa: E402
 from bench.sections import publish  # noqa: E402
 from grafit_tf import evaluation  # noqa: E402
 
@@ -27,11 +26,14 @@ VARIANTS = {
     "default": [],
     "tau_0.1": ["--tau=0.1"],
     "tau_0.02": ["--tau=0.02"],
+    "tau_0.03": ["--tau=0.03"],
     "lambda_0": ["--lambda_inst=0"],
     "lambda_0.25": ["--lambda_inst=0.25"],
     "lambda_0.5": ["--lambda_inst=0.5"],
     "lambda_2": ["--lambda_inst=2"],
+    "instance_tau_0.05": ["--instance_tau=0.05"],
     "instance_tau_0.2": ["--instance_tau=0.2"],
+    "negatives_same_coarse": ["--instance_negatives=same_coarse"],
     "instance_queue_4096": ["--instance_queue=4096"],
     "instance_queue_16384": ["--instance_queue=16384"],
     "memory_queue_8192": ["--memory=queue", "--queue_size=8192"],
@@ -40,6 +42,8 @@ VARIANTS = {
                                         "--queue_size=8192", "--batch_size=128"],
     "instance_infonce": ["--instance_loss=infonce"],
     "views_3": ["--num_views=3"],
+    "local_crops_2": ["--local_crops=2"],
+    "local_crops_4": ["--local_crops=4"],
     "crop_0.6": ["--crop_scale_min=0.6"],
     "crop_0.8": ["--crop_scale_min=0.8"],
     "crop_1.0": ["--crop_scale_min=1.0"],
@@ -78,7 +82,8 @@ flags.DEFINE_multi_string("base", [], "train.py flag of the reference point, app
 flags.DEFINE_multi_string("override", [], "Extra train.py flag for every run (wins over all).")
 flags.DEFINE_string("workdir", "runs/ablation", "Root of the per-variant work directories.")
 flags.DEFINE_string("name", "ablation", "Results name and BENCHMARKS.md section.")
-flags.DEFINE_bool("reuse", True, "Reuse a variant whose work directory has metrics.json.")
+flags.DEFINE_bool("reuse", True, "Reuse a variant whose work directory has metrics.json "
+                  "(only if it has this command's settings).")
 FLAGS = flags.FLAGS
 
 COLUMNS = (("variant", "variant"), ("changed", "flags changed")) + tuple(
@@ -88,16 +93,9 @@ COLUMNS = (("variant", "variant"), ("changed", "flags changed")) + tuple(
 
 
 def run(variant):
-    workdir = os.path.join(FLAGS.workdir, variant)
-    path = os.path.join(workdir, "metrics.json")
-    if not (FLAGS.reuse and os.path.isfile(path)):
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--flagfile={FLAGS.config}",
-               *FLAGS.base, f"--epochs={FLAGS.epochs}", *variant_flags(variant),
-               f"--workdir={workdir}", "--verbose=2", *FLAGS.override]
-        print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT)
-    with open(path, encoding="utf-8") as f:
-        m = json.load(f)
+    m = train_or_reuse([f"--flagfile={FLAGS.config}", *FLAGS.base, f"--epochs={FLAGS.epochs}",
+                        *variant_flags(variant), "--verbose=2", *FLAGS.override],
+                       os.path.join(FLAGS.workdir, variant), FLAGS.reuse)
     spec = VARIANTS[variant]
     changed = " ".join(spec) if isinstance(spec, list) else f"the preset {spec}"
     return dict(m, variant=variant, changed=changed or "(none)",

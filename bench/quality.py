@@ -8,10 +8,8 @@ process (same backbone, epochs, augmentation and seed), then the table of
 `bench/results/<name>.json` and, between markers, into `BENCHMARKS.md`.
 """
 
-import json
 import os
 import shlex
-import subprocess
 import sys
 
 import numpy as np
@@ -20,6 +18,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.runs import train_or_reuse  # noqa: E402
 from bench.sections import publish  # noqa: E402
 from grafit_tf import evaluation  # noqa: E402
 from grafit_tf.config import Config  # noqa: E402
@@ -32,8 +31,8 @@ flags.DEFINE_string("workdir", "runs/quality", "Root of the per-run work directo
 flags.DEFINE_string("name", "quality", "Results name: bench/results/<name>.json and the "
                     "BENCHMARKS.md section markers.")
 flags.DEFINE_multi_string("override", [], "Extra train.py flag for every run, e.g. --epochs=2.")
-flags.DEFINE_bool("reuse", True, "Reuse a run whose work directory already has metrics.json "
-                  "(same command), instead of training it again.")
+flags.DEFINE_bool("reuse", True, "Reuse a run whose work directory already has metrics.json, "
+                  "instead of training it again (only if it has this command's settings).")
 flags.DEFINE_bool("raw_pixels", True, "Add the raw-pixel kNN row.")
 flags.DEFINE_bool("update_benchmarks", True, "Rewrite this table's section of BENCHMARKS.md.")
 FLAGS = flags.FLAGS
@@ -42,18 +41,9 @@ COLUMNS = evaluation.METRIC_COLUMNS + (("train_minutes", "train minutes"),)
 
 
 def train(method, seed):
-    workdir = os.path.join(FLAGS.workdir, f"{method}_seed{seed}")
-    metrics_path = os.path.join(workdir, "metrics.json")
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--flagfile={FLAGS.config}",
-           f"--method={method}", f"--seed={seed}", f"--workdir={workdir}", "--verbose=2",
-           *FLAGS.override]
-    if FLAGS.reuse and os.path.isfile(metrics_path):
-        print(f"reusing {metrics_path}", flush=True)
-    else:
-        print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT)
-    with open(metrics_path, encoding="utf-8") as f:
-        return json.load(f)
+    return train_or_reuse([f"--flagfile={FLAGS.config}", f"--method={method}", f"--seed={seed}",
+                           "--verbose=2", *FLAGS.override],
+                          os.path.join(FLAGS.workdir, f"{method}_seed{seed}"), FLAGS.reuse)
 
 
 def raw_pixel_metrics():

@@ -82,7 +82,8 @@ def to_grayscale_rgb(image):
     return tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image))
 
 
-def grayscale_small(image, seed, crop_scale_min=0.35, jitter=0.4):
+def grayscale_small(image, seed, crop_scale_min=0.35, jitter=0.4, size=None,
+                    crop_scale_max=1.0):
     """The recipe for small grayscale images (Fashion-MNIST, 28x28).
 
     Random resized crop back to the input size, horizontal flip, and brightness /
@@ -93,22 +94,26 @@ def grayscale_small(image, seed, crop_scale_min=0.35, jitter=0.4):
         seed: `[2]` int32.
         crop_scale_min: smallest crop area kept, as a fraction of the image.
         jitter: brightness / contrast strength (0: no jitter, intensities kept).
+        size: `(height, width)` of the output (None: the input's), smaller for
+            the local crops of `--local_crops`.
+        crop_scale_max: largest crop area kept.
     """
-    size = tf.shape(image)[:2]
-    x = random_resized_crop(image, fold(seed, 0), size, scale=(crop_scale_min, 1.0))
+    size = tf.shape(image)[:2] if size is None else size
+    x = random_resized_crop(image, fold(seed, 0), size, scale=(crop_scale_min, crop_scale_max))
     x = random_flip(x, fold(seed, 1))
     if jitter > 0:
         x = _maybe(fold(seed, 2), 0.8, lambda t: brightness_contrast(t, fold(seed, 3), jitter), x)
     return x
 
 
-def rgb(image, seed, size, crop_scale_min=0.08, jitter=0.4):
+def rgb(image, seed, size, crop_scale_min=0.08, jitter=0.4, crop_scale_max=1.0):
     """The recipe for full-size RGB images (before RandAugment).
 
-    Random resized crop to `size`, flip, colour jitter of strength `jitter` (p=0.8;
-    0: none) and grayscale (p=0.2), as in SimCLR / BYOL.
+    Random resized crop (area `crop_scale_min`..`crop_scale_max`) to `size`, flip,
+    colour jitter of strength `jitter` (p=0.8; 0: none) and grayscale (p=0.2), as
+    in SimCLR / BYOL.
     """
-    x = random_resized_crop(image, fold(seed, 0), size, scale=(crop_scale_min, 1.0))
+    x = random_resized_crop(image, fold(seed, 0), size, scale=(crop_scale_min, crop_scale_max))
     x = random_flip(x, fold(seed, 1))
     if jitter > 0:
         x = _maybe(fold(seed, 2), 0.8, lambda t: color_jitter(t, fold(seed, 3), jitter), x)

@@ -21,6 +21,8 @@ def objective(config, total_steps):
         label_smoothing=config.label_smoothing,
         instance_loss=config.instance_loss,
         instance_tau=config.instance_tau,
+        # Labels reach the instance loss in grafit only (`instance` is self-supervised).
+        instance_negatives=config.instance_negatives if config.method == "grafit" else "all",
         maskcon_weight=config.maskcon_weight,
     )
 
@@ -72,7 +74,7 @@ def build_model(config, source, total_steps, use_bn=True, sync_bn=False):
         classes = hier.num_fine if config.label_level == "fine" else hier.num_coarse
         parts["classifier"] = heads.classifier(classes)
     model = GrafitModel(trunk, obj, embed_with_head=config.embedding == "knn_head",
-                        name="grafit", **parts)
+                        image_shape=shape, name="grafit", **parts)
     _build(model, shape, config.num_views)
     return model
 
@@ -120,4 +122,4 @@ def build_optimizer(config, total_steps, steps_per_epoch):
 def build_embedder(model):
     """Trunk (+ kNN head) + L2 normalisation: the model that is exported."""
     head = model.knn_head if model.embed_with_head else None
-    return heads.embedder(model.backbone, head)
+    return heads.embedder(model.backbone, head, model.image_shape)

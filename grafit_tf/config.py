@@ -12,6 +12,7 @@ from grafit_tf.errors import UserError
 
 METHODS = ("grafit", "coarse_ce", "instance", "fine_ce", "grafit_maskcon", "finetune")
 INSTANCE_LOSSES = ("byol", "infonce")
+INSTANCE_NEGATIVES = ("all", "same_coarse")
 DATASETS = ("fashion_mnist", "image_folder",
             # TensorFlow Datasets (issue 6): coarse-to-fine, then fine labels only (transfer).
             "cifar100", "stanford_online_products", "i_naturalist2018", "cars196",
@@ -24,6 +25,12 @@ EMBEDDINGS = ("trunk", "knn_head")
 DISTRIBUTE = ("auto", "none", "mirrored", "multi_worker")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 AUGMENTS = ("auto", "grayscale_small", "rgb")
+
+
+# Settings that do not change what a run learns or how it is scored: a work
+# directory may be resumed, or its results reused, with other values of these.
+OPERATIONAL = ("verbose", "checkpoint_every", "eval_every", "worker_timeout", "data_dir",
+               "tfds_data_dir", "download")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +48,10 @@ class Config:
     crop_scale_min: float = 0.35
     jitter_strength: float = 0.4
     num_views: int = 2
+    local_crops: int = 0
+    local_crop_size: int = 14
+    local_crop_scale_min: float = 0.25
+    local_crop_scale_max: float = 0.5
 
     # Model.
     method: str = "grafit"
@@ -61,6 +72,7 @@ class Config:
     instance_loss: str = "byol"
     instance_tau: float = 0.1
     instance_queue: int = 0
+    instance_negatives: str = "all"
     maskcon_weight: float = 0.5
     ema_decay: float = 0.99
     label_smoothing: float = 0.0
@@ -108,12 +120,33 @@ class Config:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 
+    def differences(self, stored):
+        """The settings in which `stored` (a run's `config.json` dict) differs from this.
+
+        A field absent from `stored` (a run older than the field) counts as its
+        default, which is what such a run used. `OPERATIONAL` fields are ignored.
+
+        Returns:
+            `["name: stored -> this", ...]`, empty when the run matches.
+        """
+        defaults = Config()
+        return [f"{f.name}: {stored.get(f.name, getattr(defaults, f.name))!r} -> "
+                f"{getattr(self, f.name)!r}"
+                for f in dataclasses.fields(self) if f.name not in OPERATIONAL
+                and stored.get(f.name, getattr(defaults, f.name)) != getattr(self, f.name)]
+
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 
     @property
     def uses_memory(self):
         return self.method in ("grafit", "grafit_maskcon")
+
+    @property
+    def num_local_views(self):
+        """Local crops per image this run trains on: only an instance loss reads them."""
+        instance = self.method == "instance" or (self.method == "grafit" and self.lambda_inst > 0)
+        return self.local_crops if instance else 0
 
     @property
     def label_level(self):
@@ -168,10 +201,25 @@ class Config:
         if self.instance_queue and self.instance_loss != "infonce":
             raise UserError("--instance_queue adds negatives to the InfoNCE instance loss: "
                             "use it with --instance_loss=infonce.")
+        _one_of("instance_negatives", self.instance_negatives, INSTANCE_NEGATIVES)
+        # Only grafit reads it (the self-supervised `instance` never sees a label).
+        if self.method == "grafit" and self.instance_negatives == "same_coarse" and (
+                self.instance_loss != "infonce" or self.instance_queue):
+            raise UserError(
+                "--instance_negatives=same_coarse restricts the in-batch negatives of "
+                "--instance_loss=infonce: use it with infonce and no --instance_queue.")
         if 0 < self.instance_queue < self.num_views * self.batch_size:
             raise UserError(
                 f"--instance_queue={self.instance_queue} is shorter than one step's keys "
                 f"(--num_views * --batch_size = {self.num_views * self.batch_size}).")
+        if self.local_crops < 0 or self.local_crop_size < 4:
+            raise UserError(f"--local_crops={self.local_crops}, --local_crop_size="
+                            f"{self.local_crop_size}: use >= 0 crops of >= 4 pixels.")
+        if not 0.0 < self.local_crop_scale_min <= self.local_crop_scale_max <= 1.0:
+            raise UserError("--local_crop_scale_min / _max: need 0 < min <= max <= 1.")
+        if self.local_crops and self.backbone not in ("small_resnet", "resnet18"):
+            raise UserError("--local_crops needs a trunk that takes any image size: "
+                            "--backbone=small_resnet or resnet18.")
         if self.max_train_examples < 0 or self.max_eval_examples < 0:
             raise UserError("--max_train_examples and --max_eval_examples must be >= 0.")
         if self.embedding == "knn_head" and self.method != "grafit":

@@ -22,14 +22,16 @@ def classifier(num_classes, name="classifier"):
     return layers.Dense(num_classes, name=name)
 
 
-def embedder(backbone, head=None, name="embedder"):
+def embedder(backbone, head=None, image_shape=None, name="embedder"):
     """The exported model: image `[N, H, W, C]` (0..255) -> unit vector `[N, D]`.
 
     Args:
         backbone: the trained trunk.
         head: an optional head applied before normalisation (`--embedding=knn_head`).
+        image_shape: `(H, W, C)` the embedder takes (None: the trunk's input shape;
+            given when the trunk takes any size, for local crops).
     """
-    inputs = keras.Input(backbone.input_shape[1:], name="image")
+    inputs = keras.Input(tuple(image_shape or backbone.input_shape[1:]), name="image")
     x = backbone(inputs)
     if head is not None:
         x = head(x)

@@ -83,7 +83,7 @@ def byol_loss(predictions, targets):
     return tf.reduce_mean(2.0 - 2.0 * tf.reduce_sum(p * t, axis=1))
 
 
-def info_nce_loss(queries, keys, tau, negatives=None):
+def info_nce_loss(queries, keys, tau, negatives=None, labels=None):
     """InfoNCE: query i's positive is key i; the other keys (and `negatives`) are negatives.
 
     Args:
@@ -92,14 +92,25 @@ def info_nce_loss(queries, keys, tau, negatives=None):
         tau: temperature.
         negatives: optional `[K, D]` L2-normalised extra negatives (no gradient),
             e.g. MoCo's queue of past keys: more negatives than one batch gives.
+        labels: optional `[B]` int coarse labels: only keys of the query's own
+            coarse class are its negatives (`--instance_negatives=same_coarse`).
+            The coarse loss already separates the classes; this spends the
+            instance loss on telling apart images *within* a class, which is
+            where the fine classes are. Not with `negatives`.
     """
     logits = tf.matmul(queries, tf.stop_gradient(keys), transpose_b=True) / tau  # [B, B]
+    if labels is not None:
+        if negatives is not None:
+            raise ValueError("info_nce_loss: labels and negatives cannot be combined.")
+        labels = tf.cast(labels, tf.int32)
+        same = tf.equal(labels[:, None], labels[None, :])  # The diagonal (positive) stays.
+        logits = tf.where(same, logits, tf.constant(_NEG_INF, logits.dtype))
     if negatives is not None:
         extra = tf.matmul(queries, tf.stop_gradient(negatives), transpose_b=True) / tau
         logits = tf.concat([logits, extra], axis=1)  # [B, B + K]
-    labels = tf.range(tf.shape(queries)[0])
+    targets = tf.range(tf.shape(queries)[0])
     return tf.reduce_mean(
-        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
     )
 
 

@@ -29,6 +29,8 @@ class Objective:
         label_smoothing: for the cross-entropy baselines.
         instance_loss: byol | infonce (grafit's instance term).
         instance_tau: temperature of infonce and of grafit_maskcon.
+        instance_negatives: all | same_coarse (infonce negatives of the query's
+            coarse class only).
         maskcon_weight: w of grafit_maskcon's supervised term.
     """
 
@@ -40,6 +42,7 @@ class Objective:
     label_smoothing: float = 0.0
     instance_loss: str = "byol"
     instance_tau: float = 0.1
+    instance_negatives: str = "all"
     maskcon_weight: float = 0.5
 
     @property
@@ -90,11 +93,14 @@ class GrafitModel(keras.Model):
             of the InfoNCE instance loss (None: in-batch negatives only).
         embed_with_head: `call()` returns the normalised kNN-head output instead
             of the normalised trunk feature.
+        image_shape: `(H, W, C)` of the data (None: the trunk's input shape; the
+            trunk takes any size when the run has local crops).
     """
 
     def __init__(self, backbone, objective, knn_head=None, memory=None, projector=None,
                  predictor=None, target_backbone=None, target_projector=None,
-                 classifier=None, instance_queue=None, embed_with_head=False, **kwargs):
+                 classifier=None, instance_queue=None, embed_with_head=False, image_shape=None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.backbone = backbone
         self.objective = objective
@@ -107,6 +113,7 @@ class GrafitModel(keras.Model):
         self.classifier = classifier
         self.instance_queue = instance_queue
         self.embed_with_head = embed_with_head
+        self.image_shape = tuple(image_shape or backbone.input_shape[1:])
         self.trackers = {
             name: keras.metrics.Mean(name=name) for name in ["loss"] + objective.terms()
         }
@@ -134,21 +141,21 @@ class GrafitModel(keras.Model):
             x = self.knn_head(x, training=training)
         return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=1)
 
-    def forward(self, views, training=True):
+    def forward(self, views, training=True, local_views=None):
         """Runs every active branch on all views at once.
 
         Args:
             views: `[b, V, H, W, C]`.
+            local_views: optional `[b, L, s, s, C]` smaller crops (`--local_crops`):
+                only the online trunk, projector and predictor see them.
 
         Returns:
             A dict of `[V, b, ...]` float32 tensors: `knn` (normalised), `pred`,
-            `target`, `logits`, for the active branches.
+            `target`, `logits`, for the active branches, and `local_pred`
+            `[L, b, P]` with local views.
         """
-        shape = tf.shape(views)
-        b, v = shape[0], views.shape[1]
-        # View-major so that a reshape to [V, b, ...] recovers the views.
-        x = tf.reshape(tf.transpose(views, [1, 0, 2, 3, 4]),
-                       tf.concat([[v * b], shape[2:]], axis=0))
+        b, v = tf.shape(views)[0], views.shape[1]
+        x = _view_major(views)
 
         def per_view(t):
             t = tf.cast(t, tf.float32)  # Losses and similarities in float32.
@@ -165,6 +172,13 @@ class GrafitModel(keras.Model):
             # it gets no gradient.
             target = self.target_projector(self.target_backbone(x, training=True), training=True)
             out["target"] = tf.stop_gradient(per_view(target))
+            if local_views is not None:
+                # A separate trunk call: another input size (and its own batch statistics).
+                local = self.backbone(_view_major(local_views), training=training)
+                local = self.predictor(self.projector(local, training=training), training=training)
+                out["local_pred"] = tf.cast(tf.reshape(
+                    local, tf.concat([[local_views.shape[1], b], tf.shape(local)[1:]], 0)),
+                    tf.float32)
         if self.objective.cross_entropy:
             out["logits"] = per_view(self.classifier(feats, training=training))
         if self.objective.maskcon:
@@ -185,7 +199,7 @@ class GrafitModel(keras.Model):
                 self.objective.tau, exclude=tf.tile(self.memory.exclusion(indices), [v]))
         if self.objective.instance:
             terms["instance_loss"] = self.objective_weight() * _over_view_pairs(
-                out["pred"], out["target"], self._instance_fn())
+                out["pred"], out["target"], self._instance_fn(labels), out.get("local_pred"))
         if self.objective.cross_entropy:
             v = out["logits"].shape[0]
             terms["ce_loss"] = losses.cross_entropy(
@@ -198,12 +212,14 @@ class GrafitModel(keras.Model):
                 self.memory.labels, self.objective.instance_tau, self.objective.maskcon_weight)
         return terms
 
-    def _instance_fn(self):
+    def _instance_fn(self, labels):
         if self.objective.instance_loss == "infonce":
             tau = self.objective.instance_tau
             queue = None if self.instance_queue is None else self.instance_queue.embeddings
+            same = labels if self.objective.instance_negatives == "same_coarse" else None
             return lambda p, t: losses.info_nce_loss(
-                tf.math.l2_normalize(p, -1), tf.math.l2_normalize(t, -1), tau, negatives=queue)
+                tf.math.l2_normalize(p, -1), tf.math.l2_normalize(t, -1), tau, negatives=queue,
+                labels=same)
         return losses.byol_loss
 
     def objective_weight(self):
@@ -212,7 +228,7 @@ class GrafitModel(keras.Model):
     def train_step(self, data):
         labels, indices = data["label"], data["index"]
         with tf.GradientTape() as tape:
-            out = self.forward(data["views"], training=True)
+            out = self.forward(data["views"], training=True, local_views=data.get("local_views"))
             terms = self.loss_terms(out, labels, indices)
             loss = tf.add_n(list(terms.values()))
             # The optimizer sums gradients over replicas: scale to a global mean.
@@ -270,14 +286,29 @@ def _log_value(value):
     return value
 
 
-def _over_view_pairs(pred, target, loss_fn):
+def _view_major(views):
+    """`[b, V, H, W, C]` -> `[V * b, H, W, C]`, view-major: a reshape to `[V, b, ...]`
+    recovers the views."""
+    shape = tf.shape(views)
+    return tf.reshape(tf.transpose(views, [1, 0, 2, 3, 4]),
+                      tf.concat([[views.shape[1] * shape[0]], shape[2:]], axis=0))
+
+
+def _over_view_pairs(pred, target, loss_fn, local_pred=None):
     """An instance loss averaged over every ordered pair of distinct views.
+
+    With local crops (multi-crop, as in SwAV / DINO), each local view's prediction
+    is also paired with every global view's target; targets are global views only.
 
     Args:
         pred: `[V, b, P]` online predictions.
         target: `[V, b, P]` target projections.
         loss_fn: `(pred [b, P], target [b, P]) -> scalar`.
+        local_pred: optional `[L, b, P]` online predictions of the local views.
     """
     v = pred.shape[0]
-    pairs = [(i, j) for i in range(v) for j in range(v) if i != j]
-    return tf.add_n([loss_fn(pred[i], target[j]) for i, j in pairs]) / len(pairs)
+    pairs = [(pred[i], target[j]) for i in range(v) for j in range(v) if i != j]
+    if local_pred is not None:
+        pairs += [(local_pred[k], target[j]) for k in range(local_pred.shape[0])
+                  for j in range(v)]
+    return tf.add_n([loss_fn(p, t) for p, t in pairs]) / len(pairs)

@@ -5,6 +5,7 @@ Writes into `workdir`: `config.json`, `checkpoints/`, `logs/` (TensorBoard,
 command again after a crash resumes from the last checkpoint.
 """
 
+import json
 import os
 import time
 
@@ -33,6 +34,24 @@ def check_batch(config, source, replicas):
             f"(--batch_size={config.batch_size}); lower --batch_size or raise "
             "--max_train_examples."
         )
+
+
+def check_resumable(config, workdir):
+    """Refuses to resume a checkpointed run with other settings than it started with.
+
+    Resuming would silently mix two configurations in one model (and overwrite
+    `config.json`, hiding the first).
+    """
+    path = os.path.join(workdir, "config.json")
+    if checkpointing.latest(os.path.join(workdir, "checkpoints")) is None or not os.path.isfile(
+            path):
+        return
+    with open(path, encoding="utf-8") as f:
+        changed = config.differences(json.load(f))
+    if changed:
+        raise UserError(
+            f"--workdir={workdir} holds a run started with other settings ("
+            + "; ".join(changed) + "): use another --workdir, or delete this one to start over.")
 
 
 def embed(embedder, split, source, batch_size=512):
@@ -87,9 +106,9 @@ def append_csv(path, row):
 def prefill_memory(model, source, config):
     """Fills the memory with real embeddings of the (un-augmented) training images."""
     if model.objective.maskcon:  # The queue holds keys: the key encoder's embeddings.
-        head = heads.embedder(model.target_backbone, model.target_projector)
+        head = heads.embedder(model.target_backbone, model.target_projector, model.image_shape)
     else:
-        head = heads.embedder(model.backbone, model.knn_head)
+        head = heads.embedder(model.backbone, model.knn_head, model.image_shape)
     split = source.train if model.memory.kind == "full" else source.train.take(model.memory.size)
     z = embed(head, split, source)
     labels = source.train.coarse[: len(z)]
@@ -122,6 +141,7 @@ def run(config, workdir):
     chief = is_chief(strategy)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     logs = os.path.join(workdir, "logs")
+    check_resumable(config, workdir)
     if chief:
         os.makedirs(logs, exist_ok=True)
         checkpointing.write_json(os.path.join(workdir, "config.json"), dict(

@@ -77,3 +77,15 @@ def test_cross_entropy_methods_may_train_on_one_view(method):
 def test_round_trip():
     config = Config(epochs=3, tau=0.1)
     assert Config.from_dict(dict(config.to_dict(), unknown_key=1)) == config
+
+
+def test_differences_from_a_saved_run():
+    stored = dict(Config().to_dict(), data={"image_shape": [28, 28, 1]}, num_replicas=1)
+    assert Config().differences(stored) == []
+    del stored["instance_negatives"]  # A run older than the field used its default.
+    assert Config().differences(stored) == []
+    assert Config(verbose=0, eval_every=3).differences(stored) == []  # Operational only.
+    assert Config(tau=0.1, epochs=2).differences(stored) == ["tau: 0.05 -> 0.1",
+                                                             "epochs: 10 -> 2"]
+    stored["instance_negatives"] = "same_coarse"
+    assert Config().differences(stored) == ["instance_negatives: 'same_coarse' -> 'all'"]

@@ -142,6 +142,25 @@ def test_info_nce_with_queue_negatives_matches_reference(rng):
     assert got > losses.info_nce_loss(q, k, 0.1).numpy()
 
 
+def test_info_nce_same_coarse_negatives_matches_reference(rng):
+    q = _unit(rng.normal(size=(5, 4))).astype(np.float32)
+    k = _unit(rng.normal(size=(5, 4))).astype(np.float32)
+    labels = np.array([0, 1, 0, 0, 1])
+    want = []
+    for i in range(5):  # Positive: k[i]; negatives: keys of the same coarse label only.
+        same = np.flatnonzero(labels == labels[i])
+        logits = k[same] @ q[i] / 0.1
+        want.append(-(logits[list(same).index(i)] - np.log(np.exp(logits).sum())))
+    got = losses.info_nce_loss(q, k, 0.1, labels=labels).numpy()
+    np.testing.assert_allclose(got, np.mean(want), rtol=1e-5)
+    # Fewer negatives can only lower the loss; one label everywhere is plain InfoNCE.
+    assert got < losses.info_nce_loss(q, k, 0.1).numpy()
+    np.testing.assert_allclose(losses.info_nce_loss(q, k, 0.1, labels=np.zeros(5, int)).numpy(),
+                               losses.info_nce_loss(q, k, 0.1).numpy(), rtol=1e-6)
+    with pytest.raises(ValueError):
+        losses.info_nce_loss(q, k, 0.1, negatives=k, labels=labels)
+
+
 def test_cross_entropy_with_smoothing(rng):
     logits = rng.normal(size=(3, 4))
     labels = np.array([0, 3, 1])

@@ -126,3 +126,65 @@ def test_instance_queue_needs_infonce_and_one_steps_keys():
     with pytest.raises(UserError, match="shorter than one step"):
         small_config(instance_loss="infonce", instance_queue=8).validate()
     small_config(instance_loss="infonce", instance_queue=16).validate()
+
+
+def test_same_coarse_negatives_reach_grafit_only():
+    source = synthetic_source()
+    data = batch(source)
+    assert len(set(data["label"].numpy())) > 1  # Otherwise the mask changes nothing.
+
+    def instance_loss(method, negatives):
+        config = small_config(method=method, instance_loss="infonce",
+                              instance_negatives=negatives)
+        tf.random.set_seed(0)
+        keras.utils.set_random_seed(0)
+        model = builders.build_model(config, source, total_steps=4)
+        out = model.forward(data["views"])
+        return float(model.loss_terms(out, data["label"], data["index"])["instance_loss"])
+
+    # Fewer negatives (same seed, same weights): a lower loss, in grafit.
+    assert instance_loss("grafit", "same_coarse") < instance_loss("grafit", "all")
+    # The self-supervised `instance` never reads the labels, whatever the flag says.
+    assert instance_loss("instance", "same_coarse") == instance_loss("instance", "all")
+
+
+def test_same_coarse_negatives_need_plain_infonce():
+    from grafit_tf.errors import UserError
+
+    with pytest.raises(UserError, match="same_coarse"):
+        small_config(instance_negatives="same_coarse").validate()  # byol
+    with pytest.raises(UserError, match="same_coarse"):
+        small_config(instance_loss="infonce", instance_queue=16,
+                     instance_negatives="same_coarse").validate()
+    with pytest.raises(UserError, match="instance_negatives"):
+        small_config(instance_negatives="hard").validate()
+    small_config(instance_loss="infonce", instance_negatives="same_coarse").validate()
+    small_config(method="coarse_ce", instance_negatives="same_coarse").validate()  # Ignored.
+
+
+@pytest.mark.parametrize("method", ["grafit", "instance"])
+def test_local_crops_add_local_to_global_pairs(method):
+    source = synthetic_source()
+    config = small_config(method=method, instance_loss="infonce", local_crops=2,
+                          local_crop_size=6)
+    model = builders.build_model(config, source, total_steps=4)
+    model.compile(optimizer=builders.build_optimizer(config, 4, 4), jit_compile=False)
+    data = batch(source)
+    rng = np.random.default_rng(1)
+    data["local_views"] = tf.constant(rng.uniform(0, 255, (8, 2, 6, 6, 1)), tf.float32)
+    out = model.forward(data["views"], local_views=data["local_views"])
+    assert out["local_pred"].shape == (2, 8, 8) and out["local_pred"].dtype == tf.float32
+    with_local = model.loss_terms(out, data["label"], data["index"])["instance_loss"]
+    # 2 global pairs + 2 local crops x 2 global targets, averaged over the 6 pairs.
+    fn = model._instance_fn(data["label"])
+    weight = model.objective_weight()
+    pairs = [fn(out["pred"][0], out["target"][1]), fn(out["pred"][1], out["target"][0])]
+    pairs += [fn(out["local_pred"][k], out["target"][j]) for k in range(2) for j in range(2)]
+    np.testing.assert_allclose(float(with_local), weight * float(tf.add_n(pairs)) / 6, rtol=1e-5)
+    del out["local_pred"]
+    without = model.loss_terms(out, data["label"], data["index"])["instance_loss"]
+    assert float(with_local) != float(without)
+    # A train step takes them from the batch and trains on them.
+    model.optimizer.build(model.trainable_variables)
+    logs = tf.function(model.train_step)(data)
+    assert np.isfinite(float(logs["loss"]))

@@ -47,6 +47,26 @@ def test_shapes_and_label_pairing():
     assert not np.allclose(b["views"][:, 0], b["views"][:, 1])
 
 
+def test_local_crops_come_with_the_same_global_views():
+    source = make_source()
+    local = CONFIG.replace(local_crops=3, local_crop_size=6)
+    a = batches(pipeline.train_dataset_fn(source, CONFIG), count=2)
+    b = batches(pipeline.train_dataset_fn(source, local), count=2)
+    assert "local_views" not in a[0]
+    assert b[0]["local_views"].shape == (8, 3, 6, 6, 1)
+    for x, y in zip(a, b):  # Adding local crops leaves the global views as they were.
+        np.testing.assert_array_equal(x["views"], y["views"])
+    centre = b[0]["local_views"][:, :, 3, 3, 0]  # Crops of the right image, all different.
+    assert np.all(np.abs(centre - 5.0 * b[0]["index"][:, None]) <= 0.45 * 255)
+    assert not np.allclose(b[0]["local_views"][:, 0], b[0]["local_views"][:, 1])
+    # Methods without an instance loss get none.
+    for method in ("coarse_ce", "fine_ce"):
+        c = batches(pipeline.train_dataset_fn(source, local.replace(method=method)), count=1)
+        assert "local_views" not in c[0]
+    assert local.replace(lambda_inst=0.0).num_local_views == 0
+    assert local.replace(method="instance").num_local_views == 3
+
+
 def test_fine_labels_only_for_the_oracle():
     source = make_source()
     b = batches(pipeline.train_dataset_fn(source, CONFIG.replace(method="fine_ce")), count=1)[0]

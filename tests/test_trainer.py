@@ -140,3 +140,15 @@ def test_checkpoint_restores_memory_and_optimizer(tiny_workdir, tiny_config):
     np.testing.assert_array_equal(again.memory.embeddings.numpy(), restored)
     for a, b in zip(model.optimizer.variables, again.optimizer.variables):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_resuming_with_other_settings_is_refused(tiny_workdir, tiny_config):
+    from grafit_tf import trainer
+    from grafit_tf.errors import UserError
+
+    trainer.check_resumable(tiny_config, tiny_workdir)  # Same settings: resumes.
+    # Settings that change neither what is learned nor how it is scored may differ.
+    trainer.check_resumable(tiny_config.replace(verbose=2, eval_every=1, checkpoint_every=5),
+                            tiny_workdir)
+    with pytest.raises(UserError, match=r"lambda_inst: 1\.0 -> 0\.5"):
+        trainer.check_resumable(tiny_config.replace(lambda_inst=0.5), tiny_workdir)

@@ -64,9 +64,7 @@ class ImageReader:
 
 def view_fn(config, image_shape):
     """The augmentation of one view: `(image [H,W,C], seed [2]) -> [H',W',C]`."""
-    recipe = config.augment
-    if recipe == "auto":
-        recipe = "grayscale_small" if image_shape[-1] == 1 and image_shape[0] <= 64 else "rgb"
+    recipe = _recipe(config, image_shape)
     if recipe == "grayscale_small":
         return lambda image, seed: augment.grayscale_small(image, seed, config.crop_scale_min,
                                                            config.jitter_strength)
@@ -84,12 +82,34 @@ def view_fn(config, image_shape):
                                            config.jitter_strength)
 
 
+def _recipe(config, image_shape):
+    if config.augment != "auto":
+        return config.augment
+    return "grayscale_small" if image_shape[-1] == 1 and image_shape[0] <= 64 else "rgb"
+
+
+def local_view_fn(config, image_shape):
+    """One local crop (`--local_crops`): `(image, seed [2]) -> [s, s, C]`, s = local_crop_size.
+
+    The view recipe (flip, jitter) on a smaller random area, resized to a smaller
+    side; no RandAugment.
+    """
+    size = (config.local_crop_size, config.local_crop_size)
+    scale = (config.local_crop_scale_min, config.local_crop_scale_max)
+    if _recipe(config, image_shape) == "grayscale_small":
+        return lambda image, seed: augment.grayscale_small(
+            image, seed, scale[0], config.jitter_strength, size=size, crop_scale_max=scale[1])
+    return lambda image, seed: augment.rgb(image, seed, size, scale[0], config.jitter_strength,
+                                           crop_scale_max=scale[1])
+
+
 def train_dataset_fn(source, config, start_step=0):
     """Returns `fn(input_context) -> tf.data.Dataset` for `distribute_datasets_from_function`.
 
     The dataset yields per-replica batches of `b = global_batch / replicas`:
     `{"views": [b, V, H, W, C] float32, "index": [b] int32, "label": [b] int32}`,
-    from global step `start_step` to the end of training. `label` is the coarse
+    from global step `start_step` to the end of training, plus `"local_views":
+    [b, L, s, s, C]` when the run uses `L = config.num_local_views` local crops. `label` is the coarse
     label, or the fine label for the `fine_ce` oracle only.
     """
     split = source.train
@@ -111,6 +131,7 @@ def train_dataset_fn(source, config, start_step=0):
         shard = global_batch // pipelines
         reader = None if split.stream is not None else ImageReader(split, source.image_shape)
         one_view = view_fn(config, source.image_shape)
+        local_view = local_view_fn(config, source.image_shape)
         label_table = tf.constant(labels, tf.int32)
 
         def epoch_steps(epoch):
@@ -142,7 +163,13 @@ def train_dataset_fn(source, config, start_step=0):
             views = tf.stack(
                 [one_view(image, augment.fold(base, v)) for v in range(config.num_views)]
             )
-            return {"views": views, "index": index, "label": tf.gather(label_table, index)}
+            out = {"views": views, "index": index, "label": tf.gather(label_table, index)}
+            if config.num_local_views:
+                # Seeds after the global views': those stay what they were without local crops.
+                out["local_views"] = tf.stack([
+                    local_view(image, augment.fold(base, config.num_views + v))
+                    for v in range(config.num_local_views)])
+            return out
 
         if reader is not None:
             ds = tf.data.Dataset.range(start_epoch, config.epochs).flat_map(epoch_steps)

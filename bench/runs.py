@@ -1,0 +1,47 @@
+"""Trains one `train.py` run for a bench, or reuses a finished one of the same settings."""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from grafit_tf.config import Config  # noqa: E402
+
+
+def train_or_reuse(args, workdir, reuse=True):
+    """Runs `train.py <args> --workdir=<workdir>` and returns its `metrics.json`.
+
+    With `reuse`, a work directory that already holds `metrics.json` is not
+    trained again, but only if its `config.json` has the settings these `args`
+    resolve to (`train.py --dry_run`): a run left over from an earlier default
+    config must not slip into a table that claims the current one.
+
+    Args:
+        args: `train.py` flags, without `--workdir`.
+        workdir: the run's work directory.
+        reuse: reuse a finished run of the same settings.
+
+    Raises:
+        SystemExit: the finished run in `workdir` was trained with other settings.
+    """
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args, f"--workdir={workdir}"]
+    metrics_path = os.path.join(workdir, "metrics.json")
+    if reuse and os.path.isfile(metrics_path):
+        resolved = subprocess.run(cmd + ["--dry_run"], check=True, cwd=ROOT,
+                                  capture_output=True, text=True).stdout
+        with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+            changed = Config.from_dict(json.loads(resolved)).differences(json.load(f))
+        if changed:
+            raise SystemExit(f"{workdir} was trained with other settings than this command's ("
+                             + "; ".join(changed) + "): delete it (or pass another workdir) "
+                             "to train it again.")
+        print(f"reusing {metrics_path}", flush=True)
+    else:
+        print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    with open(metrics_path, encoding="utf-8") as f:
+        return json.load(f)

@@ -1,0 +1,35 @@
+"""bench/runs.py: a finished run is reused only if it has the command's settings."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench.runs import train_or_reuse
+from tests.conftest import REPO
+
+ARGS = ["--flagfile=configs/fashion_mnist.cfg", "--epochs=2", "--tau=0.03"]
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    """A work directory as train.py leaves it, with a sentinel metrics.json."""
+    resolved = subprocess.run([sys.executable, "train.py", *ARGS, "--workdir=x", "--dry_run"],
+                              cwd=REPO, check=True, capture_output=True, text=True).stdout
+    config = dict(json.loads(resolved), num_replicas=1, data={"image_shape": [28, 28, 1]})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "metrics.json").write_text(json.dumps({"sentinel": 1}))
+    return tmp_path
+
+
+def test_reuses_a_run_of_the_same_settings(finished_run):
+    # No training happens (it would take minutes and rewrite metrics.json).
+    assert train_or_reuse(ARGS + ["--verbose=2"], str(finished_run)) == {"sentinel": 1}
+
+
+def test_refuses_a_run_of_other_settings(finished_run):
+    with pytest.raises(SystemExit, match=r"tau: 0\.03 -> 0\.05"):
+        train_or_reuse(ARGS[:-1], str(finished_run))
+    with pytest.raises(SystemExit, match="trained with other settings"):
+        train_or_reuse(ARGS + ["--batch_size=64"], str(finished_run))
