@@ -59,11 +59,11 @@ bench-quality: venv data
 	  --methods=grafit,coarse_ce,instance,fine_ce
 	$(PY) bench/plots.py --workdir=runs/quality --name=quality
 
-# Two seeds of grafit and coarse_ce, mean and spread (about 70 minutes; seed 0 is reused
-# from bench-quality when it has run).
+# Three seeds of grafit and coarse_ce, mean and spread (about 100 minutes; seed 0 is
+# reused from bench-quality when it has run).
 bench-seeds: venv data
 	$(PY) bench/quality.py --config=configs/fashion_mnist.cfg --methods=grafit,coarse_ce \
-	  --seeds=2 --name=quality_seeds --raw_pixels=false
+	  --seeds=3 --name=quality_seeds --raw_pixels=false
 
 # The same bench on the second coarse grouping (2 classes; about 40 minutes).
 bench-coarse2: venv data
@@ -74,7 +74,9 @@ bench-coarse2: venv data
 # it started from: the first default config (the path to the second); the second (crop
 # 0.8, InfoNCE, lambda 1: loss weight, temperatures, memory kind and size, instance
 # queue, views, retrieval layer); the third (lambda 0.5, queue memory: jitter, learning
-# rate, batch size, and the coarse classifier under the same settings).
+# rate, batch size, and the coarse classifier under the same settings); the fourth (the
+# current one, batch 128: temperatures, and two options beyond the paper: same-coarse
+# InfoNCE negatives and local crops).
 bench-ablation: venv data
 	$(PY) bench/ablation.py --epochs=2 --base=--crop_scale_min=0.35 --base=--instance_loss=byol \
 	  --base=--lambda_inst=1.0 --base=--batch_size=256 --base=--memory=full \
@@ -84,14 +86,20 @@ bench-ablation: venv data
 	  --name=ablation_current --variants=default,lambda_0.5,lambda_2,tau_0.1,instance_tau_0.2,instance_queue_4096,instance_queue_16384,memory_queue_8192,views_3,embedding_knn_head
 	$(PY) bench/ablation.py --epochs=2 --base=--batch_size=256 --workdir=runs/ablation_third \
 	  --name=ablation_third --variants=default,jitter_0,jitter_0.6,jitter_0.8,learning_rate_4e-3,batch_128,coarse_ce,coarse_ce_jitter_0
+	$(PY) bench/ablation.py --epochs=2 --workdir=runs/ablation_fourth --name=ablation_fourth \
+	  --variants=default,tau_0.03,instance_tau_0.05,negatives_same_coarse,local_crops_2
 
 # Full-length (10-epoch) runs of the instance-loss weight, the queue memory and batch 128
 # (20-27 minutes a row on idle cores; the first two rows are the grafit runs of
-# bench-quality for the second and third default configs, the last one its current one).
+# bench-quality for the second and third default configs, the last one its current one),
+# then of the two options beyond the paper around the current default (whose row is
+# bench-quality's grafit run).
 bench-ablation-full: venv data
 	$(PY) bench/ablation.py --epochs=10 --base=--lambda_inst=1.0 --base=--batch_size=256 \
 	  --base=--memory=full --workdir=runs/lambda_full --name=ablation_full \
 	  --variants=default,lambda_0.5,lambda_0.25,lambda_0.5_queue_8192,lambda_0.5_queue_8192_batch_128
+	$(PY) bench/ablation.py --epochs=10 --workdir=runs/full_fourth --name=ablation_full_fourth \
+	  --variants=default,negatives_same_coarse,local_crops_2
 
 clean:
 	rm -rf runs
