@@ -109,8 +109,8 @@ def train_dataset_fn(source, config, start_step=0):
     The dataset yields per-replica batches of `b = global_batch / replicas`:
     `{"views": [b, V, H, W, C] float32, "index": [b] int32, "label": [b] int32}`,
     from global step `start_step` to the end of training, plus `"local_views":
-    [b, L, s, s, C]` when the run uses `L = config.num_local_views` local crops. `label` is the coarse
-    label, or the fine label for the `fine_ce` oracle only.
+    [b, L, s, s, C]` when the run uses `L = config.num_local_views` local crops.
+    `label` is the coarse label, or the fine label for the `fine_ce` oracle only.
     """
     split = source.train
     num = len(split)
