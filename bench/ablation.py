@@ -43,7 +43,6 @@ VARIANTS = {
     "instance_infonce": ["--instance_loss=infonce"],
     "views_3": ["--num_views=3"],
     "local_crops_2": ["--local_crops=2"],
-    "local_crops_4": ["--local_crops=4"],
     "crop_0.6": ["--crop_scale_min=0.6"],
     "crop_0.8": ["--crop_scale_min=0.8"],
     "crop_1.0": ["--crop_scale_min=1.0"],
