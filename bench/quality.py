@@ -18,10 +18,9 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.runs import train_or_reuse  # noqa: E402
+from bench.runs import resolved_config, train_or_reuse  # noqa: E402
 from bench.sections import publish  # noqa: E402
 from grafit_tf import evaluation  # noqa: E402
-from grafit_tf.config import Config  # noqa: E402
 from grafit_tf.data import sources  # noqa: E402
 
 flags.DEFINE_string("config", "configs/fashion_mnist.cfg", "Flagfile shared by every method.")
@@ -48,7 +47,8 @@ def train(method, seed):
 
 def raw_pixel_metrics():
     """Cosine kNN on raw pixels: the floor every learned embedding must beat."""
-    config = config_from_flagfile()
+    # The shared config with the overrides (only its data options matter here).
+    config = resolved_config([f"--flagfile={FLAGS.config}", *FLAGS.override])
     source = sources.load(config)
 
     def flat(split):
@@ -60,21 +60,6 @@ def raw_pixel_metrics():
         flat(source.test), source.test.fine, source.test.coarse,
         k=config.eval_k, temperature=config.eval_temperature,
         num_fine=source.hierarchy.num_fine)
-
-
-def config_from_flagfile():
-    """The shared config with the overrides applied (data options only matter here)."""
-    values = {}
-    lines = open(os.path.join(ROOT, FLAGS.config), encoding="utf-8").read().splitlines()
-    for line in lines + list(FLAGS.override):
-        line = line.strip()
-        if line.startswith("--") and "=" in line:
-            key, value = line[2:].split("=", 1)
-            values[key] = value
-    fields = {f: type(getattr(Config(), f)) for f in Config().to_dict()}
-    cast = {k: (v.lower() in ("1", "true") if fields[k] is bool else fields[k](v))
-            for k, v in values.items() if k in fields}
-    return Config(**cast)
 
 
 def summarise(method, runs):

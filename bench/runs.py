@@ -12,6 +12,15 @@ sys.path.insert(0, ROOT)
 from grafit_tf.config import Config  # noqa: E402
 
 
+def resolved_config(args):
+    """The `Config` that `train.py <args>` trains with, resolved by train.py itself
+    (`--dry_run`: flagfiles, nested ones included, then overrides)."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args,
+                          "--workdir=unused", "--dry_run"],
+                         check=True, cwd=ROOT, capture_output=True, text=True).stdout
+    return Config.from_dict(json.loads(out))
+
+
 def train_or_reuse(args, workdir, reuse=True):
     """Runs `train.py <args> --workdir=<workdir>` and returns its `metrics.json`.
 
@@ -31,10 +40,8 @@ def train_or_reuse(args, workdir, reuse=True):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args, f"--workdir={workdir}"]
     metrics_path = os.path.join(workdir, "metrics.json")
     if reuse and os.path.isfile(metrics_path):
-        resolved = subprocess.run(cmd + ["--dry_run"], check=True, cwd=ROOT,
-                                  capture_output=True, text=True).stdout
         with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-            changed = Config.from_dict(json.loads(resolved)).differences(json.load(f))
+            changed = resolved_config(args).differences(json.load(f))
         if changed:
             raise SystemExit(f"{workdir} was trained with other settings than this command's ("
                              + "; ".join(changed) + "): delete it (or pass another workdir) "

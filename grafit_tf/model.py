@@ -157,9 +157,9 @@ class GrafitModel(keras.Model):
         b, v = tf.shape(views)[0], views.shape[1]
         x = _view_major(views)
 
-        def per_view(t):
+        def per_view(t, views=v):
             t = tf.cast(t, tf.float32)  # Losses and similarities in float32.
-            return tf.reshape(t, tf.concat([[v, b], tf.shape(t)[1:]], axis=0))
+            return tf.reshape(t, tf.concat([[views, b], tf.shape(t)[1:]], axis=0))
 
         feats = self.backbone(x, training=training)
         out = {}
@@ -176,9 +176,7 @@ class GrafitModel(keras.Model):
                 # A separate trunk call: another input size (and its own batch statistics).
                 local = self.backbone(_view_major(local_views), training=training)
                 local = self.predictor(self.projector(local, training=training), training=training)
-                out["local_pred"] = tf.cast(tf.reshape(
-                    local, tf.concat([[local_views.shape[1], b], tf.shape(local)[1:]], 0)),
-                    tf.float32)
+                out["local_pred"] = per_view(local, views=local_views.shape[1])
         if self.objective.cross_entropy:
             out["logits"] = per_view(self.classifier(feats, training=training))
         if self.objective.maskcon:

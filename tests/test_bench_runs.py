@@ -33,3 +33,13 @@ def test_refuses_a_run_of_other_settings(finished_run):
         train_or_reuse(ARGS[:-1], str(finished_run))
     with pytest.raises(SystemExit, match="trained with other settings"):
         train_or_reuse(ARGS + ["--batch_size=64"], str(finished_run))
+
+
+def test_resolved_config_follows_nested_flagfiles_and_overrides():
+    from bench.runs import resolved_config
+
+    config = resolved_config(["--flagfile=configs/fashion_mnist_coarse2.cfg", "--epochs=3"])
+    # coarse2.cfg includes the default config, then changes three settings of it.
+    assert config.coarse_map.endswith("fashion_mnist_coarse2.json")
+    assert (config.batch_size, config.memory, config.crop_scale_min) == (256, "full", 0.8)
+    assert config.epochs == 3
