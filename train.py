@@ -43,6 +43,12 @@ HELP = {
     "proj_hidden": "Hidden width of the heads (kNN head, projector, predictor).",
     "proj_dim": "Output width of the BYOL projector and predictor.",
     "embedding": "Retrieval embedding: trunk (pooled feature) or knn_head.",
+    "embedding_transform": "Fixed map of the L2-normalised embedding, fitted after training "
+                           "on the training images (no labels) and exported with the model: "
+                           "none (as in the paper), center (subtract their mean) or whiten "
+                           "(PCA whitening); the result is L2-normalised again.",
+    "whiten_shrinkage": "--embedding_transform=whiten: added to each eigenvalue, as a fraction "
+                        "of their mean, so the smallest directions are not blown up.",
     "tau": "Temperature of the kNN (NCA) loss.",
     "memory": "Memory of the kNN loss: full (a slot per image) or queue (FIFO).",
     "memory_momentum": "mu in m_i <- normalise(mu m_i + (1 - mu) z_i) (full memory).",

@@ -18,10 +18,10 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench import raw_pixels  # noqa: E402
 from bench.runs import resolved_config, train_or_reuse  # noqa: E402
 from bench.sections import publish  # noqa: E402
 from grafit_tf import evaluation  # noqa: E402
-from grafit_tf.data import sources  # noqa: E402
 
 flags.DEFINE_string("config", "configs/fashion_mnist.cfg", "Flagfile shared by every method.")
 flags.DEFINE_list("methods", ["grafit", "coarse_ce", "instance", "fine_ce"], "Methods to train.")
@@ -43,23 +43,6 @@ def train(method, seed):
     return train_or_reuse([f"--flagfile={FLAGS.config}", f"--method={method}", f"--seed={seed}",
                            "--verbose=2", *FLAGS.override],
                           os.path.join(FLAGS.workdir, f"{method}_seed{seed}"), FLAGS.reuse)
-
-
-def raw_pixel_metrics():
-    """Cosine kNN on raw pixels: the floor every learned embedding must beat."""
-    # The shared config with the overrides (only its data options matter here).
-    config = resolved_config([f"--flagfile={FLAGS.config}", *FLAGS.override])
-    source = sources.load(config)
-
-    def flat(split):
-        x = split.images.reshape(len(split), -1).astype(np.float32)
-        return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
-
-    return evaluation.knn_metrics(
-        flat(source.train), source.train.fine, source.train.coarse,
-        flat(source.test), source.test.fine, source.test.coarse,
-        k=config.eval_k, temperature=config.eval_temperature,
-        num_fine=source.hierarchy.num_fine)
 
 
 def summarise(method, runs):
@@ -91,7 +74,9 @@ def main(argv):
         runs = [train(method, seed) for seed in range(FLAGS.seeds)]
         rows.append(summarise(method, runs))
     if FLAGS.raw_pixels:
-        rows.append(dict(method="raw pixels", seeds=1, **raw_pixel_metrics()))
+        # The shared config with the overrides (only its data and evaluation options matter).
+        config = resolved_config([f"--flagfile={FLAGS.config}", *FLAGS.override])
+        rows.append(dict(method="raw pixels", seeds=1, **raw_pixels.raw_pixel_metrics(config)))
     command = "python bench/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     publish(FLAGS.name, command, rows, markdown(rows), update=FLAGS.update_benchmarks,
             extra={"config": FLAGS.config, "overrides": FLAGS.override})

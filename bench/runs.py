@@ -21,12 +21,33 @@ def resolved_config(args):
     return Config.from_dict(json.loads(out))
 
 
+def check_reusable(args, workdir):
+    """Raises `SystemExit` unless `workdir`'s finished run has the settings `args`
+    resolve to (`train.py --dry_run`).
+
+    Returns:
+        The run's `metrics.json` path.
+    """
+    metrics_path = os.path.join(workdir, "metrics.json")
+    if not os.path.isfile(metrics_path):
+        raise SystemExit(f"{workdir}: no finished run there (train it first: "
+                         f"python train.py {' '.join(shlex.quote(a) for a in args)} "
+                         f"--workdir={workdir}).")
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+        changed = resolved_config(args).differences(json.load(f))
+    if changed:
+        raise SystemExit(f"{workdir} was trained with other settings than this command's ("
+                         + "; ".join(changed) + "): delete it (or pass another workdir) "
+                         "to train it again.")
+    return metrics_path
+
+
 def train_or_reuse(args, workdir, reuse=True):
     """Runs `train.py <args> --workdir=<workdir>` and returns its `metrics.json`.
 
     With `reuse`, a work directory that already holds `metrics.json` is not
     trained again, but only if its `config.json` has the settings these `args`
-    resolve to (`train.py --dry_run`): a run left over from an earlier default
+    resolve to (`check_reusable`): a run left over from an earlier default
     config must not slip into a table that claims the current one.
 
     Args:
@@ -40,12 +61,7 @@ def train_or_reuse(args, workdir, reuse=True):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args, f"--workdir={workdir}"]
     metrics_path = os.path.join(workdir, "metrics.json")
     if reuse and os.path.isfile(metrics_path):
-        with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-            changed = resolved_config(args).differences(json.load(f))
-        if changed:
-            raise SystemExit(f"{workdir} was trained with other settings than this command's ("
-                             + "; ".join(changed) + "): delete it (or pass another workdir) "
-                             "to train it again.")
+        check_reusable(args, workdir)
         print(f"reusing {metrics_path}", flush=True)
     else:
         print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)

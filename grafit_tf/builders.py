@@ -119,7 +119,8 @@ def build_optimizer(config, total_steps, steps_per_epoch):
     return optimizer
 
 
-def build_embedder(model):
-    """Trunk (+ kNN head) + L2 normalisation: the model that is exported."""
+def build_embedder(model, transform="none"):
+    """Trunk (+ kNN head) + L2 normalisation (+ `--embedding_transform`'s map): the model
+    that is exported."""
     head = model.knn_head if model.embed_with_head else None
-    return heads.embedder(model.backbone, head, model.image_shape)
+    return heads.embedder(model.backbone, head, model.image_shape, transform=transform != "none")

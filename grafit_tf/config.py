@@ -22,6 +22,7 @@ BACKBONES = ("small_resnet", "resnet18", "resnet50", "regnety8gf")
 OPTIMIZERS = ("adamw", "sgd")
 MEMORIES = ("full", "queue")
 EMBEDDINGS = ("trunk", "knn_head")
+EMBEDDING_TRANSFORMS = ("none", "center", "whiten")  # grafit_tf.embedding_transform
 DISTRIBUTE = ("auto", "none", "mirrored", "multi_worker")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 AUGMENTS = ("auto", "grayscale_small", "rgb")
@@ -62,6 +63,8 @@ class Config:
     proj_hidden: int = 512
     proj_dim: int = 128
     embedding: str = "trunk"
+    embedding_transform: str = "none"
+    whiten_shrinkage: float = 0.1
 
     # Losses.
     tau: float = 0.05
@@ -165,6 +168,9 @@ class Config:
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("memory", self.memory, MEMORIES)
         _one_of("embedding", self.embedding, EMBEDDINGS)
+        _one_of("embedding_transform", self.embedding_transform, EMBEDDING_TRANSFORMS)
+        if self.whiten_shrinkage < 0:
+            raise UserError(f"--whiten_shrinkage={self.whiten_shrinkage}: must be >= 0.")
         _one_of("distribute", self.distribute, DISTRIBUTE)
         _one_of("augment", self.augment, AUGMENTS)
         _one_of("mixed_precision", self.mixed_precision, PRECISIONS)

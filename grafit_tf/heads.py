@@ -3,6 +3,8 @@
 import keras
 from keras import layers
 
+TRANSFORM_LAYER = "embedding_transform"
+
 
 def mlp(hidden, out, name, sync_bn=False, use_bn=True):
     """Linear -> BN -> ReLU -> Linear: BYOL's projector / predictor shape.
@@ -22,7 +24,7 @@ def classifier(num_classes, name="classifier"):
     return layers.Dense(num_classes, name=name)
 
 
-def embedder(backbone, head=None, image_shape=None, name="embedder"):
+def embedder(backbone, head=None, image_shape=None, transform=False, name="embedder"):
     """The exported model: image `[N, H, W, C]` (0..255) -> unit vector `[N, D]`.
 
     Args:
@@ -30,9 +32,17 @@ def embedder(backbone, head=None, image_shape=None, name="embedder"):
         head: an optional head applied before normalisation (`--embedding=knn_head`).
         image_shape: `(H, W, C)` the embedder takes (None: the trunk's input shape;
             given when the trunk takes any size, for local crops).
+        transform: add the frozen affine map of `--embedding_transform` (a `Dense`
+            layer named `TRANSFORM_LAYER`, the identity until the trainer fits it;
+            see `grafit_tf.embedding_transform`) between two L2 normalisations.
     """
     inputs = keras.Input(tuple(image_shape or backbone.input_shape[1:]), name="image")
     x = backbone(inputs)
     if head is not None:
         x = head(x)
+    if transform:
+        x = layers.UnitNormalization(axis=-1, name="l2_normalize_features")(x)
+        # A plain Dense layer: every Keras, SavedModel and ONNX reader knows it.
+        x = layers.Dense(x.shape[-1], kernel_initializer="identity", trainable=False,
+                         dtype="float32", name=TRANSFORM_LAYER)(x)
     return keras.Model(inputs, layers.UnitNormalization(axis=-1, name="l2_normalize")(x), name=name)

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 import grafit_tf
-from grafit_tf import builders, checkpointing, evaluation, heads
+from grafit_tf import builders, checkpointing, embedding_transform, evaluation, heads
 from grafit_tf.data import pipeline, sources
 from grafit_tf.distribute import is_chief, make_strategy
 from grafit_tf.errors import UserError
@@ -67,8 +67,24 @@ def embed(embedder, split, source, batch_size=512):
 
 
 def evaluate(embedder, source, config):
-    """The protocol of `grafit_tf.evaluation` on the test split."""
-    train_emb = embed(embedder, source.train, source)
+    """The protocol of `grafit_tf.evaluation` on the test split.
+
+    With `--embedding_transform`, first fits the embedder's map on the training
+    split's embeddings (images only) and sets it, so the embedder that is saved
+    and exported is the one that was scored.
+    """
+    if config.embedding_transform == "none":
+        train_emb = embed(embedder, source.train, source)
+    else:
+        layer = embedder.get_layer(heads.TRANSFORM_LAYER)
+        dim = layer.kernel.shape[0]
+        layer.set_weights([np.eye(dim, dtype=np.float32), np.zeros(dim, np.float32)])
+        features = embed(embedder, source.train, source)  # The identity map: normalise(f(x)).
+        mean, projection = embedding_transform.fit(features, config.embedding_transform,
+                                                   config.whiten_shrinkage)
+        layer.set_weights(embedding_transform.dense_weights(mean, projection))
+        # The same map in NumPy: cheaper than embedding the training split again.
+        train_emb = embedding_transform.apply(features, mean, projection)
     test_emb = embed(embedder, source.test, source)
     return evaluation.knn_metrics(
         train_emb, source.train.fine, source.train.coarse,
@@ -162,7 +178,7 @@ def run(config, workdir):
         model.compile(optimizer=builders.build_optimizer(config, total_steps, spe),
                       jit_compile=bool(config.jit_compile))
         model.optimizer.build(model.trainable_variables)
-        embedder = builders.build_embedder(model)
+        embedder = builders.build_embedder(model, config.embedding_transform)
     start_step = checkpointing.restore(model, ckpt_dir)
     if start_step:
         print(f"Resuming from step {start_step} of {total_steps} ({ckpt_dir}).", flush=True)

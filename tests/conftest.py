@@ -52,7 +52,8 @@ def tiny_export(tiny_workdir):
 
 @pytest.fixture(scope="session")
 def rgb_workdir(tmp_path_factory):
-    """A work directory with an (untrained) RGB embedder, resize 'resize_center_crop'.
+    """A work directory with an (untrained) RGB embedder, resize 'resize_center_crop',
+    ending in a (random) `--embedding_transform` map.
 
     Its data is a small image_folder dataset of smooth RGB pictures of varied
     sizes (64 training images, enough for the export's parity check).
@@ -77,7 +78,8 @@ def rgb_workdir(tmp_path_factory):
             folder.mkdir(parents=True, exist_ok=True)
             h, w = (int(v) for v in rng.integers(24, 90, 2))
             Image.fromarray(rgb_picture(rng, h, w)).save(folder / f"{i:03d}.png")
-    config = Config(dataset="image_folder", data_dir=str(data), image_size=32, width=4)
+    config = Config(dataset="image_folder", data_dir=str(data), image_size=32, width=4,
+                    embedding_transform="whiten")
     source = sources.load(config)
     trunk = backbones.small_resnet(source.image_shape, source.mean, source.std, width=4)
     # Non-trivial batch-norm statistics, so that the embedding depends on the input.
@@ -86,7 +88,13 @@ def rgb_workdir(tmp_path_factory):
             mean, var = layer.moving_mean, layer.moving_variance
             mean.assign(rng.normal(0, 0.5, mean.shape).astype(np.float32))
             var.assign(rng.uniform(0.5, 2.0, var.shape).astype(np.float32))
-    heads.embedder(trunk).save(str(root / "embedder.keras"))
+    # With --embedding_transform's frozen map (random here), so the export covers it.
+    embedder = heads.embedder(trunk, transform=True)
+    transform = embedder.get_layer(heads.TRANSFORM_LAYER)
+    dim = transform.kernel.shape[0]
+    transform.set_weights([rng.normal(0, 1, (dim, dim)).astype(np.float32),
+                           rng.normal(0, 0.1, dim).astype(np.float32)])
+    embedder.save(str(root / "embedder.keras"))
     with open(root / "config.json", "w", encoding="utf-8") as f:
         json.dump(dict(config.to_dict(), version=grafit_tf.__version__,
                        data=sources.describe(source)), f)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from bench.runs import train_or_reuse
+from bench.runs import check_reusable, train_or_reuse
 from tests.conftest import REPO
 
 ARGS = ["--flagfile=configs/fashion_mnist.cfg", "--epochs=2", "--tau=0.03"]
@@ -43,3 +43,9 @@ def test_resolved_config_follows_nested_flagfiles_and_overrides():
     assert config.coarse_map.endswith("fashion_mnist_coarse2.json")
     assert (config.batch_size, config.memory, config.crop_scale_min) == (256, "full", 0.8)
     assert config.epochs == 3
+
+
+def test_check_reusable_needs_a_finished_run(finished_run, tmp_path):
+    assert check_reusable(ARGS, str(finished_run)).endswith("metrics.json")
+    with pytest.raises(SystemExit, match="no finished run there"):
+        check_reusable(ARGS, str(tmp_path / "absent"))

@@ -63,6 +63,8 @@ def test_flags_after_flagfile_override(monkeypatch):
     (dict(num_views=1, method="instance"), "--num_views"),
     (dict(num_views=0, method="coarse_ce"), "--num_views"),
     (dict(embedding="knn_head", method="coarse_ce"), "--embedding"),
+    (dict(embedding_transform="pca"), "--embedding_transform"),
+    (dict(embedding_transform="whiten", whiten_shrinkage=-1.0), "--whiten_shrinkage"),
 ])
 def test_validate_rejects(changes, needle):
     with pytest.raises(UserError, match=needle):

@@ -15,7 +15,9 @@ from tests.conftest import REPO
 METHODS = ["grafit", "coarse_ce", "instance", "fine_ce", "grafit_maskcon", "grafit+bn"]
 
 
-@pytest.mark.parametrize("replicas", [2, 4])
+# Four replicas, not also two: the gathering order over more than two shards is the
+# harder case, and each replica count costs the suite about a minute.
+@pytest.mark.parametrize("replicas", [4])
 def test_one_step_matches_single_device(replicas):
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "tests", "replicas_worker.py"), str(replicas),

@@ -5,8 +5,11 @@ parses it, then shrunk (32 px images, batches of 8, one epoch, narrow heads) and
 trained and evaluated on `tfds.testing.mock_data`, with the config's own method,
 trunk, optimizer, memory, augmentation and evaluation protocol. The transfer
 configs start (`--init_from`) from the work directory of the mocked
-`inaturalist2018.cfg` run, as their headers say they do. Without data each
-config stops with the one-line `tfds build` hint.
+`inaturalist2018.cfg` run, as their headers say they do; `food101.cfg` is trained,
+and the three others, which include it, are checked to differ from it only in their
+data set and schedule (their data sets' pipelines are run by `test_tfds_sources`):
+training each RegNetY-8GF again would cost the suite three minutes. Without data
+each config stops with the one-line `tfds build` hint.
 """
 
 import glob
@@ -24,6 +27,9 @@ from tests.test_config import parse
 PAPER_CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "configs", "*.cfg"))
                        if not os.path.basename(p).startswith("fashion_mnist"))
 TRANSFER = ("food101.cfg", "flowers102.cfg", "cars196.cfg", "cub200.cfg")
+TRAINED_TRANSFER = "food101.cfg"
+# What a transfer config may change from food101.cfg (after SHRINK).
+TRANSFER_OWN = {"dataset", "learning_rate", "warmup_epochs"}
 PRETRAIN = "inaturalist2018.cfg"
 # Only sizes change; `init_from` is set per test.
 SHRINK = dict(image_size=32, batch_size=8, epochs=1, proj_hidden=16, knn_dim=8, proj_dim=8,
@@ -76,14 +82,22 @@ def test_coarse_to_fine_config_runs(name, tmp_path, monkeypatch):
     assert saved["backbone"] == config.backbone and saved["dataset"] == config.dataset
 
 
-@pytest.mark.parametrize("name", TRANSFER)
-def test_transfer_config_runs_from_the_pretrained_run(name, pretrained, tmp_path, monkeypatch):
+def test_transfer_config_runs_from_the_pretrained_run(pretrained, tmp_path, monkeypatch):
     workdir, _ = pretrained
-    config = load(name, monkeypatch, tfds_data_dir=str(tmp_path / "tfds"), init_from=workdir)
-    assert config.method == "finetune" and config.backbone == "regnety8gf", name
+    config = load(TRAINED_TRANSFER, monkeypatch, tfds_data_dir=str(tmp_path / "tfds"),
+                  init_from=workdir)
+    assert config.method == "finetune" and config.backbone == "regnety8gf"
     with mocked():
         metrics = trainer.train_and_evaluate(config, str(tmp_path / "run"))
     assert 0.0 <= metrics["fine_top1"] <= 1.0 and metrics["method"] == "finetune"
+
+
+@pytest.mark.parametrize("name", [n for n in TRANSFER if n != TRAINED_TRANSFER])
+def test_other_transfer_configs_are_the_trained_one_on_other_data(name, monkeypatch):
+    trained = load(TRAINED_TRANSFER, monkeypatch).to_dict()
+    config = load(name, monkeypatch).to_dict()
+    changed = {k for k in config if config[k] != trained[k]}
+    assert "dataset" in changed and changed <= TRANSFER_OWN, (name, changed)
 
 
 @pytest.mark.parametrize("name", PAPER_CONFIGS)

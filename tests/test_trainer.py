@@ -152,3 +152,32 @@ def test_resuming_with_other_settings_is_refused(tiny_workdir, tiny_config):
                             tiny_workdir)
     with pytest.raises(UserError, match=r"lambda_inst: 1\.0 -> 0\.5"):
         trainer.check_resumable(tiny_config.replace(lambda_inst=0.5), tiny_workdir)
+
+
+def test_embedding_transform_is_fitted_scored_and_saved(tiny_config, tmp_path):
+    """--embedding_transform=whiten: the saved embedder applies the map that was fitted
+    on the training embeddings, and metrics.json scores exactly that map."""
+    from grafit_tf import embedding_transform, evaluation, heads, trainer
+    from grafit_tf.data import sources
+
+    config = tiny_config.replace(embedding_transform="whiten", max_train_examples=256,
+                                 max_eval_examples=128)
+    metrics = trainer.train_and_evaluate(config, str(tmp_path))
+    source = sources.load(config)
+    embedder = keras.saving.load_model(str(tmp_path / "embedder.keras"))
+    train = trainer.embed(embedder, source.train, source)
+    test = trainer.embed(embedder, source.test, source)
+    layer = embedder.get_layer(heads.TRANSFORM_LAYER)
+    assert np.abs(layer.get_weights()[1]).max() > 1e-3  # Fitted: not the identity.
+    # The map in NumPy, fitted on the same embedder's un-mapped training embeddings.
+    layer.set_weights([np.eye(layer.kernel.shape[0], dtype=np.float32),
+                       np.zeros(layer.kernel.shape[0], np.float32)])
+    features = trainer.embed(embedder, source.train, source)
+    mapped = embedding_transform.apply(
+        features, *embedding_transform.fit(features, "whiten", config.whiten_shrinkage))
+    # Similarities do not depend on the eigenvectors' signs.
+    np.testing.assert_allclose(mapped @ mapped.T, train @ train.T, atol=1e-4)
+    want = evaluation.knn_metrics(train, source.train.fine, source.train.coarse, test,
+                                  source.test.fine, source.test.coarse, num_fine=10)
+    for key in ("fine_knn_top1", "fine_recall_at_1", "coarse_knn_top1"):
+        assert metrics[key] == pytest.approx(want[key], abs=1.5 / 128), key

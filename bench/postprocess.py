@@ -1,0 +1,113 @@
+"""The same trained runs scored under each `--embedding_transform` (no training).
+
+    python bench/postprocess.py --methods=grafit,coarse_ce,instance,fine_ce --seeds=3
+
+Reads the finished runs of `bench/quality.py` (`runs/quality/<method>_seed<S>`,
+checked to have the config's settings, as the quality bench checks them), embeds
+the training and test splits once with each saved `embedder.keras`, then fits
+and applies each transform (on the training embeddings, no labels) and scores it
+with the evaluation protocol; raw pixels get the same maps. Writes
+`bench/results/<name>.json` and a section of `BENCHMARKS.md`.
+"""
+
+import os
+import shlex
+import sys
+
+import numpy as np
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench import raw_pixels  # noqa: E402
+from bench.runs import check_reusable, resolved_config  # noqa: E402
+from bench.sections import publish  # noqa: E402
+from grafit_tf import embedding_transform, evaluation  # noqa: E402
+from grafit_tf.data import sources  # noqa: E402
+
+flags.DEFINE_string("config", "configs/fashion_mnist.cfg", "Flagfile the runs were trained with.")
+flags.DEFINE_list("methods", ["grafit", "coarse_ce", "instance", "fine_ce"], "Methods to score.")
+flags.DEFINE_integer("seeds", 1, "Seeds per method (0..N-1), as trained by bench/quality.py.")
+flags.DEFINE_string("workdir", "runs/quality", "Root of bench/quality.py's work directories.")
+flags.DEFINE_list("transforms", list(embedding_transform.TRANSFORMS), "Transforms to compare.")
+flags.DEFINE_string("name", "postprocess", "Results name: bench/results/<name>.json and the "
+                    "BENCHMARKS.md section markers.")
+flags.DEFINE_bool("raw_pixels", True, "Add raw-pixel rows.")
+flags.DEFINE_bool("update_benchmarks", True, "Rewrite this table's section of BENCHMARKS.md.")
+FLAGS = flags.FLAGS
+
+METRICS = ("fine_knn_top1", "fine_knn_weighted_top1", "fine_recall_at_1", "coarse_knn_top1")
+COLUMNS = (("method", "method"), ("transform", "transform"),
+           ("fine_knn_top1", "fine kNN top-1"), ("fine_knn_weighted_top1", "fine kNN weighted (k=20)"),
+           ("fine_recall_at_1", "R@1"), ("coarse_knn_top1", "coarse kNN top-1"))
+
+
+def score(train, test, source, config):
+    """`{transform: metrics}` of one pair of L2-normalised embeddings `[N, D]`, `[Q, D]`."""
+    out = {}
+    for kind in FLAGS.transforms:
+        a, b = embedding_transform.fit_apply(train, test, kind, config.whiten_shrinkage)
+        out[kind] = evaluation.knn_metrics(
+            a, source.train.fine, source.train.coarse, b, source.test.fine,
+            source.test.coarse, k=config.eval_k, temperature=config.eval_temperature,
+            num_fine=source.hierarchy.num_fine)
+    return out
+
+
+def run_scores(method, seed, source, config):
+    """Scores of one finished run of bench/quality.py under every transform."""
+    import keras
+
+    from grafit_tf import trainer
+
+    args = [f"--flagfile={FLAGS.config}", f"--method={method}", f"--seed={seed}"]
+    workdir = os.path.join(FLAGS.workdir, f"{method}_seed{seed}")
+    check_reusable(args, workdir)
+    embedder = keras.saving.load_model(os.path.join(workdir, "embedder.keras"), compile=False)
+    train = trainer.embed(embedder, source.train, source)
+    test = trainer.embed(embedder, source.test, source)
+    print(f"embedded {workdir}", flush=True)
+    return score(train, test, source, config)
+
+
+def rows_of(method, runs):
+    """One row per transform: the mean over seeds, with the top-1's spread."""
+    rows = []
+    for kind in FLAGS.transforms:
+        row = {"method": method, "transform": kind, "seeds": len(runs)}
+        for key in METRICS:
+            values = np.array([r[kind][key] for r in runs])
+            row[key], row[f"{key}_std"] = float(values.mean()), float(values.std())
+        rows.append(row)
+    return rows
+
+
+def main(argv):
+    del argv
+    config = resolved_config([f"--flagfile={FLAGS.config}"])
+    if config.embedding_transform != "none":
+        raise SystemExit(f"{FLAGS.config} sets --embedding_transform: its runs' embedders "
+                         "already apply a map; score runs trained with none.")
+    source = sources.load(config)
+    rows = []
+    for method in FLAGS.methods:
+        rows += rows_of(method, [run_scores(method, s, source, config)
+                                 for s in range(FLAGS.seeds)])
+    if FLAGS.raw_pixels:
+        for kind in FLAGS.transforms:
+            rows.append(dict(method="raw pixels", transform=kind, seeds=1,
+                             **raw_pixels.raw_pixel_metrics(config, kind)))
+    body = evaluation.format_table(rows, COLUMNS)
+    if FLAGS.seeds > 1:
+        body += ("\n\nMean over seeds 0.." + str(FLAGS.seeds - 1) + "; spread (std) of fine "
+                 "top-1: " + "; ".join(f"{r['method']} {r['transform']} +/- "
+                                       f"{100 * r['fine_knn_top1_std']:.2f}"
+                                       for r in rows if r["seeds"] > 1) + ".")
+    command = "python bench/postprocess.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    publish(FLAGS.name, command, rows, body, update=FLAGS.update_benchmarks,
+            extra={"config": FLAGS.config})
+
+
+if __name__ == "__main__":
+    app.run(main)
