@@ -8,6 +8,7 @@ data is read, and raises `UserError` with one line saying what to change.
 import dataclasses
 import json
 
+from grafit_tf.embedding_transform import TRANSFORMS as EMBEDDING_TRANSFORMS
 from grafit_tf.errors import UserError
 
 METHODS = ("grafit", "coarse_ce", "instance", "fine_ce", "grafit_maskcon", "finetune")
@@ -22,7 +23,6 @@ BACKBONES = ("small_resnet", "resnet18", "resnet50", "regnety8gf")
 OPTIMIZERS = ("adamw", "sgd")
 MEMORIES = ("full", "queue")
 EMBEDDINGS = ("trunk", "knn_head")
-EMBEDDING_TRANSFORMS = ("none", "center", "whiten")  # grafit_tf.embedding_transform
 DISTRIBUTE = ("auto", "none", "mirrored", "multi_worker")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 AUGMENTS = ("auto", "grayscale_small", "rgb")
