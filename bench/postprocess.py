@@ -94,10 +94,10 @@ def main(argv):
     for method in FLAGS.methods:
         rows += rows_of(method, [run_scores(method, s, source, config)
                                  for s in range(FLAGS.seeds)])
-    if FLAGS.raw_pixels:
-        for kind in FLAGS.transforms:
-            rows.append(dict(method="raw pixels", transform=kind, seeds=1,
-                             **raw_pixels.raw_pixel_metrics(config, kind)))
+    if FLAGS.raw_pixels:  # Through the same maps, on the source already loaded.
+        scores = score(*raw_pixels.pixels(source), source, config)
+        rows += [dict(method="raw pixels", transform=kind, seeds=1, **scores[kind])
+                 for kind in FLAGS.transforms]
     body = evaluation.format_table(rows, COLUMNS)
     if FLAGS.seeds > 1:
         body += ("\n\nMean over seeds 0.." + str(FLAGS.seeds - 1) + "; spread (std) of fine "

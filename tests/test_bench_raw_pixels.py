@@ -24,7 +24,7 @@ def test_raw_pixels_get_the_same_map_as_learned_embeddings(fashion_dir):
         want[name] = evaluation.knn_metrics(a, source.train.fine, source.train.coarse, b,
                                             source.test.fine, source.test.coarse, num_fine=10)
     assert raw_pixel_metrics(config) == want["none"]  # The config's transform: none.
-    got = raw_pixel_metrics(config, "center")
+    got = raw_pixel_metrics(config.replace(embedding_transform="center"))
     for key in ("fine_knn_top1", "fine_recall_at_1", "coarse_knn_top1"):
         assert abs(got[key] - want["center"][key]) <= 1 / 300, key
     assert got["fine_knn_top1"] > 0.6  # Real images: far above the 10% of chance.
