@@ -63,6 +63,15 @@ HELP = {
     "instance_negatives": "Negatives of grafit's InfoNCE instance loss: all (every other image "
                           "of the batch) or same_coarse (only those of the query's coarse "
                           "class; an extension, not in the paper). Ignored by other methods.",
+    "instance_targets": "Target of grafit's InfoNCE instance loss: own (the query's own key, "
+                        "one-hot) or coarse_soft (MaskCon's soft target, an extension not in "
+                        "the paper: part of it spread over the batch's keys of the query's "
+                        "coarse class, by their similarity to the own key). Ignored by other "
+                        "methods.",
+    "soft_target_weight": "--instance_targets=coarse_soft: share w of the soft part of the "
+                          "target (1 - w stays on the own key).",
+    "soft_target_tau": "--instance_targets=coarse_soft: temperature of the key-to-key "
+                       "similarities that spread the soft part.",
     "maskcon_weight": "w in w * L_sup + (1 - w) * L_self of --method=grafit_maskcon.",
     "ema_decay": "Base EMA decay of the BYOL target (cosine-increased to 1).",
     "label_smoothing": "Label smoothing of the cross-entropy baselines.",

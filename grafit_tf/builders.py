@@ -23,6 +23,9 @@ def objective(config, total_steps):
         instance_tau=config.instance_tau,
         # Labels reach the instance loss in grafit only (`instance` is self-supervised).
         instance_negatives=config.instance_negatives if config.method == "grafit" else "all",
+        instance_targets=config.instance_targets if config.method == "grafit" else "own",
+        soft_target_weight=config.soft_target_weight,
+        soft_target_tau=config.soft_target_tau,
         maskcon_weight=config.maskcon_weight,
     )
 

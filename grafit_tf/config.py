@@ -14,6 +14,7 @@ from grafit_tf.errors import UserError
 METHODS = ("grafit", "coarse_ce", "instance", "fine_ce", "grafit_maskcon", "finetune")
 INSTANCE_LOSSES = ("byol", "infonce")
 INSTANCE_NEGATIVES = ("all", "same_coarse")
+INSTANCE_TARGETS = ("own", "coarse_soft")
 DATASETS = ("fashion_mnist", "image_folder",
             # TensorFlow Datasets (issue 6): coarse-to-fine, then fine labels only (transfer).
             "cifar100", "stanford_online_products", "i_naturalist2018", "cars196",
@@ -76,6 +77,9 @@ class Config:
     instance_tau: float = 0.1
     instance_queue: int = 0
     instance_negatives: str = "all"
+    instance_targets: str = "own"
+    soft_target_weight: float = 0.5
+    soft_target_tau: float = 0.1
     maskcon_weight: float = 0.5
     ema_decay: float = 0.99
     label_smoothing: float = 0.0
@@ -214,6 +218,15 @@ class Config:
             raise UserError(
                 "--instance_negatives=same_coarse restricts the in-batch negatives of "
                 "--instance_loss=infonce: use it with infonce and no --instance_queue.")
+        _one_of("instance_targets", self.instance_targets, INSTANCE_TARGETS)
+        if self.method == "grafit" and self.instance_targets == "coarse_soft" and (
+                self.instance_loss != "infonce"):
+            raise UserError("--instance_targets=coarse_soft spreads the target of "
+                            "--instance_loss=infonce: use it with infonce.")
+        if not 0.0 <= self.soft_target_weight <= 1.0 or self.soft_target_tau <= 0.0:
+            raise UserError(f"--soft_target_weight={self.soft_target_weight}, "
+                            f"--soft_target_tau={self.soft_target_tau}: need a weight in "
+                            "[0, 1] and a positive temperature.")
         if 0 < self.instance_queue < self.num_views * self.batch_size:
             raise UserError(
                 f"--instance_queue={self.instance_queue} is shorter than one step's keys "

@@ -83,7 +83,7 @@ def byol_loss(predictions, targets):
     return tf.reduce_mean(2.0 - 2.0 * tf.reduce_sum(p * t, axis=1))
 
 
-def info_nce_loss(queries, keys, tau, negatives=None, labels=None):
+def info_nce_loss(queries, keys, tau, negatives=None, labels=None, targets=None):
     """InfoNCE: query i's positive is key i; the other keys (and `negatives`) are negatives.
 
     Args:
@@ -97,6 +97,9 @@ def info_nce_loss(queries, keys, tau, negatives=None, labels=None):
             The coarse loss already separates the classes; this spends the
             instance loss on telling apart images *within* a class, which is
             where the fine classes are. Not with `negatives`.
+        targets: optional `[B, B]` target distribution over the keys (rows sum
+            to 1; `coarse_soft_targets`) instead of the one-hot own key; the
+            `negatives` get a target of 0.
     """
     logits = tf.matmul(queries, tf.stop_gradient(keys), transpose_b=True) / tau  # [B, B]
     if labels is not None:
@@ -108,10 +111,52 @@ def info_nce_loss(queries, keys, tau, negatives=None, labels=None):
     if negatives is not None:
         extra = tf.matmul(queries, tf.stop_gradient(negatives), transpose_b=True) / tau
         logits = tf.concat([logits, extra], axis=1)  # [B, B + K]
-    targets = tf.range(tf.shape(queries)[0])
+    if targets is not None:
+        targets = tf.stop_gradient(tf.cast(targets, logits.dtype))
+        targets = tf.pad(targets, [[0, 0], [0, tf.shape(logits)[1] - tf.shape(targets)[1]]])
+        return tf.reduce_mean(
+            tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits))
+    own = tf.range(tf.shape(queries)[0])
     return tf.reduce_mean(
-        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=own, logits=logits)
     )
+
+
+def coarse_soft_targets(keys, labels, tau, weight):
+    """MaskCon's soft instance targets (Feng and Patras, CVPR 2023), over a batch's keys.
+
+    The one-hot InfoNCE target treats every other image as a negative, even one
+    of the same fine class. MaskCon moves part of the target onto the keys of
+    the query's own coarse class that are close to its own key: the nearest
+    images within a coarse class are likely of the same fine class, and the
+    coarse label keeps the target off every other class. MaskCon draws the keys
+    from a MoCo queue; here they are the batch's.
+
+    Row i: `(1 - weight) * onehot(i) + weight * r_i / sum(r_i)`, where `r_ii = 1`,
+    `r_ij` for another key j of i's coarse class is the softmax over those keys
+    of `k_i . k_j / tau`, rescaled so that its largest entry is 1, and 0 for
+    keys of other coarse classes.
+
+    Args:
+        keys: `[B, D]` L2-normalised keys (target network; no gradient flows).
+        labels: `[B]` int coarse labels.
+        tau: temperature of the key-to-key similarities.
+        weight: share of the target given to the soft part (MaskCon's w).
+
+    Returns:
+        `[B, B]` float32, rows summing to 1.
+    """
+    keys = tf.stop_gradient(tf.cast(keys, tf.float32))
+    labels = tf.cast(labels, tf.int32)
+    eye = tf.eye(tf.shape(keys)[0], dtype=tf.bool)
+    others = tf.logical_and(tf.equal(labels[:, None], labels[None, :]), tf.logical_not(eye))
+    logits = tf.where(others, tf.matmul(keys, keys, transpose_b=True) / tau, _NEG_INF)
+    # A row without another key of its class gets no soft part: r_i = onehot(i).
+    soft = tf.where(others, tf.nn.softmax(logits, axis=-1), 0.0)
+    soft = tf.math.divide_no_nan(soft, tf.reduce_max(soft, axis=-1, keepdims=True))
+    relations = soft + tf.cast(eye, tf.float32)
+    relations /= tf.reduce_sum(relations, axis=-1, keepdims=True)
+    return (1.0 - weight) * tf.cast(eye, tf.float32) + weight * relations
 
 
 def cross_entropy(logits, labels, label_smoothing=0.0):

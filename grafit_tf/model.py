@@ -31,6 +31,9 @@ class Objective:
         instance_tau: temperature of infonce and of grafit_maskcon.
         instance_negatives: all | same_coarse (infonce negatives of the query's
             coarse class only).
+        instance_targets: own | coarse_soft (infonce's target spread over the
+            batch's keys of the query's coarse class, MaskCon-style).
+        soft_target_weight, soft_target_tau: w and temperature of coarse_soft.
         maskcon_weight: w of grafit_maskcon's supervised term.
     """
 
@@ -43,6 +46,9 @@ class Objective:
     instance_loss: str = "byol"
     instance_tau: float = 0.1
     instance_negatives: str = "all"
+    instance_targets: str = "own"
+    soft_target_weight: float = 0.5
+    soft_target_tau: float = 0.1
     maskcon_weight: float = 0.5
 
     @property
@@ -214,10 +220,18 @@ class GrafitModel(keras.Model):
         if self.objective.instance_loss == "infonce":
             tau = self.objective.instance_tau
             queue = None if self.instance_queue is None else self.instance_queue.embeddings
-            same = labels if self.objective.instance_negatives == "same_coarse" else None
-            return lambda p, t: losses.info_nce_loss(
-                tf.math.l2_normalize(p, -1), tf.math.l2_normalize(t, -1), tau, negatives=queue,
-                labels=same)
+            obj = self.objective
+            same = labels if obj.instance_negatives == "same_coarse" else None
+
+            def loss(p, t):
+                t = tf.math.l2_normalize(t, -1)
+                soft = None
+                if obj.instance_targets == "coarse_soft":
+                    soft = losses.coarse_soft_targets(t, labels, obj.soft_target_tau,
+                                                      obj.soft_target_weight)
+                return losses.info_nce_loss(tf.math.l2_normalize(p, -1), t, tau,
+                                            negatives=queue, labels=same, targets=soft)
+            return loss
         return losses.byol_loss
 
     def objective_weight(self):

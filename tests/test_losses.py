@@ -161,6 +161,59 @@ def test_info_nce_same_coarse_negatives_matches_reference(rng):
         losses.info_nce_loss(q, k, 0.1, negatives=k, labels=labels)
 
 
+def maskcon_targets_reference(k, labels, tau, w):
+    """MaskCon's soft labels (its models/model.py), with the batch's other keys as the queue."""
+    out = np.zeros((len(k), len(k)))
+    for i in range(len(k)):
+        others = [j for j in range(len(k)) if j != i and labels[j] == labels[i]]
+        z = np.zeros(len(k))
+        z[i] = 1.0
+        if others:
+            logits = k[others] @ k[i] / tau
+            soft = np.exp(logits - logits.max())
+            soft /= soft.sum()
+            z[others] = soft / soft.max()  # "rescale by maximum"
+        z /= z.sum()
+        out[i] = w * z + (1 - w) * np.eye(len(k))[i]
+    return out
+
+
+def test_coarse_soft_targets_match_maskcon_reference(rng):
+    k = _unit(rng.normal(size=(6, 4))).astype(np.float32)
+    labels = np.array([0, 1, 0, 0, 1, 2])  # Image 5 is alone in its class.
+    got = losses.coarse_soft_targets(k, labels, 0.1, 0.5).numpy()
+    np.testing.assert_allclose(got, maskcon_targets_reference(k, labels, 0.1, 0.5), atol=1e-6)
+    np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-6)
+    assert got[5, 5] == 1.0 and got[0, 1] == 0.0  # Alone: one-hot; other class: 0.
+    # Weight 0 is the one-hot target: the loss is plain InfoNCE.
+    q = _unit(rng.normal(size=(6, 4))).astype(np.float32)
+    one_hot = losses.coarse_soft_targets(k, labels, 0.1, 0.0)
+    np.testing.assert_allclose(one_hot.numpy(), np.eye(6), atol=1e-7)
+    np.testing.assert_allclose(losses.info_nce_loss(q, k, 0.1, targets=one_hot).numpy(),
+                               losses.info_nce_loss(q, k, 0.1).numpy(), rtol=1e-6)
+
+
+def test_info_nce_with_soft_targets_matches_reference(rng):
+    q = _unit(rng.normal(size=(5, 4))).astype(np.float32)
+    k = _unit(rng.normal(size=(5, 4))).astype(np.float32)
+    queue = _unit(rng.normal(size=(3, 4))).astype(np.float32)
+    labels = np.array([0, 1, 0, 0, 1])
+    targets = maskcon_targets_reference(k, labels, 0.1, 0.5)
+    logits = np.concatenate([q @ k.T, q @ queue.T], axis=1) / 0.2
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    want = -np.mean((targets * logp[:, :5]).sum(1))  # The queue's targets are 0.
+    got = losses.info_nce_loss(q, k, 0.2, negatives=queue,
+                               targets=losses.coarse_soft_targets(k, labels, 0.1, 0.5))
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
+    # No gradient flows into the keys through the targets or the logits.
+    kv = tf.constant(k)
+    with tf.GradientTape() as tape:
+        tape.watch(kv)
+        loss = losses.info_nce_loss(q, kv, 0.2, targets=losses.coarse_soft_targets(
+            kv, labels, 0.1, 0.5))
+    assert tape.gradient(loss, kv) is None
+
+
 def test_cross_entropy_with_smoothing(rng):
     logits = rng.normal(size=(3, 4))
     labels = np.array([0, 3, 1])

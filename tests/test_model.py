@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from grafit_tf import builders
+from grafit_tf import builders, losses
 from grafit_tf.config import Config
 from tests.synthetic import synthetic_source
 
@@ -146,6 +146,51 @@ def test_same_coarse_negatives_reach_grafit_only():
     assert instance_loss("grafit", "same_coarse") < instance_loss("grafit", "all")
     # The self-supervised `instance` never reads the labels, whatever the flag says.
     assert instance_loss("instance", "same_coarse") == instance_loss("instance", "all")
+
+
+def test_coarse_soft_targets_reach_grafit_only():
+    source = synthetic_source()
+    data = batch(source)
+
+    def terms(method, targets, **extra):
+        config = small_config(method=method, instance_loss="infonce", instance_targets=targets,
+                              **extra)
+        tf.random.set_seed(0)
+        keras.utils.set_random_seed(0)
+        model = builders.build_model(config, source, total_steps=4)
+        out = model.forward(data["views"])
+        terms = model.loss_terms(out, data["label"], data["index"])
+        # The term: lambda x the mean over the two (view, other view's key) pairs
+        # of InfoNCE against MaskCon's targets built from the keys and coarse labels.
+        pairs = []
+        for i, j in ((0, 1), (1, 0)):
+            t = tf.math.l2_normalize(out["target"][j], -1)
+            soft = losses.coarse_soft_targets(t, data["label"], config.soft_target_tau,
+                                              config.soft_target_weight)
+            pairs.append(losses.info_nce_loss(tf.math.l2_normalize(out["pred"][i], -1), t,
+                                              config.instance_tau, targets=soft))
+        return float(terms["instance_loss"]), config.lambda_inst * float(np.mean(pairs))
+
+    got, want = terms("grafit", "coarse_soft")
+    assert got == pytest.approx(want, rel=1e-5)
+    assert got != pytest.approx(terms("grafit", "own")[0], rel=1e-3)
+    plain = terms("grafit", "own")[0]
+    # Weight 0 is the one-hot target.
+    assert terms("grafit", "coarse_soft", soft_target_weight=0.0)[0] == pytest.approx(plain)
+    # The self-supervised `instance` never reads the labels, whatever the flag says.
+    assert terms("instance", "coarse_soft")[0] == terms("instance", "own")[0]
+
+
+def test_coarse_soft_targets_need_infonce():
+    from grafit_tf.errors import UserError
+
+    with pytest.raises(UserError, match="coarse_soft"):
+        small_config(instance_targets="coarse_soft").validate()  # byol
+    with pytest.raises(UserError, match="soft_target"):
+        small_config(instance_loss="infonce", soft_target_weight=1.5).validate()
+    with pytest.raises(UserError, match="instance_targets"):
+        small_config(instance_targets="hard").validate()
+    small_config(instance_loss="infonce", instance_targets="coarse_soft").validate()
 
 
 def test_same_coarse_negatives_need_plain_infonce():
