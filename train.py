@@ -69,9 +69,9 @@ HELP = {
                         "coarse class, by their similarity to the own key). Ignored by other "
                         "methods.",
     "soft_target_weight": "--instance_targets=coarse_soft: share w of the soft part of the "
-                          "target (1 - w stays on the own key).",
+                          "target (1 - w stays on the own key; MaskCon's default 0.5).",
     "soft_target_tau": "--instance_targets=coarse_soft: temperature of the key-to-key "
-                       "similarities that spread the soft part.",
+                       "similarities that spread the soft part (MaskCon's default 0.05).",
     "maskcon_weight": "w in w * L_sup + (1 - w) * L_self of --method=grafit_maskcon.",
     "ema_decay": "Base EMA decay of the BYOL target (cosine-increased to 1).",
     "label_smoothing": "Label smoothing of the cross-entropy baselines.",

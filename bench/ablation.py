@@ -34,6 +34,7 @@ VARIANTS = {
     "instance_tau_0.05": ["--instance_tau=0.05"],
     "instance_tau_0.2": ["--instance_tau=0.2"],
     "negatives_same_coarse": ["--instance_negatives=same_coarse"],
+    "soft_targets": ["--instance_targets=coarse_soft"],
     "instance_queue_4096": ["--instance_queue=4096"],
     "instance_queue_16384": ["--instance_queue=16384"],
     "memory_queue_8192": ["--memory=queue", "--queue_size=8192"],

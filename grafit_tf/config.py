@@ -79,7 +79,7 @@ class Config:
     instance_negatives: str = "all"
     instance_targets: str = "own"
     soft_target_weight: float = 0.5
-    soft_target_tau: float = 0.1
+    soft_target_tau: float = 0.05
     maskcon_weight: float = 0.5
     ema_decay: float = 0.99
     label_smoothing: float = 0.0

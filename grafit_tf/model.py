@@ -48,7 +48,7 @@ class Objective:
     instance_negatives: str = "all"
     instance_targets: str = "own"
     soft_target_weight: float = 0.5
-    soft_target_tau: float = 0.1
+    soft_target_tau: float = 0.05
     maskcon_weight: float = 0.5
 
     @property
