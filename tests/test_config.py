@@ -48,6 +48,13 @@ def test_baseline_configs_exist_and_differ_only_by_method(monkeypatch):
         assert other == base.replace(method=method)
 
 
+def test_full_config_is_the_default_with_a_wider_trunk(monkeypatch):
+    monkeypatch.chdir(REPO)
+    base = parse(["--flagfile=configs/fashion_mnist.cfg", "--workdir=/tmp/x"])
+    full = parse(["--flagfile=configs/fashion_mnist_full.cfg", "--workdir=/tmp/x"])
+    assert full == base.replace(width=32)
+
+
 def test_flags_after_flagfile_override(monkeypatch):
     monkeypatch.chdir(REPO)
     config = parse(["--flagfile=configs/fashion_mnist.cfg", "--workdir=/tmp/x", "--epochs=1",
