@@ -218,9 +218,8 @@ class GrafitModel(keras.Model):
 
     def _instance_fn(self, labels):
         if self.objective.instance_loss == "infonce":
-            tau = self.objective.instance_tau
-            queue = None if self.instance_queue is None else self.instance_queue.embeddings
             obj = self.objective
+            queue = None if self.instance_queue is None else self.instance_queue.embeddings
             same = labels if obj.instance_negatives == "same_coarse" else None
 
             def loss(p, t):
@@ -229,7 +228,7 @@ class GrafitModel(keras.Model):
                 if obj.instance_targets == "coarse_soft":
                     soft = losses.coarse_soft_targets(t, labels, obj.soft_target_tau,
                                                       obj.soft_target_weight)
-                return losses.info_nce_loss(tf.math.l2_normalize(p, -1), t, tau,
+                return losses.info_nce_loss(tf.math.l2_normalize(p, -1), t, obj.instance_tau,
                                             negatives=queue, labels=same, targets=soft)
             return loss
         return losses.byol_loss
