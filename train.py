@@ -73,6 +73,10 @@ HELP = {
     "soft_target_tau": "--instance_targets=coarse_soft: temperature of the key-to-key "
                        "similarities that spread the soft part (MaskCon's default 0.05).",
     "maskcon_weight": "w in w * L_sup + (1 - w) * L_self of --method=grafit_maskcon.",
+    "koleo_weight": "Weight of a KoLeo term (Sablayrolles et al., ICLR 2019, as in DINOv2; "
+                    "an extension, not in the Grafit paper) that spreads each view's "
+                    "L2-normalised trunk features, the retrieval embedding, by pushing each "
+                    "image away from its nearest neighbour in the batch (0: off; any method).",
     "ema_decay": "Base EMA decay of the BYOL target (cosine-increased to 1).",
     "label_smoothing": "Label smoothing of the cross-entropy baselines.",
     "epochs": "Training epochs.",

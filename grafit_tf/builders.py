@@ -27,6 +27,7 @@ def objective(config, total_steps):
         soft_target_weight=config.soft_target_weight,
         soft_target_tau=config.soft_target_tau,
         maskcon_weight=config.maskcon_weight,
+        koleo_weight=config.koleo_weight,
     )
 
 

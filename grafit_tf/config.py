@@ -81,6 +81,7 @@ class Config:
     soft_target_weight: float = 0.5
     soft_target_tau: float = 0.05
     maskcon_weight: float = 0.5
+    koleo_weight: float = 0.0
     ema_decay: float = 0.99
     label_smoothing: float = 0.0
 
@@ -227,6 +228,8 @@ class Config:
             raise UserError(f"--soft_target_weight={self.soft_target_weight}, "
                             f"--soft_target_tau={self.soft_target_tau}: need a weight in "
                             "[0, 1] and a positive temperature.")
+        if self.koleo_weight < 0:
+            raise UserError(f"--koleo_weight={self.koleo_weight}: must be >= 0 (0: off).")
         if 0 < self.instance_queue < self.num_views * self.batch_size:
             raise UserError(
                 f"--instance_queue={self.instance_queue} is shorter than one step's keys "

@@ -159,6 +159,37 @@ def coarse_soft_targets(keys, labels, tau, weight):
     return (1.0 - weight) * tf.cast(eye, tf.float32) + weight * relations
 
 
+def koleo_loss(embeddings, eps=1e-8):
+    """KoLeo: the Kozachenko-Leonenko differential-entropy estimator, as a loss.
+
+    From "Spreading vectors for similarity search" (Sablayrolles, Douze, Schmid,
+    Jegou, ICLR 2019), the regulariser DINOv2 puts on its retrieval feature:
+
+        L = -mean_i log d_i,   d_i = || x_i - x_nn(i) ||,   nn(i) = argmax_{j != i} x_i . x_j
+
+    Maximising the log distance of each point to its nearest neighbour spreads
+    the batch over the sphere: it pushes the embedding away from one shared
+    direction and into more of its dimensions, which a cosine nearest-neighbour
+    search then uses (an extension, not in the Grafit paper).
+
+    Args:
+        embeddings: `[B, D]` L2-normalised, B >= 2 (the images of one view: two views
+            of one image would be each other's nearest neighbours).
+        eps: inside the square root, so that two identical points give a finite
+            loss and a zero (not NaN) gradient.
+
+    Returns:
+        Scalar: the mean over the B points.
+    """
+    x = tf.cast(embeddings, tf.float32)
+    similarity = tf.matmul(x, x, transpose_b=True)  # [B, B]
+    # -3 < any cosine: a point is never its own neighbour.
+    similarity = tf.linalg.set_diag(similarity, tf.fill(tf.shape(x)[:1], -3.0))
+    nearest = tf.gather(x, tf.argmax(similarity, axis=1))  # The index carries no gradient.
+    distance = tf.sqrt(tf.reduce_sum(tf.square(x - nearest), axis=1) + eps)
+    return -tf.reduce_mean(tf.math.log(distance))
+
+
 def cross_entropy(logits, labels, label_smoothing=0.0):
     """Softmax cross-entropy, mean over the batch.
 

@@ -35,6 +35,8 @@ class Objective:
             batch's keys of the query's coarse class, MaskCon-style).
         soft_target_weight, soft_target_tau: w and temperature of coarse_soft.
         maskcon_weight: w of grafit_maskcon's supervised term.
+        koleo_weight: weight of the KoLeo spreading term on the retrieval
+            feature (any method; 0: off).
     """
 
     method: str = "grafit"
@@ -50,6 +52,7 @@ class Objective:
     soft_target_weight: float = 0.5
     soft_target_tau: float = 0.05
     maskcon_weight: float = 0.5
+    koleo_weight: float = 0.0
 
     @property
     def nca(self):
@@ -68,6 +71,10 @@ class Objective:
         return self.method == "grafit_maskcon"
 
     @property
+    def koleo(self):
+        return self.koleo_weight > 0
+
+    @property
     def ema_target(self):
         return self.instance or self.maskcon
 
@@ -81,6 +88,8 @@ class Objective:
             names.append("ce_loss")
         if self.maskcon:
             names.append("maskcon_loss")
+        if self.koleo:
+            names.append("koleo_loss")
         return names
 
 
@@ -157,8 +166,9 @@ class GrafitModel(keras.Model):
 
         Returns:
             A dict of `[V, b, ...]` float32 tensors: `knn` (normalised), `pred`,
-            `target`, `logits`, for the active branches, and `local_pred`
-            `[L, b, P]` with local views.
+            `target`, `logits`, `feature` (the normalised trunk feature, for
+            KoLeo), for the active branches, and `local_pred` `[L, b, P]` with
+            local views.
         """
         b, v = tf.shape(views)[0], views.shape[1]
         x = _view_major(views)
@@ -169,6 +179,8 @@ class GrafitModel(keras.Model):
 
         feats = self.backbone(x, training=training)
         out = {}
+        if self.objective.koleo:  # The retrieval embedding of `call()`, per view.
+            out["feature"] = tf.math.l2_normalize(per_view(feats), -1)
         if self.objective.nca:
             out["knn"] = tf.math.l2_normalize(per_view(self.knn_head(feats, training=training)), -1)
         if self.objective.instance:
@@ -214,6 +226,13 @@ class GrafitModel(keras.Model):
             terms["maskcon_loss"] = losses.queue_contrastive_loss(
                 out["query"][0], out["key"][1], labels, self.memory.embeddings,
                 self.memory.labels, self.objective.instance_tau, self.objective.maskcon_weight)
+        if self.objective.koleo:
+            # Within each view: two views of one image would be each other's neighbours.
+            # Under a strategy the neighbour is searched in the replica's batch, as DINOv2 does.
+            feature = out["feature"]
+            terms["koleo_loss"] = self.objective.koleo_weight * tf.add_n(
+                [losses.koleo_loss(feature[i]) for i in range(feature.shape[0])]
+            ) / feature.shape[0]
         return terms
 
     def _instance_fn(self, labels):

@@ -237,3 +237,40 @@ def test_queue_contrastive_matches_reference(rng):
         pos = [0] + [1 + j for j in range(5) if qy[j] == y[i]]
         want.append(0.3 * -np.mean(logp[pos]) + 0.7 * -logp[0])
     np.testing.assert_allclose(got, np.mean(want), rtol=1e-5)
+
+
+def koleo_reference(x, eps=1e-8):
+    """The formula, point by point: -mean_i log ||x_i - x_nn(i)||, nn by cosine."""
+    out = []
+    for i in range(len(x)):
+        sims = [x[i] @ x[j] if j != i else -np.inf for j in range(len(x))]
+        d = x[i] - x[int(np.argmax(sims))]
+        out.append(-np.log(np.sqrt(d @ d + eps)))
+    return np.mean(out)
+
+
+def test_koleo_matches_reference_values_and_gradients(rng):
+    x = _unit(rng.normal(size=(6, 5))).astype(np.float32)
+    np.testing.assert_allclose(losses.koleo_loss(x).numpy(), koleo_reference(x), rtol=1e-5)
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        value = losses.koleo_loss(xt)
+    # Small steps do not change which point is whose neighbour, so the numeric
+    # gradient of the reference (in float64) checks both ends of each pair.
+    want = numeric_grad(lambda v: koleo_reference(v), x.astype(np.float64), eps=1e-4)
+    np.testing.assert_allclose(tape.gradient(value, xt).numpy(), want, rtol=1e-3, atol=1e-4)
+
+
+def test_koleo_is_lower_for_spread_points_and_finite_for_duplicates():
+    spread = np.eye(4, dtype=np.float32)  # Every neighbour at distance sqrt(2).
+    bunched = _unit(np.array([[1, 0.1, 0, 0], [1, 0, 0.1, 0], [1, 0, 0, 0.1],
+                              [1, 0.1, 0.1, 0]], np.float32))
+    assert losses.koleo_loss(spread).numpy() == pytest.approx(-np.log(np.sqrt(2.0)), rel=1e-6)
+    assert losses.koleo_loss(bunched).numpy() > losses.koleo_loss(spread).numpy() + 1.0
+    twins = tf.constant([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    with tf.GradientTape() as tape:
+        tape.watch(twins)
+        value = losses.koleo_loss(twins)
+    assert np.isfinite(value.numpy())
+    assert np.all(np.isfinite(tape.gradient(value, twins).numpy()))

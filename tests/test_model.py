@@ -233,3 +233,33 @@ def test_local_crops_add_local_to_global_pairs(method):
     model.optimizer.build(model.trainable_variables)
     logs = tf.function(model.train_step)(data)
     assert np.isfinite(float(logs["loss"]))
+
+
+@pytest.mark.parametrize("method", ["grafit", "coarse_ce"])
+def test_koleo_term_spreads_each_view_of_the_trunk_feature(method):
+    source = synthetic_source()
+    data = batch(source)
+    config = small_config(method=method, koleo_weight=0.3)
+    # No batch norm, so that training and inference features agree.
+    model = builders.build_model(config, source, total_steps=4, use_bn=False)
+    out = model.forward(data["views"])
+    terms = model.loss_terms(out, data["label"], data["index"])
+    # The retrieval embedding of `call()`, view by view.
+    for v in range(2):
+        np.testing.assert_allclose(out["feature"][v].numpy(),
+                                   model(data["views"][:, v]).numpy(), atol=1e-5)
+    want = 0.3 * np.mean([losses.koleo_loss(out["feature"][v]).numpy() for v in range(2)])
+    assert float(terms["koleo_loss"]) == pytest.approx(want, rel=1e-5)
+    assert "koleo_loss" in model.objective.terms()
+    # Off by default: no term, no extra output.
+    plain = builders.build_model(small_config(method=method), source, total_steps=4)
+    assert "feature" not in plain.forward(data["views"])
+    assert "koleo_loss" not in plain.objective.terms()
+
+
+def test_koleo_weight_is_validated():
+    from grafit_tf.errors import UserError
+
+    with pytest.raises(UserError, match="koleo_weight"):
+        small_config(koleo_weight=-0.1).validate()
+    small_config(koleo_weight=0.1).validate()
