@@ -68,6 +68,12 @@ HELP = {
                         "the paper: part of it spread over the batch's keys of the query's "
                         "coarse class, by their similarity to the own key). Ignored by other "
                         "methods.",
+    "instance_positives": "Positives of grafit's InfoNCE instance loss: own (the other view's "
+                          "key) or coarse_nn (NNCLR's, an extension not in the paper: each key "
+                          "replaced by its nearest neighbour among --support_size recent keys "
+                          "of the same coarse class). Ignored by other methods.",
+    "support_size": "--instance_positives=coarse_nn: length of the FIFO support queue of "
+                    "past target keys (one view per image) with their coarse labels.",
     "soft_target_weight": "--instance_targets=coarse_soft: share w of the soft part of the "
                           "target (1 - w stays on the own key; MaskCon's default 0.5).",
     "soft_target_tau": "--instance_targets=coarse_soft: temperature of the key-to-key "

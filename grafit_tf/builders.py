@@ -24,6 +24,7 @@ def objective(config, total_steps):
         # Labels reach the instance loss in grafit only (`instance` is self-supervised).
         instance_negatives=config.instance_negatives if config.method == "grafit" else "all",
         instance_targets=config.instance_targets if config.method == "grafit" else "own",
+        instance_positives=config.instance_positives if config.method == "grafit" else "own",
         soft_target_weight=config.soft_target_weight,
         soft_target_tau=config.soft_target_tau,
         maskcon_weight=config.maskcon_weight,
@@ -70,6 +71,10 @@ def build_model(config, source, total_steps, use_bn=True, sync_bn=False):
             parts["instance_queue"] = MemoryBank([], config.proj_dim, kind="queue",
                                                  size=config.instance_queue, seed=config.seed + 1,
                                                  name="instance_queue")
+        if obj.instance_positives == "coarse_nn":  # NNCLR's support set, with coarse labels.
+            parts["support"] = MemoryBank([], config.proj_dim, kind="queue",
+                                          size=config.support_size, seed=config.seed + 2,
+                                          name="support")
     if obj.maskcon:  # MoCo's FIFO queue of keys with their coarse labels.
         parts["memory"] = MemoryBank(source.train.coarse, config.proj_dim, kind="queue",
                                      size=config.queue_size, seed=config.seed, name="memory")

@@ -15,6 +15,7 @@ METHODS = ("grafit", "coarse_ce", "instance", "fine_ce", "grafit_maskcon", "fine
 INSTANCE_LOSSES = ("byol", "infonce")
 INSTANCE_NEGATIVES = ("all", "same_coarse")
 INSTANCE_TARGETS = ("own", "coarse_soft")
+INSTANCE_POSITIVES = ("own", "coarse_nn")
 DATASETS = ("fashion_mnist", "image_folder",
             # TensorFlow Datasets (issue 6): coarse-to-fine, then fine labels only (transfer).
             "cifar100", "stanford_online_products", "i_naturalist2018", "cars196",
@@ -78,6 +79,8 @@ class Config:
     instance_queue: int = 0
     instance_negatives: str = "all"
     instance_targets: str = "own"
+    instance_positives: str = "own"
+    support_size: int = 8192
     soft_target_weight: float = 0.5
     soft_target_tau: float = 0.05
     maskcon_weight: float = 0.5
@@ -224,6 +227,15 @@ class Config:
                 self.instance_loss != "infonce"):
             raise UserError("--instance_targets=coarse_soft spreads the target of "
                             "--instance_loss=infonce: use it with infonce.")
+        _one_of("instance_positives", self.instance_positives, INSTANCE_POSITIVES)
+        if self.method == "grafit" and self.instance_positives == "coarse_nn" and (
+                self.instance_loss != "infonce" or self.instance_targets != "own"):
+            raise UserError("--instance_positives=coarse_nn replaces the keys of "
+                            "--instance_loss=infonce: use it with infonce and "
+                            "--instance_targets=own.")
+        if self.support_size < self.batch_size:
+            raise UserError(f"--support_size={self.support_size} is smaller than one global "
+                            f"batch (--batch_size={self.batch_size}).")
         if not 0.0 <= self.soft_target_weight <= 1.0 or self.soft_target_tau <= 0.0:
             raise UserError(f"--soft_target_weight={self.soft_target_weight}, "
                             f"--soft_target_tau={self.soft_target_tau}: need a weight in "

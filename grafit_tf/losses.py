@@ -159,6 +159,33 @@ def coarse_soft_targets(keys, labels, tau, weight):
     return (1.0 - weight) * tf.cast(eye, tf.float32) + weight * relations
 
 
+def coarse_nearest_keys(keys, labels, support, support_labels):
+    """NNCLR's positives (Dwibedi et al., ICCV 2021), searched within the coarse class.
+
+    Each key is replaced by its nearest neighbour (largest dot product) among the
+    support set's keys of the same coarse label: InfoNCE then pulls a query
+    towards *another* image that looks like it, which is most often one of its
+    fine class, rather than only towards a second view of itself. The coarse
+    label keeps the neighbour out of the other coarse classes. A key whose
+    class has no entry in the support set yet stays itself.
+
+    Args:
+        keys: `[B, D]` L2-normalised keys (no gradient flows).
+        labels: `[B]` int coarse labels.
+        support: `[K, D]` L2-normalised past keys (no gradient flows).
+        support_labels: `[K]` int labels (-1: empty slot, never chosen).
+
+    Returns:
+        `[B, D]` float32, the chosen keys.
+    """
+    keys = tf.stop_gradient(tf.cast(keys, tf.float32))
+    support = tf.stop_gradient(tf.cast(support, tf.float32))
+    same = tf.equal(tf.cast(labels, tf.int32)[:, None], tf.cast(support_labels, tf.int32)[None, :])
+    similarity = tf.where(same, tf.matmul(keys, support, transpose_b=True), _NEG_INF)  # [B, K]
+    nearest = tf.gather(support, tf.argmax(similarity, axis=1))
+    return tf.where(tf.reduce_any(same, axis=1, keepdims=True), nearest, keys)
+
+
 def koleo_loss(embeddings, eps=1e-8):
     """KoLeo: the Kozachenko-Leonenko differential-entropy estimator, as a loss.
 

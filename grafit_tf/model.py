@@ -33,6 +33,8 @@ class Objective:
             coarse class only).
         instance_targets: own | coarse_soft (infonce's target spread over the
             batch's keys of the query's coarse class, MaskCon-style).
+        instance_positives: own | coarse_nn (infonce's keys replaced by their
+            nearest same-coarse neighbour in a support queue, NNCLR-style).
         soft_target_weight, soft_target_tau: w and temperature of coarse_soft.
         maskcon_weight: w of grafit_maskcon's supervised term.
         koleo_weight: weight of the KoLeo spreading term on the retrieval
@@ -49,6 +51,7 @@ class Objective:
     instance_tau: float = 0.1
     instance_negatives: str = "all"
     instance_targets: str = "own"
+    instance_positives: str = "own"
     soft_target_weight: float = 0.5
     soft_target_tau: float = 0.05
     maskcon_weight: float = 0.5
@@ -106,6 +109,9 @@ class GrafitModel(keras.Model):
         classifier: `[N, F] -> [N, K]` (cross-entropy baselines).
         instance_queue: a queue `MemoryBank` of past target keys, extra negatives
             of the InfoNCE instance loss (None: in-batch negatives only).
+        support: a queue `MemoryBank` of past target keys with their coarse
+            labels, where `--instance_positives=coarse_nn` finds each key's
+            nearest neighbour (None: off).
         embed_with_head: `call()` returns the normalised kNN-head output instead
             of the normalised trunk feature.
         image_shape: `(H, W, C)` of the data (None: the trunk's input shape; the
@@ -114,8 +120,8 @@ class GrafitModel(keras.Model):
 
     def __init__(self, backbone, objective, knn_head=None, memory=None, projector=None,
                  predictor=None, target_backbone=None, target_projector=None,
-                 classifier=None, instance_queue=None, embed_with_head=False, image_shape=None,
-                 **kwargs):
+                 classifier=None, instance_queue=None, support=None, embed_with_head=False,
+                 image_shape=None, **kwargs):
         super().__init__(**kwargs)
         self.backbone = backbone
         self.objective = objective
@@ -127,6 +133,7 @@ class GrafitModel(keras.Model):
         self.target_projector = target_projector
         self.classifier = classifier
         self.instance_queue = instance_queue
+        self.support = support
         self.embed_with_head = embed_with_head
         self.image_shape = tuple(image_shape or backbone.input_shape[1:])
         self.trackers = {
@@ -243,6 +250,9 @@ class GrafitModel(keras.Model):
 
             def loss(p, t):
                 t = tf.math.l2_normalize(t, -1)
+                if self.support is not None:
+                    t = losses.coarse_nearest_keys(t, labels, self.support.embeddings,
+                                                   self.support.labels)
                 soft = None
                 if obj.instance_targets == "coarse_soft":
                     soft = losses.coarse_soft_targets(t, labels, obj.soft_target_tau,
@@ -278,6 +288,9 @@ class GrafitModel(keras.Model):
             self.memory.update(mean_view, labels, indices)
         if self.objective.maskcon:
             self.memory.update(out["key"][1], labels, indices)
+        if self.support is not None:
+            # One view's keys, as NNCLR: one entry per image.
+            self.support.update(tf.math.l2_normalize(out["target"][0], -1), labels, indices)
         if self.instance_queue is not None:
             # Every view's target key joins the queue (after this step's loss used it).
             v, width = out["target"].shape[0], out["target"].shape[-1]

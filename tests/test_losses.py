@@ -274,3 +274,20 @@ def test_koleo_is_lower_for_spread_points_and_finite_for_duplicates():
         value = losses.koleo_loss(twins)
     assert np.isfinite(value.numpy())
     assert np.all(np.isfinite(tape.gradient(value, twins).numpy()))
+
+
+def test_coarse_nearest_keys_match_reference(rng):
+    keys = _unit(rng.normal(size=(5, 4))).astype(np.float32)
+    support = _unit(rng.normal(size=(7, 4))).astype(np.float32)
+    labels = np.array([0, 1, 2, 0, 3])
+    support_labels = np.array([0, 1, 1, -1, 0, 2, 1])  # Class 3 has no entry: own key.
+    got = losses.coarse_nearest_keys(keys, labels, support, support_labels).numpy()
+    for i in range(5):
+        same = np.flatnonzero(support_labels == labels[i])
+        want = support[same[np.argmax(support[same] @ keys[i])]] if len(same) else keys[i]
+        np.testing.assert_allclose(got[i], want, rtol=1e-6)
+    # The coarse restriction changes the choice (the overall nearest neighbours differ).
+    support_labels_free = np.zeros(7, int)
+    free = losses.coarse_nearest_keys(keys, np.zeros(5, int), support, support_labels_free)
+    np.testing.assert_allclose(free.numpy(), support[np.argmax(keys @ support.T, axis=1)])
+    assert not np.allclose(got, free.numpy())

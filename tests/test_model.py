@@ -263,3 +263,63 @@ def test_koleo_weight_is_validated():
     with pytest.raises(UserError, match="koleo_weight"):
         small_config(koleo_weight=-0.1).validate()
     small_config(koleo_weight=0.1).validate()
+
+
+def test_coarse_nn_positives_reach_grafit_only_and_fill_the_support():
+    source = synthetic_source()
+    data = batch(source)
+
+    def built(method, positives):
+        config = small_config(method=method, instance_loss="infonce",
+                              instance_positives=positives, support_size=16)
+        tf.random.set_seed(0)
+        keras.utils.set_random_seed(0)
+        return config, builders.build_model(config, source, total_steps=4)
+
+    config, model = built("grafit", "coarse_nn")
+    model.compile(optimizer=builders.build_optimizer(config, 4, 4))  # update_state's EMA.
+    model.optimizer.build(model.trainable_variables)
+    # A support set of real keys: two batches' worth, labelled.
+    rng = np.random.default_rng(1)
+    support = rng.normal(size=(16, config.proj_dim)).astype(np.float32)
+    support /= np.linalg.norm(support, axis=1, keepdims=True)
+    support_labels = np.concatenate([source.train.coarse[:8], source.train.coarse[:8]])
+    model.support.fill(support, support_labels)
+    out = model.forward(data["views"])
+    got = float(model.loss_terms(out, data["label"], data["index"])["instance_loss"])
+    pairs = []
+    for i, j in ((0, 1), (1, 0)):
+        t = losses.coarse_nearest_keys(tf.math.l2_normalize(out["target"][j], -1), data["label"],
+                                       support, support_labels)
+        pairs.append(losses.info_nce_loss(tf.math.l2_normalize(out["pred"][i], -1), t,
+                                          config.instance_tau))
+    assert got == pytest.approx(config.lambda_inst * float(np.mean(pairs)), rel=1e-5)
+    _, plain = built("grafit", "own")
+    plain_out = plain.forward(data["views"])
+    assert got != pytest.approx(
+        float(plain.loss_terms(plain_out, data["label"], data["index"])["instance_loss"]),
+        rel=1e-3)
+    # After the step, the support queue holds view 0's keys and their coarse labels.
+    model.update_state(out, data["label"], data["index"])
+    np.testing.assert_array_equal(model.support.labels.numpy()[:8], data["label"].numpy())
+    np.testing.assert_allclose(model.support.embeddings.numpy()[:8],
+                               tf.math.l2_normalize(out["target"][0], -1).numpy(), atol=1e-6)
+    # The self-supervised `instance` never reads the labels: no support set.
+    _, instance = built("instance", "coarse_nn")
+    assert instance.support is None
+
+
+def test_coarse_nn_positives_are_validated():
+    from grafit_tf.errors import UserError
+
+    with pytest.raises(UserError, match="coarse_nn"):
+        small_config(instance_positives="coarse_nn").validate()  # byol
+    with pytest.raises(UserError, match="coarse_nn"):
+        small_config(instance_loss="infonce", instance_positives="coarse_nn",
+                     instance_targets="coarse_soft").validate()
+    with pytest.raises(UserError, match="support_size"):
+        small_config(instance_loss="infonce", instance_positives="coarse_nn",
+                     support_size=4).validate()
+    with pytest.raises(UserError, match="instance_positives"):
+        small_config(instance_positives="nearest").validate()
+    small_config(instance_loss="infonce", instance_positives="coarse_nn").validate()
