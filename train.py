@@ -74,6 +74,9 @@ HELP = {
                           "of the same coarse class). Ignored by other methods.",
     "support_size": "--instance_positives=coarse_nn: length of the FIFO support queue of "
                     "past target keys (one view per image) with their coarse labels.",
+    "nn_start_epochs": "--instance_positives=coarse_nn: epochs of training on the own keys "
+                       "before the nearest neighbours replace them (the support queue fills "
+                       "from the start).",
     "soft_target_weight": "--instance_targets=coarse_soft: share w of the soft part of the "
                           "target (1 - w stays on the own key; MaskCon's default 0.5).",
     "soft_target_tau": "--instance_targets=coarse_soft: temperature of the key-to-key "

@@ -25,6 +25,7 @@ def objective(config, total_steps):
         instance_negatives=config.instance_negatives if config.method == "grafit" else "all",
         instance_targets=config.instance_targets if config.method == "grafit" else "own",
         instance_positives=config.instance_positives if config.method == "grafit" else "own",
+        nn_start_step=int(round(config.nn_start_epochs * total_steps / config.epochs)),
         soft_target_weight=config.soft_target_weight,
         soft_target_tau=config.soft_target_tau,
         maskcon_weight=config.maskcon_weight,

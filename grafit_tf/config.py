@@ -81,6 +81,7 @@ class Config:
     instance_targets: str = "own"
     instance_positives: str = "own"
     support_size: int = 8192
+    nn_start_epochs: float = 0.0
     soft_target_weight: float = 0.5
     soft_target_tau: float = 0.05
     maskcon_weight: float = 0.5
@@ -233,6 +234,9 @@ class Config:
             raise UserError("--instance_positives=coarse_nn replaces the keys of "
                             "--instance_loss=infonce: use it with infonce and "
                             "--instance_targets=own.")
+        if not 0.0 <= self.nn_start_epochs < self.epochs:
+            raise UserError(f"--nn_start_epochs={self.nn_start_epochs}: must be in "
+                            f"[0, --epochs={self.epochs}).")
         if self.support_size < self.batch_size:
             raise UserError(f"--support_size={self.support_size} is smaller than one global "
                             f"batch (--batch_size={self.batch_size}).")

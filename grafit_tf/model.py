@@ -35,6 +35,8 @@ class Objective:
             batch's keys of the query's coarse class, MaskCon-style).
         instance_positives: own | coarse_nn (infonce's keys replaced by their
             nearest same-coarse neighbour in a support queue, NNCLR-style).
+        nn_start_step: optimizer step from which coarse_nn replaces the keys
+            (before it, the own keys: early neighbours are mostly noise).
         soft_target_weight, soft_target_tau: w and temperature of coarse_soft.
         maskcon_weight: w of grafit_maskcon's supervised term.
         koleo_weight: weight of the KoLeo spreading term on the retrieval
@@ -52,6 +54,7 @@ class Objective:
     instance_negatives: str = "all"
     instance_targets: str = "own"
     instance_positives: str = "own"
+    nn_start_step: int = 0
     soft_target_weight: float = 0.5
     soft_target_tau: float = 0.05
     maskcon_weight: float = 0.5
@@ -251,8 +254,12 @@ class GrafitModel(keras.Model):
             def loss(p, t):
                 t = tf.math.l2_normalize(t, -1)
                 if self.support is not None:
-                    t = losses.coarse_nearest_keys(t, labels, self.support.embeddings,
-                                                   self.support.labels)
+                    nearest = losses.coarse_nearest_keys(t, labels, self.support.embeddings,
+                                                         self.support.labels)
+                    if obj.nn_start_step:
+                        nearest = tf.where(self.optimizer.iterations >= obj.nn_start_step,
+                                           nearest, t)
+                    t = nearest
                 soft = None
                 if obj.instance_targets == "coarse_soft":
                     soft = losses.coarse_soft_targets(t, labels, obj.soft_target_tau,

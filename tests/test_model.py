@@ -323,3 +323,37 @@ def test_coarse_nn_positives_are_validated():
     with pytest.raises(UserError, match="instance_positives"):
         small_config(instance_positives="nearest").validate()
     small_config(instance_loss="infonce", instance_positives="coarse_nn").validate()
+
+
+def test_coarse_nn_positives_start_at_their_step():
+    source = synthetic_source()
+    data = batch(source)
+    # 1 epoch of 4 steps: nn_start_epochs=0.5 -> step 2.
+    config = small_config(instance_loss="infonce", instance_positives="coarse_nn",
+                          support_size=16, nn_start_epochs=0.5)
+    model = builders.build_model(config, source, total_steps=4)
+    assert model.objective.nn_start_step == 2
+    model.compile(optimizer=builders.build_optimizer(config, 4, 4))
+    model.optimizer.build(model.trainable_variables)
+    model.support.fill(np.tile(np.eye(config.proj_dim, dtype=np.float32), (2, 1)),
+                       np.tile(source.train.coarse[:8], 2))
+    out = model.forward(data["views"])
+
+    def instance_loss():
+        return float(model.loss_terms(out, data["label"], data["index"])["instance_loss"])
+
+    def own_keys_loss():
+        pairs = [losses.info_nce_loss(tf.math.l2_normalize(out["pred"][i], -1),
+                                      tf.math.l2_normalize(out["target"][j], -1),
+                                      config.instance_tau) for i, j in ((0, 1), (1, 0))]
+        return config.lambda_inst * float(np.mean(pairs))
+
+    before = instance_loss()
+    assert before == pytest.approx(own_keys_loss(), rel=1e-5)
+    model.optimizer.iterations.assign(2)
+    assert instance_loss() != pytest.approx(before, rel=1e-3)
+    from grafit_tf.errors import UserError
+
+    with pytest.raises(UserError, match="nn_start_epochs"):
+        small_config(instance_loss="infonce", instance_positives="coarse_nn",
+                     nn_start_epochs=1.0).validate()
