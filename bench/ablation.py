@@ -58,11 +58,12 @@ VARIANTS = {
     "crop_0.8_tau_0.1": ["--crop_scale_min=0.8", "--tau=0.1"],
     "crop_0.8_infonce": ["--crop_scale_min=0.8", "--instance_loss=infonce"],
     "embedding_knn_head": ["--embedding=knn_head"],
-    # KoLeo on the trunk feature (an extension), and the coarse classifier with it.
+    # KoLeo on the trunk feature (an extension).
     "koleo_0.1": ["--koleo_weight=0.1"],
     "koleo_0.5": ["--koleo_weight=0.5"],
-    "coarse_ce_koleo_0.1": ["--method=coarse_ce", "--koleo_weight=0.1"],
-    "coarse_ce_koleo_0.5": ["--method=coarse_ce", "--koleo_weight=0.5"],
+    # NNCLR's nearest-neighbour positives within the coarse class (an extension).
+    "nn_positives": ["--instance_positives=coarse_nn"],
+    "nn_positives_from_4": ["--instance_positives=coarse_nn", "--nn_start_epochs=4"],
     "grafit_maskcon": "configs/fashion_mnist_grafit_maskcon.cfg",
 }
 

@@ -189,7 +189,7 @@ class GrafitModel(keras.Model):
 
         feats = self.backbone(x, training=training)
         out = {}
-        if self.objective.koleo:  # The retrieval embedding of `call()`, per view.
+        if self.objective.koleo:  # Per view: the retrieval embedding with --embedding=trunk.
             out["feature"] = tf.math.l2_normalize(per_view(feats), -1)
         if self.objective.nca:
             out["knn"] = tf.math.l2_normalize(per_view(self.knn_head(feats, training=training)), -1)
