@@ -237,7 +237,7 @@ class Config:
         if not 0.0 <= self.nn_start_epochs < self.epochs:
             raise UserError(f"--nn_start_epochs={self.nn_start_epochs}: must be in "
                             f"[0, --epochs={self.epochs}).")
-        if self.support_size < self.batch_size:
+        if self.instance_positives == "coarse_nn" and self.support_size < self.batch_size:
             raise UserError(f"--support_size={self.support_size} is smaller than one global "
                             f"batch (--batch_size={self.batch_size}).")
         if not 0.0 <= self.soft_target_weight <= 1.0 or self.soft_target_tau <= 0.0:

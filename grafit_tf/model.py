@@ -254,12 +254,17 @@ class GrafitModel(keras.Model):
             def loss(p, t):
                 t = tf.math.l2_normalize(t, -1)
                 if self.support is not None:
-                    nearest = losses.coarse_nearest_keys(t, labels, self.support.embeddings,
-                                                         self.support.labels)
+                    own = t
+
+                    def nearest():
+                        return losses.coarse_nearest_keys(own, labels, self.support.embeddings,
+                                                          self.support.labels)
                     if obj.nn_start_step:
-                        nearest = tf.where(self.optimizer.iterations >= obj.nn_start_step,
-                                           nearest, t)
-                    t = nearest
+                        # Before the start step, skip the [B, support] search, not just its result.
+                        t = tf.cond(self.optimizer.iterations >= obj.nn_start_step, nearest,
+                                    lambda: own)
+                    else:
+                        t = nearest()
                 soft = None
                 if obj.instance_targets == "coarse_soft":
                     soft = losses.coarse_soft_targets(t, labels, obj.soft_target_tau,

@@ -320,6 +320,7 @@ def test_coarse_nn_positives_are_validated():
     with pytest.raises(UserError, match="support_size"):
         small_config(instance_loss="infonce", instance_positives="coarse_nn",
                      support_size=4).validate()
+    small_config(support_size=4).validate()  # Read only with coarse_nn.
     with pytest.raises(UserError, match="instance_positives"):
         small_config(instance_positives="nearest").validate()
     small_config(instance_loss="infonce", instance_positives="coarse_nn").validate()
