@@ -86,6 +86,16 @@ HELP = {
                     "an extension, not in the Grafit paper) that spreads each view's "
                     "L2-normalised trunk features, the retrieval embedding, by pushing each "
                     "image away from its nearest neighbour in the batch (0: off; any method).",
+    "prototypes_per_coarse": "Prototypes per coarse class of a SwAV-style swapped-prediction "
+                             "term on grafit's instance branch (an extension, not in the "
+                             "paper): each view must predict the other view's Sinkhorn codes "
+                             "over the prototypes of its own coarse class, spread evenly over "
+                             "them, which over-clusters every coarse class (0: off).",
+    "prototype_weight": "--prototypes_per_coarse: weight of the prototype term.",
+    "prototype_tau": "--prototypes_per_coarse: temperature of the predicted assignment "
+                     "(SwAV's 0.1).",
+    "sinkhorn_epsilon": "--prototypes_per_coarse: entropic regularisation of the Sinkhorn "
+                        "codes (SwAV's 0.05; smaller gives harder codes).",
     "ema_decay": "Base EMA decay of the BYOL target (cosine-increased to 1).",
     "label_smoothing": "Label smoothing of the cross-entropy baselines.",
     "epochs": "Training epochs.",

@@ -64,6 +64,8 @@ VARIANTS = {
     # NNCLR's nearest-neighbour positives within the coarse class (an extension).
     "nn_positives": ["--instance_positives=coarse_nn"],
     "nn_positives_from_4": ["--instance_positives=coarse_nn", "--nn_start_epochs=4"],
+    # SwAV-style prototypes within each coarse class (an extension).
+    "prototypes_8": ["--prototypes_per_coarse=8"],
     "grafit_maskcon": "configs/fashion_mnist_grafit_maskcon.cfg",
 }
 

@@ -30,6 +30,10 @@ def objective(config, total_steps):
         soft_target_tau=config.soft_target_tau,
         maskcon_weight=config.maskcon_weight,
         koleo_weight=config.koleo_weight,
+        prototypes_per_coarse=config.prototypes_per_coarse if config.method == "grafit" else 0,
+        prototype_weight=config.prototype_weight,
+        prototype_tau=config.prototype_tau,
+        sinkhorn_epsilon=config.sinkhorn_epsilon,
     )
 
 
@@ -76,6 +80,10 @@ def build_model(config, source, total_steps, use_bn=True, sync_bn=False):
             parts["support"] = MemoryBank([], config.proj_dim, kind="queue",
                                           size=config.support_size, seed=config.seed + 2,
                                           name="support")
+    if obj.prototypes:  # SwAV's prototypes, class by class.
+        parts["prototypes"] = heads.Prototypes(
+            source.hierarchy.num_coarse * obj.prototypes_per_coarse, config.proj_dim,
+            seed=config.seed + 3, name="prototypes")
     if obj.maskcon:  # MoCo's FIFO queue of keys with their coarse labels.
         parts["memory"] = MemoryBank(source.train.coarse, config.proj_dim, kind="queue",
                                      size=config.queue_size, seed=config.seed, name="memory")

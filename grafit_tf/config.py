@@ -86,6 +86,10 @@ class Config:
     soft_target_tau: float = 0.05
     maskcon_weight: float = 0.5
     koleo_weight: float = 0.0
+    prototypes_per_coarse: int = 0
+    prototype_weight: float = 0.5
+    prototype_tau: float = 0.1
+    sinkhorn_epsilon: float = 0.05
     ema_decay: float = 0.99
     label_smoothing: float = 0.0
 
@@ -246,6 +250,17 @@ class Config:
                             "[0, 1] and a positive temperature.")
         if self.koleo_weight < 0:
             raise UserError(f"--koleo_weight={self.koleo_weight}: must be >= 0 (0: off).")
+        if self.prototypes_per_coarse < 0:
+            raise UserError(f"--prototypes_per_coarse={self.prototypes_per_coarse}: must be "
+                            ">= 0 (0: off).")
+        if self.prototypes_per_coarse and (self.method != "grafit" or self.lambda_inst <= 0):
+            # The codes need coarse labels and the instance branch's target network.
+            raise UserError("--prototypes_per_coarse works on grafit's instance branch: use "
+                            "it with --method=grafit and --lambda_inst > 0.")
+        if self.prototype_weight < 0 or self.prototype_tau <= 0 or self.sinkhorn_epsilon <= 0:
+            raise UserError(f"--prototype_weight={self.prototype_weight}, --prototype_tau="
+                            f"{self.prototype_tau}, --sinkhorn_epsilon={self.sinkhorn_epsilon}: "
+                            "need a weight >= 0 and positive temperatures.")
         if 0 < self.instance_queue < self.num_views * self.batch_size:
             raise UserError(
                 f"--instance_queue={self.instance_queue} is shorter than one step's keys "

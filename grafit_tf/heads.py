@@ -24,6 +24,26 @@ def classifier(num_classes, name="classifier"):
     return layers.Dense(num_classes, name=name)
 
 
+class Prototypes(layers.Layer):
+    """`K` trainable prototypes of width `D`, L2-normalised on every use (SwAV).
+
+    A layer rather than a bare variable so that the model tracks, checkpoints
+    and distributes it like every other part; it is never called on a tensor.
+    """
+
+    def __init__(self, num, dim, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        self.num, self.dim = num, dim
+        self.kernel = self.add_weight(
+            shape=(num, dim), name="prototypes",
+            initializer=keras.initializers.RandomNormal(stddev=1.0, seed=seed))
+        self.built = True
+
+    def unit(self):
+        """The `[K, D]` prototypes, L2-normalised."""
+        return keras.ops.normalize(self.kernel, axis=-1, order=2)
+
+
 def embedder(backbone, head=None, image_shape=None, transform=False, name="embedder"):
     """The exported model: image `[N, H, W, C]` (0..255) -> unit vector `[N, D]`.
 

@@ -186,6 +186,76 @@ def coarse_nearest_keys(keys, labels, support, support_labels):
     return tf.where(tf.reduce_any(same, axis=1, keepdims=True), nearest, keys)
 
 
+def coarse_sinkhorn(scores, labels, prototypes_per_class, epsilon, iterations=3):
+    """SwAV's Sinkhorn-Knopp codes, each sample's restricted to its coarse class.
+
+    Prototype k belongs to coarse class `k // prototypes_per_class`. Sample i
+    may only be assigned to its own class's prototypes, and within each class c
+    the `n_c` samples of the batch are spread evenly over its `K_c` prototypes
+    (each gets `n_c / K_c` of the mass): the equipartition that keeps SwAV from
+    putting every image into one cluster, applied per coarse class, so that the
+    clusters split each coarse class into finer groups (over-clustering within
+    the coarse class, SCGM / ANCOR-style; an extension, not in the Grafit paper).
+
+    Args:
+        scores: `[B, K]` prototype similarities in [-1, 1] (no gradient flows).
+        labels: `[B]` int coarse labels in [0, K / prototypes_per_class).
+        prototypes_per_class: `K_c`, the same for every class.
+        epsilon: entropic regularisation (SwAV's 0.05): smaller, harder codes.
+        iterations: Sinkhorn-Knopp iterations (SwAV's 3).
+
+    Returns:
+        `[B, K]` float32 codes: each row sums to 1 over its class's prototypes, 0
+        elsewhere.
+    """
+    scores = tf.stop_gradient(tf.cast(scores, tf.float32))
+    labels = tf.cast(labels, tf.int32)
+    owner = tf.range(tf.shape(scores)[1]) // prototypes_per_class  # [K] class of each prototype.
+    allowed = tf.cast(tf.equal(labels[:, None], owner[None, :]), tf.float32)
+    # scores <= 1, so exp((s - 1) / eps) lies in (0, 1]: no overflow, no max to take.
+    codes = tf.exp((scores - 1.0) / epsilon) * allowed
+    # Mass each prototype should receive: n_c / K_c of its class c.
+    counts = tf.math.unsorted_segment_sum(tf.ones_like(labels, tf.float32), labels,
+                                          tf.reduce_max(owner) + 1)
+    column_mass = tf.gather(counts, owner) / float(prototypes_per_class)
+    for _ in range(iterations):
+        codes *= tf.math.divide_no_nan(column_mass, tf.reduce_sum(codes, axis=0))[None, :]
+        codes = tf.math.divide_no_nan(codes, tf.reduce_sum(codes, axis=1, keepdims=True))
+    return codes
+
+
+def coarse_prototype_loss(queries, keys, labels, prototypes, prototypes_per_class, tau,
+                          epsilon, iterations=3):
+    """SwAV's swapped prediction over prototypes, within the coarse class.
+
+    The key's codes (`coarse_sinkhorn` of its prototype similarities) are the
+    target of a softmax over the query's similarities to its own class's
+    prototypes: two views of one image must fall into the same sub-cluster of
+    their coarse class. Unlike InfoNCE, images of one sub-cluster are pulled
+    together rather than pushed apart, which is what a fine class needs.
+
+    Args:
+        queries: `[B, D]` L2-normalised online predictions.
+        keys: `[B, D]` L2-normalised target projections (no gradient flows).
+        labels: `[B]` int coarse labels.
+        prototypes: `[K, D]` L2-normalised prototypes, `prototypes_per_class` per
+            coarse class, class by class.
+        prototypes_per_class: `K_c`.
+        tau: temperature of the query's softmax (SwAV's 0.1).
+        epsilon, iterations: of `coarse_sinkhorn`.
+
+    Returns:
+        Scalar: the mean cross-entropy over the B queries.
+    """
+    keys = tf.stop_gradient(tf.cast(keys, tf.float32))
+    codes = coarse_sinkhorn(tf.matmul(keys, prototypes, transpose_b=True), labels,
+                            prototypes_per_class, epsilon, iterations)
+    owner = tf.range(tf.shape(prototypes)[0]) // prototypes_per_class
+    own = tf.equal(tf.cast(labels, tf.int32)[:, None], owner[None, :])
+    logits = tf.where(own, tf.matmul(queries, prototypes, transpose_b=True) / tau, _NEG_INF)
+    return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=codes, logits=logits))
+
+
 def koleo_loss(embeddings, eps=1e-8):
     """KoLeo: the Kozachenko-Leonenko differential-entropy estimator, as a loss.
 

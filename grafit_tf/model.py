@@ -41,6 +41,10 @@ class Objective:
         maskcon_weight: w of grafit_maskcon's supervised term.
         koleo_weight: weight of the KoLeo spreading term on the retrieval
             feature (any method; 0: off).
+        prototypes_per_coarse: prototypes per coarse class of the SwAV-style
+            term on the instance branch (grafit; 0: off).
+        prototype_weight, prototype_tau, sinkhorn_epsilon: its weight, softmax
+            temperature and Sinkhorn regularisation.
     """
 
     method: str = "grafit"
@@ -59,6 +63,10 @@ class Objective:
     soft_target_tau: float = 0.05
     maskcon_weight: float = 0.5
     koleo_weight: float = 0.0
+    prototypes_per_coarse: int = 0
+    prototype_weight: float = 0.5
+    prototype_tau: float = 0.1
+    sinkhorn_epsilon: float = 0.05
 
     @property
     def nca(self):
@@ -81,6 +89,10 @@ class Objective:
         return self.koleo_weight > 0
 
     @property
+    def prototypes(self):
+        return self.nca and self.instance and self.prototypes_per_coarse > 0
+
+    @property
     def ema_target(self):
         return self.instance or self.maskcon
 
@@ -96,6 +108,8 @@ class Objective:
             names.append("maskcon_loss")
         if self.koleo:
             names.append("koleo_loss")
+        if self.prototypes:
+            names.append("prototype_loss")
         return names
 
 
@@ -115,6 +129,8 @@ class GrafitModel(keras.Model):
         support: a queue `MemoryBank` of past target keys with their coarse
             labels, where `--instance_positives=coarse_nn` finds each key's
             nearest neighbour (None: off).
+        prototypes: a `heads.Prototypes`, `prototypes_per_coarse` per coarse
+            class, for the SwAV-style term (None: off).
         embed_with_head: `call()` returns the normalised kNN-head output instead
             of the normalised trunk feature.
         image_shape: `(H, W, C)` of the data (None: the trunk's input shape; the
@@ -123,7 +139,8 @@ class GrafitModel(keras.Model):
 
     def __init__(self, backbone, objective, knn_head=None, memory=None, projector=None,
                  predictor=None, target_backbone=None, target_projector=None,
-                 classifier=None, instance_queue=None, support=None, embed_with_head=False,
+                 classifier=None, instance_queue=None, support=None, prototypes=None,
+                 embed_with_head=False,
                  image_shape=None, **kwargs):
         super().__init__(**kwargs)
         self.backbone = backbone
@@ -137,6 +154,7 @@ class GrafitModel(keras.Model):
         self.classifier = classifier
         self.instance_queue = instance_queue
         self.support = support
+        self.prototypes = prototypes
         self.embed_with_head = embed_with_head
         self.image_shape = tuple(image_shape or backbone.input_shape[1:])
         self.trackers = {
@@ -236,6 +254,17 @@ class GrafitModel(keras.Model):
             terms["maskcon_loss"] = losses.queue_contrastive_loss(
                 out["query"][0], out["key"][1], labels, self.memory.embeddings,
                 self.memory.labels, self.objective.instance_tau, self.objective.maskcon_weight)
+        if self.objective.prototypes:
+            obj, prototypes = self.objective, self.prototypes.unit()
+
+            def swapped(p, t):  # View a predicts view b's codes (SwAV's swapped prediction).
+                return losses.coarse_prototype_loss(
+                    tf.math.l2_normalize(p, -1), tf.math.l2_normalize(t, -1), labels,
+                    prototypes, obj.prototypes_per_coarse, obj.prototype_tau,
+                    obj.sinkhorn_epsilon)
+            # Under a strategy the codes are balanced within each replica's batch.
+            terms["prototype_loss"] = obj.prototype_weight * _over_view_pairs(
+                out["pred"], out["target"], swapped)
         if self.objective.koleo:
             # Within each view: two views of one image would be each other's neighbours.
             # Under a strategy the neighbour is searched in the replica's batch, as DINOv2 does.

@@ -291,3 +291,68 @@ def test_coarse_nearest_keys_match_reference(rng):
     free = losses.coarse_nearest_keys(keys, np.zeros(5, int), support, support_labels_free)
     np.testing.assert_allclose(free.numpy(), support[np.argmax(keys @ support.T, axis=1)])
     assert not np.allclose(got, free.numpy())
+
+
+def sinkhorn_reference(scores, labels, per_class, eps, iterations):
+    """Sinkhorn-Knopp class by class, on each class's own [n_c, K_c] block."""
+    codes = np.zeros_like(scores, dtype=np.float64)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        cols = np.arange(c * per_class, (c + 1) * per_class)
+        q = np.exp(scores[np.ix_(rows, cols)] / eps)
+        for _ in range(iterations):
+            q *= (len(rows) / per_class) / q.sum(axis=0, keepdims=True)
+            q /= q.sum(axis=1, keepdims=True)
+        codes[np.ix_(rows, cols)] = q
+    return codes
+
+
+def test_coarse_sinkhorn_matches_blockwise_reference(rng):
+    labels = np.array([0, 2, 0, 0, 2, 0, 2])  # Class 1 is absent from this batch.
+    scores = _unit(rng.normal(size=(7, 4))) @ _unit(rng.normal(size=(9, 4))).T
+    got = losses.coarse_sinkhorn(scores.astype(np.float32), labels, 3, 0.2, 3).numpy()
+    np.testing.assert_allclose(got, sinkhorn_reference(scores, labels, 3, 0.2, 3), atol=1e-5)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, rtol=1e-5)
+    assert np.all(got[:, 3:6] == 0) and np.all(got[labels == 0, 6:] == 0)
+    # Many iterations: every prototype of class c gets n_c / K_c (equipartition).
+    balanced = losses.coarse_sinkhorn(scores.astype(np.float32), labels, 3, 0.2, 200).numpy()
+    np.testing.assert_allclose(balanced[:, :3].sum(axis=0), 4 / 3, rtol=1e-3)
+    np.testing.assert_allclose(balanced[:, 6:].sum(axis=0), 1.0, rtol=1e-3)
+
+
+def test_coarse_prototype_loss_matches_reference_values_and_gradients(rng):
+    labels = np.array([1, 0, 1, 1, 0])
+    q = _unit(rng.normal(size=(5, 4))).astype(np.float32)
+    k = _unit(rng.normal(size=(5, 4))).astype(np.float32)
+    p = _unit(rng.normal(size=(4, 4))).astype(np.float32)  # 2 prototypes per class.
+
+    def reference(q, p):
+        codes = sinkhorn_reference(k @ p.T, labels, 2, 0.05, 3)
+        out = []
+        for i, c in enumerate(labels):
+            logits = q[i] @ p[2 * c:2 * c + 2].T / 0.1  # Own class's prototypes only.
+            log_p = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+            out.append(-(codes[i, 2 * c:2 * c + 2] * log_p).sum())
+        return np.mean(out)
+
+    qt, pt = tf.constant(q), tf.constant(p)
+    with tf.GradientTape() as tape:
+        tape.watch([qt, pt])
+        value = losses.coarse_prototype_loss(qt, k, labels, pt, 2, 0.1, 0.05)
+    assert value.numpy() == pytest.approx(reference(q, p), rel=1e-5)
+    grad_q, grad_p = tape.gradient(value, [qt, pt])
+    # The codes carry no gradient: the reference's p-gradient holds them fixed.
+    codes = sinkhorn_reference(k @ p.T, labels, 2, 0.05, 3)
+
+    def fixed_codes(q, p):
+        logits = np.where(np.repeat(np.arange(2), 2)[None, :] == labels[:, None],
+                          q @ p.T / 0.1, -1e9)  # Other classes' codes are 0.
+        log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        return -np.mean((codes * log_p).sum(axis=1))
+
+    np.testing.assert_allclose(
+        grad_q.numpy(), numeric_grad(lambda v: fixed_codes(v, p.astype(np.float64)),
+                                     q.astype(np.float64), eps=1e-5), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(
+        grad_p.numpy(), numeric_grad(lambda v: fixed_codes(q.astype(np.float64), v),
+                                     p.astype(np.float64), eps=1e-5), rtol=1e-3, atol=1e-5)

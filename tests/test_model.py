@@ -358,3 +358,44 @@ def test_coarse_nn_positives_start_at_their_step():
     with pytest.raises(UserError, match="nn_start_epochs"):
         small_config(instance_loss="infonce", instance_positives="coarse_nn",
                      nn_start_epochs=1.0).validate()
+
+
+def test_prototype_term_swaps_codes_between_views_and_trains_the_prototypes():
+    source = synthetic_source()
+    data = batch(source)
+    config = small_config(instance_loss="infonce", prototypes_per_coarse=3,
+                          prototype_weight=0.7)
+    model = builders.build_model(config, source, total_steps=4)
+    num_coarse = source.hierarchy.num_coarse
+    assert model.prototypes.kernel.shape == (3 * num_coarse, config.proj_dim)
+    assert "prototype_loss" in model.objective.terms()
+    out = model.forward(data["views"])
+    terms = model.loss_terms(out, data["label"], data["index"])
+    unit = lambda t: tf.math.l2_normalize(t, -1)
+    want = 0.7 * np.mean([losses.coarse_prototype_loss(
+        unit(out["pred"][a]), unit(out["target"][1 - a]), data["label"],
+        model.prototypes.unit(), 3, config.prototype_tau, config.sinkhorn_epsilon).numpy()
+        for a in range(2)])
+    assert float(terms["prototype_loss"]) == pytest.approx(want, rel=1e-5)
+    model.compile(optimizer=builders.build_optimizer(config, 4, 4))
+    model.optimizer.build(model.trainable_variables)
+    before = model.prototypes.kernel.numpy().copy()
+    logs = tf.function(model.train_step)(data)
+    assert np.isfinite(float(logs["prototype_loss"]))
+    assert np.abs(model.prototypes.kernel.numpy() - before).max() > 0
+    # Off by default, and never for the self-supervised `instance` (no labels).
+    for plain in (small_config(instance_loss="infonce"), small_config(method="instance")):
+        model = builders.build_model(plain, source, total_steps=4)
+        assert model.prototypes is None and "prototype_loss" not in model.objective.terms()
+
+
+def test_prototype_options_are_validated():
+    from grafit_tf.errors import UserError
+
+    for bad in (dict(prototypes_per_coarse=-1), dict(prototypes_per_coarse=2, lambda_inst=0.0),
+                dict(prototypes_per_coarse=2, method="coarse_ce"),
+                dict(prototypes_per_coarse=2, sinkhorn_epsilon=0.0),
+                dict(prototypes_per_coarse=2, prototype_tau=-1.0)):
+        with pytest.raises(UserError, match="prototype|sinkhorn"):
+            small_config(**bad).validate()
+    small_config(prototypes_per_coarse=2).validate()
