@@ -140,8 +140,7 @@ class GrafitModel(keras.Model):
     def __init__(self, backbone, objective, knn_head=None, memory=None, projector=None,
                  predictor=None, target_backbone=None, target_projector=None,
                  classifier=None, instance_queue=None, support=None, prototypes=None,
-                 embed_with_head=False,
-                 image_shape=None, **kwargs):
+                 embed_with_head=False, image_shape=None, **kwargs):
         super().__init__(**kwargs)
         self.backbone = backbone
         self.objective = objective
