@@ -30,7 +30,7 @@ def objective(config, total_steps):
         soft_target_tau=config.soft_target_tau,
         maskcon_weight=config.maskcon_weight,
         koleo_weight=config.koleo_weight,
-        prototypes_per_coarse=config.prototypes_per_coarse if config.method == "grafit" else 0,
+        prototypes_per_coarse=config.prototypes_per_coarse,  # Objective.prototypes: grafit only.
         prototype_weight=config.prototype_weight,
         prototype_tau=config.prototype_tau,
         sinkhorn_epsilon=config.sinkhorn_epsilon,

@@ -33,7 +33,6 @@ class Prototypes(layers.Layer):
 
     def __init__(self, num, dim, seed=0, **kwargs):
         super().__init__(**kwargs)
-        self.num, self.dim = num, dim
         self.kernel = self.add_weight(
             shape=(num, dim), name="prototypes",
             initializer=keras.initializers.RandomNormal(stddev=1.0, seed=seed))

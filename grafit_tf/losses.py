@@ -210,8 +210,8 @@ def coarse_sinkhorn(scores, labels, prototypes_per_class, epsilon, iterations=3)
     """
     scores = tf.stop_gradient(tf.cast(scores, tf.float32))
     labels = tf.cast(labels, tf.int32)
-    owner = tf.range(tf.shape(scores)[1]) // prototypes_per_class  # [K] class of each prototype.
-    allowed = tf.cast(tf.equal(labels[:, None], owner[None, :]), tf.float32)
+    owner, own = _own_prototypes(labels, tf.shape(scores)[1], prototypes_per_class)
+    allowed = tf.cast(own, tf.float32)
     # scores <= 1, so exp((s - 1) / eps) lies in (0, 1]: no overflow, no max to take.
     codes = tf.exp((scores - 1.0) / epsilon) * allowed
     # Mass each prototype should receive: n_c / K_c of its class c.
@@ -222,6 +222,13 @@ def coarse_sinkhorn(scores, labels, prototypes_per_class, epsilon, iterations=3)
         codes *= tf.math.divide_no_nan(column_mass, tf.reduce_sum(codes, axis=0))[None, :]
         codes = tf.math.divide_no_nan(codes, tf.reduce_sum(codes, axis=1, keepdims=True))
     return codes
+
+
+def _own_prototypes(labels, num_prototypes, prototypes_per_class):
+    """`[K]` coarse class of each prototype (class by class) and the `[B, K]` mask
+    of each sample's own class's prototypes."""
+    owner = tf.range(num_prototypes) // prototypes_per_class
+    return owner, tf.equal(tf.cast(labels, tf.int32)[:, None], owner[None, :])
 
 
 def coarse_prototype_loss(queries, keys, labels, prototypes, prototypes_per_class, tau,
@@ -250,8 +257,7 @@ def coarse_prototype_loss(queries, keys, labels, prototypes, prototypes_per_clas
     keys = tf.stop_gradient(tf.cast(keys, tf.float32))
     codes = coarse_sinkhorn(tf.matmul(keys, prototypes, transpose_b=True), labels,
                             prototypes_per_class, epsilon, iterations)
-    owner = tf.range(tf.shape(prototypes)[0]) // prototypes_per_class
-    own = tf.equal(tf.cast(labels, tf.int32)[:, None], owner[None, :])
+    _, own = _own_prototypes(labels, tf.shape(prototypes)[0], prototypes_per_class)
     logits = tf.where(own, tf.matmul(queries, prototypes, transpose_b=True) / tau, _NEG_INF)
     return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=codes, logits=logits))
 
