@@ -41,6 +41,9 @@ HELP = {
     "weights": "Local .weights.h5 to initialise a keras.applications trunk.",
     "knn_dim": "Width of the kNN-loss embedding head.",
     "proj_hidden": "Hidden width of the heads (kNN head, projector, predictor).",
+    "head_layers": "Hidden layers (Linear-BN-ReLU) of the kNN head and the projector before "
+                   "their last Linear: 1 is BYOL's shape, 2 SimCLR v2's deeper projector. "
+                   "The predictor keeps 1.",
     "proj_dim": "Output width of the BYOL projector and predictor.",
     "embedding": "Retrieval embedding: trunk (pooled feature) or knn_head.",
     "embedding_transform": "Fixed map of the L2-normalised embedding, fitted after training "
@@ -96,7 +99,10 @@ HELP = {
                      "(SwAV's 0.1).",
     "sinkhorn_epsilon": "--prototypes_per_coarse: entropic regularisation of the Sinkhorn "
                         "codes (SwAV's 0.05; smaller gives harder codes).",
-    "ema_decay": "Base EMA decay of the BYOL target (cosine-increased to 1).",
+    "ema_decay": "Base EMA decay of the instance loss's target network.",
+    "ema_schedule": "cosine: the EMA decay rises from --ema_decay to 1 over training "
+                    "(BYOL); constant: --ema_decay throughout (MoCo; grafit_maskcon "
+                    "always).",
     "label_smoothing": "Label smoothing of the cross-entropy baselines.",
     "epochs": "Training epochs.",
     "batch_size": "Global batch size (split over replicas).",

@@ -17,6 +17,7 @@ def objective(config, total_steps):
         tau=config.tau,
         lambda_inst=config.lambda_inst,
         ema_decay=config.ema_decay,
+        ema_schedule=config.ema_schedule,
         total_steps=max(1, total_steps),
         label_smoothing=config.label_smoothing,
         instance_loss=config.instance_loss,
@@ -57,14 +58,15 @@ def build_model(config, source, total_steps, use_bn=True, sync_bn=False):
     parts = {}
     if obj.nca:
         parts["knn_head"] = heads.mlp(config.proj_hidden, config.knn_dim, "knn_head",
-                                      sync_bn, use_bn)
+                                      sync_bn, use_bn, config.head_layers)
         parts["memory"] = MemoryBank(source.train.coarse, config.knn_dim, kind=config.memory,
                                      size=config.queue_size, momentum=config.memory_momentum,
                                      seed=config.seed, name="memory")
     if obj.ema_target:
         # A projection head and its EMA copy (on an EMA copy of the trunk): BYOL's
         # target network, or MoCo's key encoder for grafit_maskcon.
-        head = lambda name: heads.mlp(config.proj_hidden, config.proj_dim, name, sync_bn, use_bn)
+        head = lambda name: heads.mlp(config.proj_hidden, config.proj_dim, name, sync_bn, use_bn,
+                                      config.head_layers)
         parts["projector"] = head("projector")
         parts["target_projector"] = head("target_projector")
         parts["target_backbone"] = backbones.build(config, shape, mean, std, use_bn=use_bn,

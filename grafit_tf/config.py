@@ -16,6 +16,7 @@ INSTANCE_LOSSES = ("byol", "infonce")
 INSTANCE_NEGATIVES = ("all", "same_coarse")
 INSTANCE_TARGETS = ("own", "coarse_soft")
 INSTANCE_POSITIVES = ("own", "coarse_nn")
+EMA_SCHEDULES = ("cosine", "constant")
 DATASETS = ("fashion_mnist", "image_folder",
             # TensorFlow Datasets (issue 6): coarse-to-fine, then fine labels only (transfer).
             "cifar100", "stanford_online_products", "i_naturalist2018", "cars196",
@@ -63,6 +64,7 @@ class Config:
     weights: str = ""
     knn_dim: int = 128
     proj_hidden: int = 512
+    head_layers: int = 1
     proj_dim: int = 128
     embedding: str = "trunk"
     embedding_transform: str = "none"
@@ -91,6 +93,7 @@ class Config:
     prototype_tau: float = 0.1
     sinkhorn_epsilon: float = 0.05
     ema_decay: float = 0.99
+    ema_schedule: str = "cosine"
     label_smoothing: float = 0.0
 
     # Optimisation.
@@ -190,6 +193,9 @@ class Config:
         _one_of("instance_loss", self.instance_loss, INSTANCE_LOSSES)
         if self.epochs < 1:
             raise UserError(f"--epochs={self.epochs}: train for at least 1 epoch.")
+        if self.head_layers < 1:
+            raise UserError(f"--head_layers={self.head_layers}: the heads need at least 1 "
+                            "hidden layer.")
         if self.batch_size < 2:
             raise UserError(f"--batch_size={self.batch_size}: use at least 2.")
         single_view_ok = self.method in ("coarse_ce", "fine_ce", "finetune")
@@ -206,6 +212,7 @@ class Config:
             )
         if not 0.0 <= self.ema_decay <= 1.0:
             raise UserError(f"--ema_decay={self.ema_decay}: must be in [0, 1].")
+        _one_of("ema_schedule", self.ema_schedule, EMA_SCHEDULES)
         uses_queue = self.memory == "queue" or self.method == "grafit_maskcon"
         if uses_queue and self.queue_size < self.batch_size:
             raise UserError(

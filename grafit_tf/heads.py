@@ -6,16 +6,24 @@ from keras import layers
 TRANSFORM_LAYER = "embedding_transform"
 
 
-def mlp(hidden, out, name, sync_bn=False, use_bn=True):
-    """Linear -> BN -> ReLU -> Linear: BYOL's projector / predictor shape.
+def mlp(hidden, out, name, sync_bn=False, use_bn=True, hidden_layers=1):
+    """(Linear -> BN -> ReLU) x hidden_layers -> Linear.
+
+    One hidden layer is BYOL's projector / predictor shape; two are SimCLR v2's
+    deeper projector, which moves the loss one layer further from the trunk.
 
     Returns:
         A `keras.Sequential` `[N, F] -> [N, out]`.
     """
-    body = [layers.Dense(hidden, use_bias=not use_bn, name=f"{name}_fc1")]
-    if use_bn:
-        body.append(layers.BatchNormalization(synchronized=sync_bn, name=f"{name}_bn"))
-    body += [layers.ReLU(name=f"{name}_relu"), layers.Dense(out, name=f"{name}_fc2")]
+    body = []
+    for i in range(hidden_layers):
+        # The first layer keeps its old names, so that checkpoints of 1-layer heads still load.
+        tag = "" if i == 0 else str(i + 1)
+        body.append(layers.Dense(hidden, use_bias=not use_bn, name=f"{name}_fc1{tag}"))
+        if use_bn:
+            body.append(layers.BatchNormalization(synchronized=sync_bn, name=f"{name}_bn{tag}"))
+        body.append(layers.ReLU(name=f"{name}_relu{tag}"))
+    body.append(layers.Dense(out, name=f"{name}_fc2"))
     return keras.Sequential(body, name=name)
 
 

@@ -25,6 +25,8 @@ class Objective:
         lambda_inst: weight of the instance loss in `grafit`.
         ema_decay: base decay of the target network, raised to 1 by a cosine
             schedule over `total_steps` (BYOL).
+        ema_schedule: cosine (BYOL's) | constant (the base decay throughout, as
+            MoCo keeps it; grafit_maskcon always does).
         total_steps: planned optimizer steps, for the EMA schedule.
         label_smoothing: for the cross-entropy baselines.
         instance_loss: byol | infonce (grafit's instance term).
@@ -51,6 +53,7 @@ class Objective:
     tau: float = 0.05
     lambda_inst: float = 1.0
     ema_decay: float = 0.99
+    ema_schedule: str = "cosine"
     total_steps: int = 1
     label_smoothing: float = 0.0
     instance_loss: str = "byol"
@@ -346,10 +349,12 @@ class GrafitModel(keras.Model):
     def ema_decay(self):
         """BYOL's schedule: base decay at step 0, cosine up to 1 at the end.
 
-        MoCo (grafit_maskcon) keeps the base decay constant.
+        MoCo (grafit_maskcon) and `ema_schedule="constant"` keep the base decay:
+        the target then keeps following the online network to the last step,
+        where the cosine schedule all but freezes it.
         """
         base = self.objective.ema_decay
-        if self.objective.maskcon:
+        if self.objective.maskcon or self.objective.ema_schedule == "constant":
             return tf.constant(base, tf.float32)
         progress = tf.minimum(
             tf.cast(self.optimizer.iterations, tf.float32) / float(self.objective.total_steps),

@@ -214,6 +214,24 @@ def test_info_nce_with_soft_targets_matches_reference(rng):
     assert tape.gradient(loss, kv) is None
 
 
+def test_info_nce_soft_targets_with_same_coarse_negatives_matches_reference(rng):
+    # Both options together: the soft targets sit on same-class keys only, so the
+    # masked other-class logits carry a target of 0 and drop out of the sum.
+    q = _unit(rng.normal(size=(6, 4))).astype(np.float32)
+    k = _unit(rng.normal(size=(6, 4))).astype(np.float32)
+    labels = np.array([0, 1, 0, 0, 1, 2])
+    targets = maskcon_targets_reference(k, labels, 0.1, 0.5)
+    want = []
+    for i in range(6):
+        same = np.flatnonzero(labels == labels[i])
+        logits = k[same] @ q[i] / 0.2
+        logp = logits - np.log(np.exp(logits).sum())
+        want.append(-(targets[i, same] * logp).sum())
+    got = losses.info_nce_loss(q, k, 0.2, labels=labels,
+                               targets=losses.coarse_soft_targets(k, labels, 0.1, 0.5))
+    np.testing.assert_allclose(got.numpy(), np.mean(want), rtol=1e-5)
+
+
 def test_cross_entropy_with_smoothing(rng):
     logits = rng.normal(size=(3, 4))
     labels = np.array([0, 3, 1])

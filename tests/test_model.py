@@ -73,6 +73,30 @@ def test_target_starts_as_copy_and_follows_by_ema():
     assert not any("target" in w.path for w in model.trainable_weights)
 
 
+@pytest.mark.parametrize("method,schedule,want", [
+    ("grafit", "cosine", [0.9, 0.95, 1.0]),  # BYOL: 1 - (1 - base) (cos(pi t) + 1) / 2.
+    ("grafit", "constant", [0.9, 0.9, 0.9]),
+    ("grafit_maskcon", "cosine", [0.9, 0.9, 0.9]),  # MoCo: always constant.
+])
+def test_ema_decay_schedule(method, schedule, want):
+    source = synthetic_source()
+    config = small_config(method=method, ema_decay=0.9, ema_schedule=schedule, queue_size=16)
+    model = builders.build_model(config, source, total_steps=100)
+    model.compile(optimizer=builders.build_optimizer(config, 100, 4))
+    model.optimizer.build(model.trainable_variables)
+    got = []
+    for step in (0, 50, 100):
+        model.optimizer.iterations.assign(step)
+        got.append(float(model.ema_decay()))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_ema_schedule_is_validated():
+    from grafit_tf.errors import UserError
+    with pytest.raises(UserError, match="--ema_schedule"):
+        small_config(ema_schedule="linear").validate()
+
+
 @pytest.mark.parametrize("method", ["grafit", "coarse_ce", "instance", "fine_ce",
                                     "grafit_maskcon", "grafit+infonce"])
 def test_each_method_has_its_losses_and_embeds(method):
@@ -94,6 +118,22 @@ def test_each_method_has_its_losses_and_embeds(method):
         np.testing.assert_array_equal(model.memory.labels.numpy()[:8], source.train.coarse[:8])
     z = builders.build_embedder(model)(np.zeros((3, 12, 12, 1), np.float32))
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
+
+
+def test_head_layers_deepen_the_knn_head_and_projectors_not_the_predictor():
+    source = synthetic_source()
+
+    def dense_widths(head):
+        return [layer.units for layer in head.layers if isinstance(layer, keras.layers.Dense)]
+    for layers_, want in [(1, [16, 8]), (2, [16, 16, 8])]:
+        config = small_config(head_layers=layers_, instance_loss="infonce")
+        model = builders.build_model(config, source, total_steps=4)
+        model.compile(optimizer=builders.build_optimizer(config, 4, 4), jit_compile=False)
+        logs = tf.function(model.train_step)(batch(source))
+        assert all(np.isfinite(float(v)) for v in logs.values())
+        for head in (model.knn_head, model.projector, model.target_projector):
+            assert dense_widths(head) == want
+        assert dense_widths(model.predictor) == [16, 8]
 
 
 @pytest.mark.parametrize("method", ["grafit", "instance"])
