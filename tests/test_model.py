@@ -128,9 +128,10 @@ def test_head_layers_deepen_the_knn_head_and_projectors_not_the_predictor():
     for layers_, want in [(1, [16, 8]), (2, [16, 16, 8])]:
         config = small_config(head_layers=layers_, instance_loss="infonce")
         model = builders.build_model(config, source, total_steps=4)
-        model.compile(optimizer=builders.build_optimizer(config, 4, 4), jit_compile=False)
-        logs = tf.function(model.train_step)(batch(source))
-        assert all(np.isfinite(float(v)) for v in logs.values())
+        if layers_ == 2:  # The 1-layer step is every other model test's.
+            model.compile(optimizer=builders.build_optimizer(config, 4, 4), jit_compile=False)
+            logs = tf.function(model.train_step)(batch(source))
+            assert all(np.isfinite(float(v)) for v in logs.values())
         for head in (model.knn_head, model.projector, model.target_projector):
             assert dense_widths(head) == want
         assert dense_widths(model.predictor) == [16, 8]
