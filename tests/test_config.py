@@ -73,6 +73,7 @@ def test_flags_after_flagfile_override(monkeypatch):
     (dict(embedding_transform="pca"), "--embedding_transform"),
     (dict(embedding_transform="whiten", whiten_shrinkage=-1.0), "--whiten_shrinkage"),
     (dict(head_layers=0), "--head_layers"),
+    (dict(ema_schedule="linear"), "--ema_schedule"),
 ])
 def test_validate_rejects(changes, needle):
     with pytest.raises(UserError, match=needle):

@@ -91,12 +91,6 @@ def test_ema_decay_schedule(method, schedule, want):
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-def test_ema_schedule_is_validated():
-    from grafit_tf.errors import UserError
-    with pytest.raises(UserError, match="--ema_schedule"):
-        small_config(ema_schedule="linear").validate()
-
-
 @pytest.mark.parametrize("method", ["grafit", "coarse_ce", "instance", "fine_ce",
                                     "grafit_maskcon", "grafit+infonce"])
 def test_each_method_has_its_losses_and_embeds(method):
