@@ -32,8 +32,12 @@ data:
 	       "(or set FASHION_MNIST=DIR to a folder with the four IDX .gz files)."; exit 1; \
 	fi
 
+# Two pytest processes (pytest-xdist), a test file each at a time: most of a test's
+# time is tracing graphs, which runs on one core. PYTEST_WORKERS=0 runs in-process.
+PYTEST_WORKERS ?= 2
 test: venv data
-	GRAFIT_FASHION_MNIST=$(FASHION_MNIST) $(PY) -m pytest -q $(PYTEST_ARGS)
+	GRAFIT_FASHION_MNIST=$(FASHION_MNIST) $(PY) -m pytest -q -n $(PYTEST_WORKERS) \
+	  --dist loadfile $(PYTEST_ARGS)
 
 # Train (resumes if interrupted), export to ONNX with a parity check, write a
 # gallery (500 training images per class) and the test split as PNG folders,

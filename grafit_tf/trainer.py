@@ -54,14 +54,28 @@ def check_resumable(config, workdir):
             + "; ".join(changed) + "): use another --workdir, or delete this one to start over.")
 
 
+def embedding_fn(embedder, source):
+    """`embedder` as a function `[B, H, W, C]` float32 -> `[B, D]` float32, traced once.
+
+    The batch size is left open, so one trace serves every batch of both splits,
+    the last, smaller one included: for a large trunk, tracing costs more than
+    embedding a small split does.
+    """
+    spec = tf.TensorSpec([None, *source.image_shape], tf.float32)
+    return tf.function(lambda x: tf.cast(embedder(x, training=False), tf.float32),
+                       input_signature=[spec])
+
+
 def embed(embedder, split, source, batch_size=512):
     """Embeddings `[N, D]` float32 of a split, in order, evaluation preprocessing.
 
-    Runs outside any strategy on this process's own copy of the weights, so
-    every worker gets the same full result in dataset order (a distributed
-    `predict` would shard the data across workers).
+    `embedder`: a Keras model, or the function `embedding_fn` made of one (reused
+    across splits, it is traced only once). Runs outside any strategy on this
+    process's own copy of the weights, so every worker gets the same full result in
+    dataset order (a distributed `predict` would shard the data across workers).
     """
-    fn = tf.function(lambda x: tf.cast(embedder(x, training=False), tf.float32))
+    fn = embedder if isinstance(embedder, tf.types.experimental.GenericFunction) else (
+        embedding_fn(embedder, source))
     ds = pipeline.eval_dataset(split, source, batch_size)
     return np.concatenate([fn(batch).numpy() for batch in ds]).astype(np.float32)
 
@@ -73,19 +87,21 @@ def evaluate(embedder, source, config):
     split's embeddings (images only) and sets it, so the embedder that is saved
     and exported is the one that was scored.
     """
+    fn = embedding_fn(embedder, source)  # One trace for both splits.
     if config.embedding_transform == "none":
-        train_emb = embed(embedder, source.train, source)
+        train_emb = embed(fn, source.train, source)
     else:
         layer = embedder.get_layer(heads.TRANSFORM_LAYER)
         dim = layer.kernel.shape[0]
         layer.set_weights([np.eye(dim, dtype=np.float32), np.zeros(dim, np.float32)])
-        features = embed(embedder, source.train, source)  # The identity map: normalise(f(x)).
+        features = embed(fn, source.train, source)  # The identity map: normalise(f(x)).
         mean, projection = embedding_transform.fit(features, config.embedding_transform,
                                                    config.whiten_shrinkage)
+        # Variables, not constants, in the trace: `fn` sees the new map.
         layer.set_weights(embedding_transform.dense_weights(mean, projection))
         # The same map in NumPy: cheaper than embedding the training split again.
         train_emb = embedding_transform.apply(features, mean, projection)
-    test_emb = embed(embedder, source.test, source)
+    test_emb = embed(fn, source.test, source)
     return evaluation.knn_metrics(
         train_emb, source.train.fine, source.train.coarse,
         test_emb, source.test.fine, source.test.coarse,

@@ -117,3 +117,16 @@ def float32_policy_after_each_test():
     keras = sys.modules.get("keras")
     if keras is not None:  # Only where a test brought Keras in.
         keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_grappler():
+    """Grappler off in the test process (subprocesses, `train.py` runs among them, keep it).
+
+    Its graph optimisations pay off over thousands of steps; a test runs each new
+    graph once or twice, and optimising the graphs of the paper's large trunks costs
+    more than running them does (a fifth of the time of the tests that train in-process).
+    """
+    import tensorflow as tf
+
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})

@@ -101,6 +101,9 @@ def test_each_method_has_its_losses_and_embeds(method):
     model.compile(optimizer=builders.build_optimizer(config, 4, 4), jit_compile=True)
     assert model.jit_compile is True  # Explicit, never Keras's "auto".
     model.compile(optimizer=builders.build_optimizer(config, 4, 4), jit_compile=False)
+    # Built ahead, as the trainer does: a first trace that creates the optimizer's
+    # variables makes tf.function trace the step a second time.
+    model.optimizer.build(model.trainable_variables)
     logs = tf.function(model.train_step)(batch(source))
     expected = {"grafit": {"nca_loss", "instance_loss"}, "coarse_ce": {"ce_loss"},
                 "instance": {"instance_loss"}, "fine_ce": {"ce_loss"},
@@ -124,6 +127,7 @@ def test_head_layers_deepen_the_knn_head_and_projectors_not_the_predictor():
         model = builders.build_model(config, source, total_steps=4)
         if layers_ == 2:  # The 1-layer step is every other model test's.
             model.compile(optimizer=builders.build_optimizer(config, 4, 4), jit_compile=False)
+            model.optimizer.build(model.trainable_variables)
             logs = tf.function(model.train_step)(batch(source))
             assert all(np.isfinite(float(v)) for v in logs.values())
         for head in (model.knn_head, model.projector, model.target_projector):
