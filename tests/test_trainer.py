@@ -181,3 +181,21 @@ def test_embedding_transform_is_fitted_scored_and_saved(tiny_config, tmp_path):
                                   source.test.fine, source.test.coarse, num_fine=10)
     for key in ("fine_knn_top1", "fine_recall_at_1", "coarse_knn_top1"):
         assert metrics[key] == pytest.approx(want[key], abs=1.5 / 128), key
+
+
+def test_one_trace_embeds_every_batch_of_both_splits():
+    from grafit_tf import trainer
+    from tests.synthetic import synthetic_source
+
+    source = synthetic_source(n=10)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input(source.image_shape), keras.layers.Flatten(),
+                              keras.layers.Dense(3)])
+    fn = trainer.embedding_fn(model, source)
+    train = trainer.embed(fn, source.train, source, batch_size=4)  # Batches of 4, 4, 2.
+    test = trainer.embed(fn, source.test, source, batch_size=3)  # 3, 3, 3, 1.
+    assert fn.experimental_get_tracing_count() == 1
+    assert train.shape == (10, 3) and train.dtype == np.float32
+    # The same embeddings as a model given directly (a function of its own).
+    np.testing.assert_allclose(train, trainer.embed(model, source.train, source), rtol=1e-6)
+    np.testing.assert_allclose(test, train, rtol=1e-6)  # Here test is the training split.
