@@ -52,8 +52,8 @@ def mocked(num_examples=16):
     return tfds.testing.mock_data(num_examples=num_examples)
 
 
-# The RegNetY-8GF runs (pre-training and transfer) take one batch: one step of its
-# grouped convolutions costs the CPU more than tracing the whole job does.
+# The RegNetY-8GF runs (pre-training and transfer) take one batch: on the CPU each
+# step of its grouped convolutions takes many seconds, and one step runs the path.
 ONE_BATCH = SHRINK["batch_size"]
 
 
