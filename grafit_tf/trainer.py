@@ -66,16 +66,14 @@ def embedding_fn(embedder, source):
                        input_signature=[spec])
 
 
-def embed(embedder, split, source, batch_size=512):
+def embed(fn, split, source, batch_size=512):
     """Embeddings `[N, D]` float32 of a split, in order, evaluation preprocessing.
 
-    `embedder`: a Keras model, or the function `embedding_fn` made of one (reused
-    across splits, it is traced only once). Runs outside any strategy on this
-    process's own copy of the weights, so every worker gets the same full result in
-    dataset order (a distributed `predict` would shard the data across workers).
+    `fn`: from `embedding_fn` (reused across splits, it is traced only once). Runs
+    outside any strategy on this process's own copy of the weights, so every worker
+    gets the same full result in dataset order (a distributed `predict` would shard
+    the data across workers).
     """
-    fn = embedder if isinstance(embedder, tf.types.experimental.GenericFunction) else (
-        embedding_fn(embedder, source))
     ds = pipeline.eval_dataset(split, source, batch_size)
     return np.concatenate([fn(batch).numpy() for batch in ds]).astype(np.float32)
 
@@ -142,7 +140,7 @@ def prefill_memory(model, source, config):
     else:
         head = heads.embedder(model.backbone, model.knn_head, model.image_shape)
     split = source.train if model.memory.kind == "full" else source.train.take(model.memory.size)
-    z = embed(head, split, source)
+    z = embed(embedding_fn(head, source), split, source)
     labels = source.train.coarse[: len(z)]
     model.memory.fill(z, labels)
 

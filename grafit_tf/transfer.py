@@ -106,8 +106,9 @@ def classification_top1(model, source, batch_size=256):
     Returns:
         float in [0, 1].
     """
-    from grafit_tf.trainer import embed  # The same batched, in-order evaluation pass.
+    # The same batched, in-order evaluation pass.
+    from grafit_tf.trainer import embed, embedding_fn
 
     classify = keras.Sequential([model.backbone, model.classifier])
-    logits = embed(classify, source.test, source, batch_size)  # [N, classes]
+    logits = embed(embedding_fn(classify, source), source.test, source, batch_size)  # [N, K]
     return float(np.mean(logits.argmax(axis=1) == source.test.fine))
