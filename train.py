@@ -99,6 +99,12 @@ HELP = {
                      "(SwAV's 0.1).",
     "sinkhorn_epsilon": "--prototypes_per_coarse: entropic regularisation of the Sinkhorn "
                         "codes (SwAV's 0.05; smaller gives harder codes).",
+    "aug_pred_weight": "Weight of an augmentation-aware term (AugSelf, Lee et al., NeurIPS "
+                       "2021; an extension, not in the Grafit paper): an MLP on two views' "
+                       "trunk features predicts how their crop boxes and brightness / "
+                       "contrast jitter differ, so that the trunk keeps what the instance "
+                       "loss's invariance would erase (grafit and instance, grayscale_small "
+                       "recipe; 0: off).",
     "ema_decay": "Base EMA decay of the instance loss's target network.",
     "ema_schedule": "cosine: the EMA decay rises from --ema_decay to 1 over training "
                     "(BYOL); constant: --ema_decay throughout (MoCo; grafit_maskcon "

@@ -69,6 +69,7 @@ VARIANTS = {
     "nn_positives_from_4": ["--instance_positives=coarse_nn", "--nn_start_epochs=4"],
     # SwAV-style prototypes within each coarse class (an extension).
     "prototypes_8": ["--prototypes_per_coarse=8"],
+    "aug_pred_1": ["--aug_pred_weight=1"],
     "grafit_maskcon": "configs/fashion_mnist_grafit_maskcon.cfg",
 }
 

@@ -31,6 +31,12 @@ def random_resized_crop(image, seed, size, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 
     Returns:
         `[size[0], size[1], C]` float32.
     """
+    begin, crop_size = crop_box(image, seed, scale, ratio)
+    return _cut(image, begin, crop_size, size)
+
+
+def crop_box(image, seed, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3)):
+    """The box `random_resized_crop` cuts for `seed`: `begin`, `size`, each `[3]` int32."""
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image),
         bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
@@ -41,8 +47,11 @@ def random_resized_crop(image, seed, size, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 
         max_attempts=10,
         use_image_if_no_bounding_boxes=True,
     )
-    crop = tf.slice(image, begin, crop_size)
-    return tf.image.resize(crop, size, method="bilinear")
+    return begin, crop_size
+
+
+def _cut(image, begin, crop_size, size):
+    return tf.image.resize(tf.slice(image, begin, crop_size), size, method="bilinear")
 
 
 def random_flip(image, seed):
@@ -57,13 +66,19 @@ def _maybe(seed, probability, fn, image):
 
 def brightness_contrast(image, seed, strength=0.4):
     """Random brightness and contrast jitter (grayscale or RGB), clipped to 0..255."""
+    delta, factor = _jitter_draws(seed, strength)
+    mean = tf.reduce_mean(image)
+    image = (image - mean) * factor + mean + delta
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def _jitter_draws(seed, strength):
+    """The brightness shift (0..255 units) and contrast factor of `brightness_contrast`."""
     delta = strength * 255.0 * tf.random.stateless_uniform([], fold(seed, 0), -1.0, 1.0)
     factor = tf.random.stateless_uniform(
         [], fold(seed, 1), max(0.0, 1.0 - strength), 1.0 + strength
     )
-    mean = tf.reduce_mean(image)
-    image = (image - mean) * factor + mean + delta
-    return tf.clip_by_value(image, 0.0, 255.0)
+    return delta, factor
 
 
 def color_jitter(image, seed, strength=0.4, hue=0.1):
@@ -98,12 +113,51 @@ def grayscale_small(image, seed, crop_scale_min=0.35, jitter=0.4, size=None,
             the local crops of `--local_crops`.
         crop_scale_max: largest crop area kept.
     """
+    return grayscale_small_with_params(image, seed, crop_scale_min, jitter, size,
+                                       crop_scale_max)[0]
+
+
+# What `grayscale_small_with_params` reports of a view (`--aug_pred_weight`).
+VIEW_PARAMS = ("crop_center_y", "crop_center_x", "crop_height", "crop_width", "brightness",
+               "contrast")
+CROP_PARAMS = 4  # The first four; the last two are the jitter.
+
+
+def grayscale_small_with_params(image, seed, crop_scale_min=0.35, jitter=0.4, size=None,
+                                crop_scale_max=1.0):
+    """`grayscale_small`'s view, and the draws that made it.
+
+    Args: as `grayscale_small` (the same seed gives the same view).
+
+    Returns:
+        `(view, params)`: `params` `[6]` float32, `VIEW_PARAMS` in order: the crop
+        box's centre and size as fractions of the image's height and width (the
+        centre's x mirrored when the view is flipped, so that it says where the
+        crop sits in the view's own frame, as AugSelf does), then the brightness
+        shift and contrast change scaled to [-1/2, 1/2] by the jitter strength (0
+        when the jitter was not applied, or `jitter` is 0). The differences of two
+        views' params are then all in [-1, 1].
+    """
     size = tf.shape(image)[:2] if size is None else size
-    x = random_resized_crop(image, fold(seed, 0), size, scale=(crop_scale_min, crop_scale_max))
-    x = random_flip(x, fold(seed, 1))
+    scale = (crop_scale_min, crop_scale_max)
+    begin, box = crop_box(image, fold(seed, 0), scale)  # As random_resized_crop draws it.
+    x = random_flip(_cut(image, begin, box, size), fold(seed, 1))
+    # The draw of tf.image.stateless_random_flip_left_right (tests check the two agree).
+    flipped = tf.random.stateless_uniform([], fold(seed, 1), 0.0, 1.0) < 0.5
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    extent = tf.cast(box[:2], tf.float32) / shape
+    center = tf.cast(begin[:2], tf.float32) / shape + extent / 2.0
+    center = tf.stack([center[0], tf.where(flipped, 1.0 - center[1], center[1])])
+    jittered = tf.zeros([2])
     if jitter > 0:
+        # The draws of `_maybe` and `brightness_contrast` below, from the same seeds.
+        applied = tf.random.stateless_uniform([], fold(seed, 2)) < 0.8
+        delta, factor = _jitter_draws(fold(seed, 3), jitter)
+        # Scaled to [-1/2, 1/2], so that two views' difference is in tanh's range (AugSelf).
+        jittered = tf.where(applied, tf.stack([delta / 255.0, factor - 1.0]) / (2.0 * jitter),
+                            jittered)
         x = _maybe(fold(seed, 2), 0.8, lambda t: brightness_contrast(t, fold(seed, 3), jitter), x)
-    return x
+    return x, tf.concat([center, extent, jittered], 0)
 
 
 def rgb(image, seed, size, crop_scale_min=0.08, jitter=0.4, crop_scale_max=1.0):

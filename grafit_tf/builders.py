@@ -5,7 +5,7 @@ Call inside `strategy.scope()` so that every variable is mirrored.
 
 import keras
 
-from grafit_tf import backbones, heads
+from grafit_tf import augment, backbones, heads
 from grafit_tf.memory import MemoryBank
 from grafit_tf.model import GrafitModel, Objective
 
@@ -35,6 +35,7 @@ def objective(config, total_steps):
         prototype_weight=config.prototype_weight,
         prototype_tau=config.prototype_tau,
         sinkhorn_epsilon=config.sinkhorn_epsilon,
+        aug_pred_weight=config.aug_pred_weight,
     )
 
 
@@ -86,6 +87,9 @@ def build_model(config, source, total_steps, use_bn=True, sync_bn=False):
         parts["prototypes"] = heads.Prototypes(
             source.hierarchy.num_coarse * obj.prototypes_per_coarse, config.proj_dim,
             seed=config.seed + 3, name="prototypes")
+    if obj.aug_prediction:  # AugSelf: two views' features in, their draws' difference out.
+        parts["aug_head"] = heads.mlp(config.proj_hidden, len(augment.VIEW_PARAMS), "aug_head",
+                                      sync_bn, use_bn, hidden_layers=2)
     if obj.maskcon:  # MoCo's FIFO queue of keys with their coarse labels.
         parts["memory"] = MemoryBank(source.train.coarse, config.proj_dim, kind="queue",
                                      size=config.queue_size, seed=config.seed, name="memory")
@@ -106,6 +110,8 @@ def _build(model, shape, num_views):
         part = getattr(model, name)
         if part is not None:
             part.build(feature)
+    if model.aug_head is not None:
+        model.aug_head.build((None, 2 * feature[-1]))
     if model.predictor is not None:
         model.predictor.build((None, model.projector.layers[-1].units))
     if model.target_backbone is not None:

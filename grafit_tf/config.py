@@ -92,6 +92,7 @@ class Config:
     prototype_weight: float = 0.5
     prototype_tau: float = 0.1
     sinkhorn_epsilon: float = 0.05
+    aug_pred_weight: float = 0.0
     ema_decay: float = 0.99
     ema_schedule: str = "cosine"
     label_smoothing: float = 0.0
@@ -166,6 +167,12 @@ class Config:
         """Local crops per image this run trains on: only an instance loss reads them."""
         instance = self.method == "instance" or (self.method == "grafit" and self.lambda_inst > 0)
         return self.local_crops if instance else 0
+
+    @property
+    def uses_aug_prediction(self):
+        """The AugSelf term is on (`--aug_pred_weight`); the pipeline then reports each
+        view's draws."""
+        return self.aug_pred_weight > 0
 
     @property
     def label_level(self):
@@ -268,6 +275,12 @@ class Config:
             raise UserError(f"--prototype_weight={self.prototype_weight}, --prototype_tau="
                             f"{self.prototype_tau}, --sinkhorn_epsilon={self.sinkhorn_epsilon}: "
                             "need a weight >= 0 and positive temperatures.")
+        if self.aug_pred_weight < 0:
+            raise UserError(f"--aug_pred_weight={self.aug_pred_weight}: must be >= 0 (0: off).")
+        if self.aug_pred_weight and self.method not in ("grafit", "instance"):
+            # It needs two views of each image, which only the instance-loss methods have.
+            raise UserError("--aug_pred_weight compares two views of an image: use it with "
+                            "--method=grafit or instance.")
         if 0 < self.instance_queue < self.num_views * self.batch_size:
             raise UserError(
                 f"--instance_queue={self.instance_queue} is shorter than one step's keys "

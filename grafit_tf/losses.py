@@ -346,3 +346,36 @@ def queue_contrastive_loss(queries, keys, labels, queue, queue_labels, tau, weig
     sup = -tf.reduce_sum(log_prob * mask, axis=1) / tf.reduce_sum(mask, axis=1)
     self_term = -log_prob[:, 0]
     return tf.reduce_mean(weight * sup + (1.0 - weight) * self_term)
+
+
+def augmentation_prediction_loss(predictions, params_a, params_b, crop_params=4):
+    """AugSelf: regress how two views' augmentations differ from their features.
+
+    From "Improving Transferability of Representations via Augmentation-Aware
+    Self-Supervision" (Lee et al., NeurIPS 2021), an extension, not in the Grafit
+    paper. An instance loss makes the trunk invariant to the augmentations; a head
+    that must tell, from the features of views a and b, how a's crop and jitter
+    differ from b's makes the trunk keep what those augmentations change:
+
+        t = params_a - params_b
+        L = mean_i [ mean_{k < c} (tanh p_ik - t_ik)^2 + mean_{k >= c} (tanh p_ik - t_ik)^2 ]
+
+    the crop's and the jitter's errors averaged separately and added, as AugSelf
+    weighs its crop and colour terms (c = `crop_params`).
+
+    Args:
+        predictions: `[B, P]` the head's raw outputs for (a, b) (any float dtype).
+        params_a, params_b: `[B, P]` the views' draws, scaled so that their
+            differences are in tanh's range [-1, 1]
+            (`augment.grayscale_small_with_params`).
+        crop_params: how many of the P leading entries describe the crop.
+
+    Returns:
+        Scalar: the mean over the B pairs.
+    """
+    target = tf.stop_gradient(tf.cast(params_a, tf.float32) - tf.cast(params_b, tf.float32))
+    error = tf.square(tf.tanh(tf.cast(predictions, tf.float32)) - target)
+    per_pair = tf.reduce_mean(error[:, :crop_params], axis=1)
+    if error.shape[-1] > crop_params:
+        per_pair += tf.reduce_mean(error[:, crop_params:], axis=1)
+    return tf.reduce_mean(per_pair)

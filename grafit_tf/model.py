@@ -11,7 +11,7 @@ import math
 import keras
 import tensorflow as tf
 
-from grafit_tf import losses
+from grafit_tf import augment, losses
 from grafit_tf.distribute import num_replicas
 
 
@@ -47,6 +47,8 @@ class Objective:
             term on the instance branch (grafit; 0: off).
         prototype_weight, prototype_tau, sinkhorn_epsilon: its weight, softmax
             temperature and Sinkhorn regularisation.
+        aug_pred_weight: weight of the AugSelf term, which predicts how two views'
+            augmentations differ from their trunk features (0: off).
     """
 
     method: str = "grafit"
@@ -70,6 +72,7 @@ class Objective:
     prototype_weight: float = 0.5
     prototype_tau: float = 0.1
     sinkhorn_epsilon: float = 0.05
+    aug_pred_weight: float = 0.0
 
     @property
     def nca(self):
@@ -96,6 +99,10 @@ class Objective:
         return self.nca and self.instance and self.prototypes_per_coarse > 0
 
     @property
+    def aug_prediction(self):
+        return self.aug_pred_weight > 0
+
+    @property
     def ema_target(self):
         return self.instance or self.maskcon
 
@@ -113,6 +120,8 @@ class Objective:
             names.append("koleo_loss")
         if self.prototypes:
             names.append("prototype_loss")
+        if self.aug_prediction:
+            names.append("aug_loss")
         return names
 
 
@@ -134,6 +143,8 @@ class GrafitModel(keras.Model):
             nearest neighbour (None: off).
         prototypes: a `heads.Prototypes`, `prototypes_per_coarse` per coarse
             class, for the SwAV-style term (None: off).
+        aug_head: `[N, 2F] -> [N, P]`, AugSelf's head on two views' trunk features
+            (None: off).
         embed_with_head: `call()` returns the normalised kNN-head output instead
             of the normalised trunk feature.
         image_shape: `(H, W, C)` of the data (None: the trunk's input shape; the
@@ -143,7 +154,7 @@ class GrafitModel(keras.Model):
     def __init__(self, backbone, objective, knn_head=None, memory=None, projector=None,
                  predictor=None, target_backbone=None, target_projector=None,
                  classifier=None, instance_queue=None, support=None, prototypes=None,
-                 embed_with_head=False, image_shape=None, **kwargs):
+                 aug_head=None, embed_with_head=False, image_shape=None, **kwargs):
         super().__init__(**kwargs)
         self.backbone = backbone
         self.objective = objective
@@ -157,6 +168,7 @@ class GrafitModel(keras.Model):
         self.instance_queue = instance_queue
         self.support = support
         self.prototypes = prototypes
+        self.aug_head = aug_head
         self.embed_with_head = embed_with_head
         self.image_shape = tuple(image_shape or backbone.input_shape[1:])
         self.trackers = {
@@ -197,8 +209,8 @@ class GrafitModel(keras.Model):
         Returns:
             A dict of `[V, b, ...]` float32 tensors: `knn` (normalised), `pred`,
             `target`, `logits`, `feature` (the normalised trunk feature, for
-            KoLeo), for the active branches, and `local_pred` `[L, b, P]` with
-            local views.
+            KoLeo), `trunk` (the raw trunk feature, for AugSelf), for the active
+            branches, and `local_pred` `[L, b, P]` with local views.
         """
         b, v = tf.shape(views)[0], views.shape[1]
         x = _view_major(views)
@@ -211,6 +223,8 @@ class GrafitModel(keras.Model):
         out = {}
         if self.objective.koleo:  # Per view: the retrieval embedding with --embedding=trunk.
             out["feature"] = tf.math.l2_normalize(per_view(feats), -1)
+        if self.objective.aug_prediction:
+            out["trunk"] = per_view(feats)
         if self.objective.nca:
             out["knn"] = tf.math.l2_normalize(per_view(self.knn_head(feats, training=training)), -1)
         if self.objective.instance:
@@ -234,8 +248,11 @@ class GrafitModel(keras.Model):
             out["key"] = tf.stop_gradient(tf.math.l2_normalize(per_view(key), -1))
         return out
 
-    def loss_terms(self, out, labels, indices):
-        """The active losses (each a scalar mean over the local batch)."""
+    def loss_terms(self, out, labels, indices, aug_params=None):
+        """The active losses (each a scalar mean over the local batch).
+
+        `aug_params`: `[b, V, P]` the views' augmentation draws (AugSelf only).
+        """
         terms = {}
         if self.objective.nca:
             v = out["knn"].shape[0]
@@ -274,6 +291,18 @@ class GrafitModel(keras.Model):
             terms["koleo_loss"] = self.objective.koleo_weight * tf.add_n(
                 [losses.koleo_loss(feature[i]) for i in range(feature.shape[0])]
             ) / feature.shape[0]
+        if self.objective.aug_prediction:
+            params = tf.transpose(aug_params, [1, 0, 2])  # [V, b, P], as the views.
+            trunk = out["trunk"]
+
+            def difference(a, b):  # The head sees (a, b) and must say how a differs from b.
+                pred = self.aug_head(tf.concat([trunk[a], trunk[b]], -1), training=True)
+                return losses.augmentation_prediction_loss(pred, params[a], params[b],
+                                                           augment.CROP_PARAMS)
+            v = trunk.shape[0]
+            pairs = [(a, b) for a in range(v) for b in range(v) if a != b]
+            terms["aug_loss"] = self.objective.aug_pred_weight * tf.add_n(
+                [difference(a, b) for a, b in pairs]) / len(pairs)
         return terms
 
     def _instance_fn(self, labels):
@@ -312,7 +341,7 @@ class GrafitModel(keras.Model):
         labels, indices = data["label"], data["index"]
         with tf.GradientTape() as tape:
             out = self.forward(data["views"], training=True, local_views=data.get("local_views"))
-            terms = self.loss_terms(out, labels, indices)
+            terms = self.loss_terms(out, labels, indices, data.get("aug_params"))
             loss = tf.add_n(list(terms.values()))
             # The optimizer sums gradients over replicas: scale to a global mean.
             # scale_loss: the loss scale of mixed_float16 (identity otherwise).

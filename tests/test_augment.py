@@ -69,3 +69,40 @@ def test_rand_augment_in_a_parallel_map_is_reproducible():
 
     np.testing.assert_array_equal(views(tf.data.AUTOTUNE), views(tf.data.AUTOTUNE))
     np.testing.assert_array_equal(views(tf.data.AUTOTUNE), views(None))
+
+
+def test_view_params_describe_the_view_they_come_with():
+    image = tf.constant(np.random.default_rng(1).uniform(0, 255, (20, 24, 1)), tf.float32)
+    flips = jitters = 0
+    for i in range(24):
+        seed = tf.constant([i, 5])
+        view, params = augment.grayscale_small_with_params(image, seed, crop_scale_min=0.5)
+        # The same view as the plain recipe: only what is reported is new.
+        np.testing.assert_array_equal(view, augment.grayscale_small(image, seed, 0.5))
+        assert params.shape == (len(augment.VIEW_PARAMS),)
+        cy, cx, h, w, brightness, contrast = params.numpy()
+        # Redo the view by hand from the reported box, flip and jitter.
+        top, height = round((cy - h / 2) * 20), round(h * 20)
+        width = round(w * 24)
+        for flipped in (False, True):
+            left = round(((1 - cx) if flipped else cx) * 24 - width / 2)
+            crop = image[top:top + height, left:left + width]
+            if left < 0 or left + width > 24 or crop.shape[:2] != (height, width):
+                continue
+            x = tf.image.resize(crop, (20, 24)).numpy()
+            x = x[:, ::-1] if flipped else x
+            if brightness or contrast:
+                mean = x.mean()
+                x = np.clip((x - mean) * (1 + 0.8 * contrast) + mean + 0.8 * 255 * brightness,
+                            0, 255)
+            if np.allclose(x, view.numpy(), atol=1e-2):
+                flips += flipped
+                jitters += bool(brightness or contrast)
+                break
+        else:
+            raise AssertionError(f"seed {i}: params {params.numpy()} do not give the view")
+        assert 0 < h <= 1 and 0 < w <= 1 and abs(brightness) <= 0.5 and abs(contrast) <= 0.5
+    assert 0 < flips < 24 and 0 < jitters < 24  # Both branches of each draw were checked.
+    # No jitter: nothing to report there.
+    _, params = augment.grayscale_small_with_params(image, tf.constant([0, 5]), jitter=0.0)
+    assert params.numpy()[4:].tolist() == [0.0, 0.0]

@@ -74,6 +74,9 @@ def test_flags_after_flagfile_override(monkeypatch):
     (dict(embedding_transform="whiten", whiten_shrinkage=-1.0), "--whiten_shrinkage"),
     (dict(head_layers=0), "--head_layers"),
     (dict(ema_schedule="linear"), "--ema_schedule"),
+    (dict(aug_pred_weight=-1.0), "--aug_pred_weight"),
+    (dict(aug_pred_weight=1.0, method="coarse_ce"), "--aug_pred_weight"),
+    (dict(aug_pred_weight=1.0, method="grafit_maskcon"), "--aug_pred_weight"),
 ])
 def test_validate_rejects(changes, needle):
     with pytest.raises(UserError, match=needle):

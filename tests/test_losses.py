@@ -374,3 +374,34 @@ def test_coarse_prototype_loss_matches_reference_values_and_gradients(rng):
     np.testing.assert_allclose(
         grad_p.numpy(), numeric_grad(lambda v: fixed_codes(q.astype(np.float64), v),
                                      p.astype(np.float64), eps=1e-5), rtol=1e-3, atol=1e-5)
+
+
+def augmentation_prediction_reference(p, a, b, crop=4):
+    """Pair by pair: the crop's and the jitter's mean squared errors, added."""
+    out = []
+    for i in range(len(p)):
+        err = (np.tanh(p[i]) - (a[i] - b[i])) ** 2
+        out.append(err[:crop].mean() + (err[crop:].mean() if len(err) > crop else 0.0))
+    return np.mean(out)
+
+
+def test_augmentation_prediction_matches_reference_values_and_gradients(rng):
+    p = rng.normal(size=(5, 6)).astype(np.float32)
+    a, b = (rng.uniform(-1, 1, size=(5, 6)).astype(np.float32) for _ in range(2))
+    np.testing.assert_allclose(losses.augmentation_prediction_loss(p, a, b).numpy(),
+                               augmentation_prediction_reference(p, a, b), rtol=1e-5)
+    # Crop only (no jitter entries), and a perfect prediction costs nothing.
+    np.testing.assert_allclose(losses.augmentation_prediction_loss(p[:, :4], a[:, :4], b[:, :4]),
+                               augmentation_prediction_reference(p[:, :4], a[:, :4], b[:, :4]),
+                               rtol=1e-5)
+    near, half = a / 2, np.full((5, 6), 0.3, np.float32)  # Differences inside (-1, 1).
+    assert float(losses.augmentation_prediction_loss(np.arctanh(near - half), near, half)) < 1e-10
+    pt, at = tf.constant(p), tf.constant(a)
+    with tf.GradientTape() as tape:
+        tape.watch([pt, at])
+        value = losses.augmentation_prediction_loss(pt, at, b)
+    grad_p, grad_a = tape.gradient(value, [pt, at])
+    want = numeric_grad(lambda v: augmentation_prediction_reference(v, a, b),
+                        p.astype(np.float64), eps=1e-4)
+    np.testing.assert_allclose(grad_p.numpy(), want, rtol=1e-3, atol=1e-5)
+    assert grad_a is None  # The draws are targets, not something to learn.

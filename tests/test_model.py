@@ -438,3 +438,34 @@ def test_prototype_options_are_validated():
         with pytest.raises(UserError, match="prototype|sinkhorn"):
             small_config(**bad).validate()
     small_config(prototypes_per_coarse=2).validate()
+
+
+def test_aug_prediction_term_regresses_the_views_draws_and_trains_its_head():
+    source = synthetic_source()
+    data = batch(source, views=3)
+    rng = np.random.default_rng(1)
+    data["aug_params"] = tf.constant(rng.uniform(-1, 1, (8, 3, 6)), tf.float32)
+    config = small_config(instance_loss="infonce", num_views=3, aug_pred_weight=0.7)
+    model = builders.build_model(config, source, total_steps=4)
+    assert "aug_loss" in model.objective.terms()
+    out = model.forward(data["views"])
+    terms = model.loss_terms(out, data["label"], data["index"], data["aug_params"])
+    params = np.transpose(data["aug_params"].numpy(), (1, 0, 2))
+    want = 0.7 * np.mean([losses.augmentation_prediction_loss(
+        model.aug_head(tf.concat([out["trunk"][a], out["trunk"][b]], -1), training=True),
+        params[a], params[b]).numpy() for a in range(3) for b in range(3) if a != b])
+    assert float(terms["aug_loss"]) == pytest.approx(want, rel=1e-5)
+    model.compile(optimizer=builders.build_optimizer(config, 4, 4))
+    model.optimizer.build(model.trainable_variables)
+    head_before = [w.numpy().copy() for w in model.aug_head.trainable_weights]
+    logs = tf.function(model.train_step)(data)
+    assert np.isfinite(float(logs["aug_loss"]))
+    assert all(np.abs(w.numpy() - b).max() > 0
+               for w, b in zip(model.aug_head.trainable_weights, head_before))
+    # Off by default; the self-supervised `instance` may use it too.
+    model = builders.build_model(small_config(), source, total_steps=4)
+    assert model.aug_head is None and "aug_loss" not in model.objective.terms()
+    model = builders.build_model(small_config(method="instance", aug_pred_weight=1.0), source,
+                                 total_steps=4)
+    assert model.aug_head is not None and "aug_loss" in model.objective.terms()
+

@@ -5,6 +5,7 @@ import pytest
 
 from grafit_tf.config import Config
 from grafit_tf.data import hierarchy, pipeline, sources
+from grafit_tf.errors import UserError
 
 
 def make_source(n=40, size=10):
@@ -65,6 +66,23 @@ def test_local_crops_come_with_the_same_global_views():
         assert "local_views" not in c[0]
     assert local.replace(lambda_inst=0.0).num_local_views == 0
     assert local.replace(method="instance").num_local_views == 3
+
+
+def test_aug_prediction_adds_each_views_draws_to_the_same_views():
+    source = make_source()
+    aware = CONFIG.replace(aug_pred_weight=1.0)
+    a = batches(pipeline.train_dataset_fn(source, CONFIG), count=2)
+    b = batches(pipeline.train_dataset_fn(source, aware), count=2)
+    assert "aug_params" not in a[0]
+    assert b[0]["aug_params"].shape == (8, 2, 6) and b[0]["aug_params"].dtype == np.float32
+    for x, y in zip(a, b):  # The views are those of a run without the term.
+        np.testing.assert_array_equal(x["views"], y["views"])
+    params = b[0]["aug_params"]
+    area = params[..., 2] * params[..., 3]  # Box height x width: --crop_scale_min=0.9.
+    assert np.all((area >= 0.85) & (area <= 1.0))
+    assert not np.allclose(params[:, 0], params[:, 1])  # Each view its own draws.
+    with pytest.raises(UserError, match="aug_pred_weight"):
+        pipeline.view_fn(aware.replace(augment="rgb"), (10, 10, 3))
 
 
 def test_fine_labels_only_for_the_oracle():

@@ -63,8 +63,18 @@ class ImageReader:
 
 
 def view_fn(config, image_shape):
-    """The augmentation of one view: `(image [H,W,C], seed [2]) -> [H',W',C]`."""
+    """The augmentation of one view: `(image [H,W,C], seed [2]) -> [H',W',C]`.
+
+    With `--aug_pred_weight`, `(image, seed) -> (view, params [P])` instead: the
+    view and the draws that made it (`augment.grayscale_small_with_params`).
+    """
     recipe = _recipe(config, image_shape)
+    if config.uses_aug_prediction:
+        if recipe != "grayscale_small":
+            raise UserError("--aug_pred_weight predicts the draws of the grayscale_small "
+                            "recipe (small grayscale images); drop it for this data.")
+        return lambda image, seed: augment.grayscale_small_with_params(
+            image, seed, config.crop_scale_min, config.jitter_strength)
     if recipe == "grayscale_small":
         return lambda image, seed: augment.grayscale_small(image, seed, config.crop_scale_min,
                                                            config.jitter_strength)
@@ -109,7 +119,8 @@ def train_dataset_fn(source, config, start_step=0):
     The dataset yields per-replica batches of `b = global_batch / replicas`:
     `{"views": [b, V, H, W, C] float32, "index": [b] int32, "label": [b] int32}`,
     from global step `start_step` to the end of training, plus `"local_views":
-    [b, L, s, s, C]` when the run uses `L = config.num_local_views` local crops.
+    [b, L, s, s, C]` when the run uses `L = config.num_local_views` local crops, and
+    `"aug_params": [b, V, P]` float32 with `--aug_pred_weight`.
     `label` is the coarse label, or the fine label for the `fine_ce` oracle only.
     """
     split = source.train
@@ -160,10 +171,12 @@ def train_dataset_fn(source, config, start_step=0):
         def example(epoch, index, data=None):
             image = reader(index) if data is None else decode(data, source.image_shape[-1])
             base = augment.fold(augment.fold(tf.constant([config.seed, 0]), epoch), index)
-            views = tf.stack(
-                [one_view(image, augment.fold(base, v)) for v in range(config.num_views)]
-            )
-            out = {"views": views, "index": index, "label": tf.gather(label_table, index)}
+            views = [one_view(image, augment.fold(base, v)) for v in range(config.num_views)]
+            out = {"index": index, "label": tf.gather(label_table, index)}
+            if config.uses_aug_prediction:
+                views, params = zip(*views)
+                out["aug_params"] = tf.stack(params)
+            out["views"] = tf.stack(views)
             if config.num_local_views:
                 # Seeds after the global views': those stay what they were without local crops.
                 out["local_views"] = tf.stack([
