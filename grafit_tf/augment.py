@@ -32,7 +32,7 @@ def random_resized_crop(image, seed, size, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 
         `[size[0], size[1], C]` float32.
     """
     begin, crop_size = crop_box(image, seed, scale, ratio)
-    return _cut(image, begin, crop_size, size)
+    return tf.image.resize(tf.slice(image, begin, crop_size), size, method="bilinear")
 
 
 def crop_box(image, seed, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -48,10 +48,6 @@ def crop_box(image, seed, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3)):
         use_image_if_no_bounding_boxes=True,
     )
     return begin, crop_size
-
-
-def _cut(image, begin, crop_size, size):
-    return tf.image.resize(tf.slice(image, begin, crop_size), size, method="bilinear")
 
 
 def random_flip(image, seed):
@@ -113,8 +109,12 @@ def grayscale_small(image, seed, crop_scale_min=0.35, jitter=0.4, size=None,
             the local crops of `--local_crops`.
         crop_scale_max: largest crop area kept.
     """
-    return grayscale_small_with_params(image, seed, crop_scale_min, jitter, size,
-                                       crop_scale_max)[0]
+    size = tf.shape(image)[:2] if size is None else size
+    x = random_resized_crop(image, fold(seed, 0), size, scale=(crop_scale_min, crop_scale_max))
+    x = random_flip(x, fold(seed, 1))
+    if jitter > 0:
+        x = _maybe(fold(seed, 2), 0.8, lambda t: brightness_contrast(t, fold(seed, 3), jitter), x)
+    return x
 
 
 # What `grayscale_small_with_params` reports of a view (`--aug_pred_weight`).
@@ -138,10 +138,10 @@ def grayscale_small_with_params(image, seed, crop_scale_min=0.35, jitter=0.4, si
         when the jitter was not applied, or `jitter` is 0). The differences of two
         views' params are then all in [-1, 1].
     """
-    size = tf.shape(image)[:2] if size is None else size
-    scale = (crop_scale_min, crop_scale_max)
-    begin, box = crop_box(image, fold(seed, 0), scale)  # As random_resized_crop draws it.
-    x = random_flip(_cut(image, begin, box, size), fold(seed, 1))
+    x = grayscale_small(image, seed, crop_scale_min, jitter, size, crop_scale_max)
+    # The draws below repeat those of grayscale_small, from the same seeds, so that the
+    # plain recipe (every run without the term) computes nothing it does not use.
+    begin, box = crop_box(image, fold(seed, 0), (crop_scale_min, crop_scale_max))
     # The draw of tf.image.stateless_random_flip_left_right (tests check the two agree).
     flipped = tf.random.stateless_uniform([], fold(seed, 1), 0.0, 1.0) < 0.5
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
@@ -150,13 +150,12 @@ def grayscale_small_with_params(image, seed, crop_scale_min=0.35, jitter=0.4, si
     center = tf.stack([center[0], tf.where(flipped, 1.0 - center[1], center[1])])
     jittered = tf.zeros([2])
     if jitter > 0:
-        # The draws of `_maybe` and `brightness_contrast` below, from the same seeds.
+        # The draws of `_maybe` and `brightness_contrast`.
         applied = tf.random.stateless_uniform([], fold(seed, 2)) < 0.8
         delta, factor = _jitter_draws(fold(seed, 3), jitter)
         # Scaled to [-1/2, 1/2], so that two views' difference is in tanh's range (AugSelf).
         jittered = tf.where(applied, tf.stack([delta / 255.0, factor - 1.0]) / (2.0 * jitter),
                             jittered)
-        x = _maybe(fold(seed, 2), 0.8, lambda t: brightness_contrast(t, fold(seed, 3), jitter), x)
     return x, tf.concat([center, extent, jittered], 0)
 
 
