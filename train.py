@@ -25,6 +25,10 @@ HELP = {
     "crop_scale_min": "Smallest area fraction kept by the random resized crop.",
     "jitter_strength": "Strength of the brightness / contrast (RGB: and saturation) jitter "
                        "applied with probability 0.8 (0: none).",
+    "erase_prob": "Probability of random erasing (Zhong et al., AAAI 2020; not in the Grafit "
+                  "paper) on each global view: a random box of 2% to --erase_scale_max of the "
+                  "image filled with noise (0: off).",
+    "erase_scale_max": "Largest area fraction of the box --erase_prob erases.",
     "num_views": "Augmented views per image per step (>= 2).",
     "local_crops": "Extra small views per image (multi-crop, as in SwAV / DINO; not in the "
                    "Grafit paper): each local crop's prediction is matched to every global "

@@ -77,6 +77,46 @@ def _jitter_draws(seed, strength):
     return delta, factor
 
 
+def random_erasing(image, seed, probability=0.5, scale=(0.02, 0.33), ratio=(0.3, 3.3)):
+    """Random erasing (Zhong et al., AAAI 2020): a random box filled with noise.
+
+    With probability `probability`, a box of a random area (`scale`, as a fraction of
+    the image) and aspect ratio (`ratio`, height / width, drawn log-uniformly) at a
+    random place is replaced by uniform noise in 0..255. The box is clipped to the
+    image instead of redrawn, so that the op is a fixed number of stateless draws.
+
+    Args:
+        image: `[H, W, C]` float32 in 0..255.
+        seed: `[2]` int32 stateless seed.
+        probability: chance that a box is erased.
+        scale: range of the box's area as a fraction of the image.
+        ratio: range of the box's height / width.
+
+    Returns:
+        `[H, W, C]` float32.
+    """
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    area = tf.cast(height * width, tf.float32) * tf.random.stateless_uniform(
+        [], fold(seed, 0), scale[0], scale[1])
+    log_ratio = tf.random.stateless_uniform(
+        [], fold(seed, 1), tf.math.log(float(ratio[0])), tf.math.log(float(ratio[1])))
+    box_h = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area * tf.exp(log_ratio))), tf.int32),
+                             1, height)
+    box_w = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area / tf.exp(log_ratio))), tf.int32),
+                             1, width)
+    corner = tf.random.stateless_uniform([2], fold(seed, 2), 0.0, 1.0)
+    top = tf.cast(corner[0] * tf.cast(height - box_h + 1, tf.float32), tf.int32)
+    left = tf.cast(corner[1] * tf.cast(width - box_w + 1, tf.float32), tf.int32)
+    rows = tf.range(height)[:, None, None]
+    cols = tf.range(width)[None, :, None]
+    inside = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w)
+    noise = tf.random.stateless_uniform(shape, fold(seed, 3), 0.0, 255.0)
+    erased = tf.where(inside, noise, image)
+    apply = tf.random.stateless_uniform([], fold(seed, 4)) < probability
+    return tf.where(apply, erased, image)
+
+
 def color_jitter(image, seed, strength=0.4, hue=0.1):
     """SimCLR-style colour jitter for RGB `[H, W, 3]` images in 0..255."""
     image = brightness_contrast(image, seed, strength)

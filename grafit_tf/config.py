@@ -51,6 +51,8 @@ class Config:
     augment: str = "auto"
     crop_scale_min: float = 0.35
     jitter_strength: float = 0.4
+    erase_prob: float = 0.0
+    erase_scale_max: float = 0.33
     num_views: int = 2
     local_crops: int = 0
     local_crop_size: int = 14
@@ -228,6 +230,11 @@ class Config:
             )
         if not 0.0 <= self.jitter_strength <= 1.0:
             raise UserError(f"--jitter_strength={self.jitter_strength}: must be in [0, 1].")
+        if not 0.0 <= self.erase_prob <= 1.0:
+            raise UserError(f"--erase_prob={self.erase_prob}: must be in [0, 1].")
+        if not 0.02 <= self.erase_scale_max <= 1.0:
+            raise UserError(f"--erase_scale_max={self.erase_scale_max}: must be in "
+                            "[0.02, 1] (the smallest box is 2% of the image).")
         if self.instance_queue < 0:
             raise UserError(f"--instance_queue={self.instance_queue}: use 0 (in-batch "
                             "negatives only) or a positive queue length.")

@@ -68,6 +68,22 @@ def view_fn(config, image_shape):
     With `--aug_pred_weight`, `(image, seed) -> (view, params [P])` instead: the
     view and the draws that made it (`augment.grayscale_small_with_params`).
     """
+    view = _recipe_view_fn(config, image_shape)
+    if not config.erase_prob:
+        return view
+    # Erasing comes last, as in Zhong et al., from a fold no recipe uses (rgb: 0-5).
+    erase = functools.partial(augment.random_erasing, probability=config.erase_prob,
+                              scale=(0.02, config.erase_scale_max))
+    if config.uses_aug_prediction:
+        def erased_with_params(image, seed):
+            x, params = view(image, seed)
+            return erase(x, augment.fold(seed, 6)), params
+        return erased_with_params
+    return lambda image, seed: erase(view(image, seed), augment.fold(seed, 6))
+
+
+def _recipe_view_fn(config, image_shape):
+    """`view_fn` before random erasing."""
     recipe = _recipe(config, image_shape)
     if config.uses_aug_prediction:
         if recipe != "grayscale_small":
