@@ -70,6 +70,9 @@ VARIANTS = {
     # SwAV-style prototypes within each coarse class (an extension).
     "prototypes_8": ["--prototypes_per_coarse=8"],
     "aug_pred_1": ["--aug_pred_weight=1"],
+    # Random erasing on every view (an extension), and the coarse classifier with it.
+    "erase_0.5": ["--erase_prob=0.5"],
+    "coarse_ce_erase_0.5": ["--method=coarse_ce", "--erase_prob=0.5"],
     "grafit_maskcon": "configs/fashion_mnist_grafit_maskcon.cfg",
 }
 

@@ -9,6 +9,8 @@ Keras 3 layer.
 Images are float32 in 0..255 throughout; normalisation happens inside the model.
 """
 
+import math
+
 import keras
 import tensorflow as tf
 
@@ -78,43 +80,74 @@ def _jitter_draws(seed, strength):
 
 
 def random_erasing(image, seed, probability=0.5, scale=(0.02, 0.33), ratio=(0.3, 3.3)):
-    """Random erasing (Zhong et al., AAAI 2020): a random box filled with noise.
-
-    With probability `probability`, a box of a random area (`scale`, as a fraction of
-    the image) and aspect ratio (`ratio`, height / width, drawn log-uniformly) at a
-    random place is replaced by uniform noise in 0..255. The box is clipped to the
-    image instead of redrawn, so that the op is a fixed number of stateless draws.
+    """Random erasing (Zhong et al., AAAI 2020) of one image: `erase_boxes` on its draws.
 
     Args:
         image: `[H, W, C]` float32 in 0..255.
         seed: `[2]` int32 stateless seed.
-        probability: chance that a box is erased.
-        scale: range of the box's area as a fraction of the image.
-        ratio: range of the box's height / width.
+        probability, scale, ratio: as `erase_boxes`.
 
     Returns:
         `[H, W, C]` float32.
     """
-    shape = tf.shape(image)
-    height, width = shape[0], shape[1]
-    area = tf.cast(height * width, tf.float32) * tf.random.stateless_uniform(
-        [], fold(seed, 0), scale[0], scale[1])
-    log_ratio = tf.random.stateless_uniform(
-        [], fold(seed, 1), tf.math.log(float(ratio[0])), tf.math.log(float(ratio[1])))
-    box_h = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area * tf.exp(log_ratio))), tf.int32),
-                             1, height)
-    box_w = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area / tf.exp(log_ratio))), tf.int32),
-                             1, width)
-    corner = tf.random.stateless_uniform([2], fold(seed, 2), 0.0, 1.0)
-    top = tf.cast(corner[0] * tf.cast(height - box_h + 1, tf.float32), tf.int32)
-    left = tf.cast(corner[1] * tf.cast(width - box_w + 1, tf.float32), tf.int32)
-    rows = tf.range(height)[:, None, None]
-    cols = tf.range(width)[None, :, None]
-    inside = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w)
-    noise = tf.random.stateless_uniform(shape, fold(seed, 3), 0.0, 255.0)
-    erased = tf.where(inside, noise, image)
-    apply = tf.random.stateless_uniform([], fold(seed, 4)) < probability
-    return tf.where(apply, erased, image)
+    draws, noise = erasing_draws(seed, 1, tf.shape(image))
+    return erase_boxes(image[None], draws, noise, probability, scale, ratio)[0]
+
+
+ERASE_DRAWS = 5  # Uniforms per box: area, aspect ratio, top, left, whether to erase.
+
+
+def erasing_draws(seed, count, shape):
+    """The random numbers of `count` erasings of images of `shape` `[H, W, C]`.
+
+    Drawn apart from `erase_boxes` so that a pipeline draws them per image (its
+    views stay a function of the image's seed) and erases a whole batch at once
+    (a handful of ops per batch instead of per view, on CPUs busy training).
+
+    Returns:
+        `(draws [count, ERASE_DRAWS] in [0, 1), noise [count, H, W, C] in [0, 255))`.
+    """
+    draws = tf.random.stateless_uniform([count, ERASE_DRAWS], fold(seed, 0))
+    noise = tf.random.stateless_uniform(tf.concat([[count], shape], 0), fold(seed, 1),
+                                        0.0, 255.0)
+    return draws, noise
+
+
+def erase_boxes(images, draws, noise, probability=0.5, scale=(0.02, 0.33),
+                ratio=(0.3, 3.3)):
+    """Random erasing (Zhong et al., AAAI 2020): a random box filled with noise.
+
+    For each image, with probability `probability`, a box of a random area (`scale`,
+    as a fraction of the image) and aspect ratio (`ratio`, height / width, drawn
+    log-uniformly) at a random place is replaced by the image's `noise`. The box is
+    clipped to the image instead of redrawn, so that each erasing is a fixed number
+    of draws.
+
+    Args:
+        images: `[..., H, W, C]` float32.
+        draws: `[..., ERASE_DRAWS]` uniforms in [0, 1) (`erasing_draws`).
+        noise: the fill, shaped like `images`.
+        probability: chance that an image has a box erased.
+        scale: range of the box's area as a fraction of the image.
+        ratio: range of the box's height / width.
+
+    Returns:
+        `images`' shape, float32.
+    """
+    size = tf.cast(tf.shape(images)[-3:-1], tf.float32)  # [2]: H, W.
+    area = size[0] * size[1] * (scale[0] + (scale[1] - scale[0]) * draws[..., 0])
+    log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * draws[..., 1]
+    box_h = tf.clip_by_value(tf.round(tf.sqrt(area * tf.exp(log_ratio))), 1.0, size[0])
+    box_w = tf.clip_by_value(tf.round(tf.sqrt(area * tf.exp(-log_ratio))), 1.0, size[1])
+    top = tf.floor(draws[..., 2] * (size[0] - box_h + 1.0))
+    left = tf.floor(draws[..., 3] * (size[1] - box_w + 1.0))
+    rows = tf.range(size[0])  # [H], compared with each image's box: [..., H].
+    cols = tf.range(size[1])
+    in_rows = (rows >= top[..., None]) & (rows < (top + box_h)[..., None])
+    in_cols = (cols >= left[..., None]) & (cols < (left + box_w)[..., None])
+    erase = (draws[..., 4] < probability)[..., None, None, None]
+    inside = in_rows[..., :, None, None] & in_cols[..., None, :, None] & erase
+    return tf.where(inside, noise, images)
 
 
 def color_jitter(image, seed, strength=0.4, hue=0.1):

@@ -106,3 +106,63 @@ def test_view_params_describe_the_view_they_come_with():
     # No jitter: nothing to report there.
     _, params = augment.grayscale_small_with_params(image, tf.constant([0, 5]), jitter=0.0)
     assert params.numpy()[4:].tolist() == [0.0, 0.0]
+
+
+def erased_box(before, after):
+    """The bounding box `(rows, cols)` of the pixels `after` changed, and the change mask."""
+    changed = np.any(before != after, axis=-1)
+    rows, cols = np.nonzero(changed)
+    return (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1)), changed
+
+
+def test_random_erasing_replaces_one_box_with_noise():
+    x = tf.fill([28, 28, 1], 100.0)  # No noise value lands on exactly 100.
+    areas = []
+    for s in seeds(30):
+        out = augment.random_erasing(x, s, probability=1.0, scale=(0.02, 0.33)).numpy()
+        box, changed = erased_box(x.numpy(), out)
+        assert changed[box].all() and changed.sum() == changed[box].size  # One rectangle.
+        assert out.min() >= 0.0 and out.max() <= 255.0
+        areas.append(changed.mean())
+    out = augment.random_erasing(x, seeds(1)[0], 1.0)  # The same seed, the same box.
+    np.testing.assert_array_equal(out, augment.random_erasing(x, seeds(1)[0], 1.0))
+    # Box sides are rounded and clipped to the image: allow a pixel's worth either side.
+    assert min(areas) >= 0.015 and max(areas) <= 0.33 + 2 * 29 / 28**2
+    assert np.std(areas) > 0.03  # Sizes vary over the seeds.
+
+
+def test_random_erasing_probability():
+    x = image(size=(12, 16))
+    for s in seeds(3):
+        np.testing.assert_array_equal(augment.random_erasing(x, s, probability=0.0), x)
+    images = tf.repeat(x[None], 400, axis=0)
+    draws, noise = augment.erasing_draws(tf.constant([3, 4]), 400, tf.shape(x))
+    erased = augment.erase_boxes(images, draws, noise, probability=0.5).numpy()
+    changed = np.any(erased != images.numpy(), axis=(1, 2, 3))
+    assert 0.4 < changed.mean() < 0.6
+
+
+def test_erase_boxes_on_a_batch_erases_each_image_by_its_own_draws():
+    rng = np.random.default_rng(1)
+    images = tf.constant(rng.uniform(0, 255, (2, 3, 9, 11, 1)), tf.float32)
+    draws = tf.constant(rng.uniform(0, 1, (2, 3, augment.ERASE_DRAWS)), tf.float32)
+    noise = tf.constant(rng.uniform(0, 255, (2, 3, 9, 11, 1)), tf.float32)
+    batched = augment.erase_boxes(images, draws, noise, probability=0.7).numpy()
+    for i in range(2):
+        for v in range(3):
+            one = augment.erase_boxes(images[i, v][None], draws[i, v][None],
+                                      noise[i, v][None], probability=0.7)[0].numpy()
+            np.testing.assert_array_equal(batched[i, v], one)
+            # By hand: the box the draws describe (area 2-33%, ratio 0.3-3.3).
+            d = draws[i, v].numpy()
+            if d[4] >= 0.7:
+                np.testing.assert_array_equal(one, images[i, v].numpy())
+                continue
+            area = 99 * (0.02 + 0.31 * d[0])
+            r = np.exp(np.log(0.3) + (np.log(3.3) - np.log(0.3)) * d[1])
+            h = int(np.clip(np.round(np.sqrt(area * r)), 1, 9))
+            w = int(np.clip(np.round(np.sqrt(area / r)), 1, 11))
+            top, left = int(d[2] * (9 - h + 1)), int(d[3] * (11 - w + 1))
+            want = images[i, v].numpy().copy()
+            want[top:top + h, left:left + w] = noise[i, v, top:top + h, left:left + w]
+            np.testing.assert_allclose(one, want)

@@ -77,6 +77,8 @@ def test_flags_after_flagfile_override(monkeypatch):
     (dict(aug_pred_weight=-1.0), "--aug_pred_weight"),
     (dict(aug_pred_weight=1.0, method="coarse_ce"), "--aug_pred_weight"),
     (dict(aug_pred_weight=1.0, method="grafit_maskcon"), "--aug_pred_weight"),
+    (dict(erase_prob=1.5), "--erase_prob"),
+    (dict(erase_scale_max=0.01), "--erase_scale_max"),
 ])
 def test_validate_rejects(changes, needle):
     with pytest.raises(UserError, match=needle):

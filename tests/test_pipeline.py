@@ -139,3 +139,23 @@ def test_eval_dataset_is_in_order_and_unaugmented():
     source = make_source()
     x = np.concatenate([b.numpy() for b in pipeline.eval_dataset(source.test, source, 16)])
     np.testing.assert_array_equal(x, source.test.images.astype(np.float32))
+
+
+def test_random_erasing_changes_one_box_of_each_view_and_nothing_else():
+    source = make_source()
+    plain = batches(pipeline.train_dataset_fn(source, CONFIG), count=1)[0]["views"]
+    erased = batches(pipeline.train_dataset_fn(source, CONFIG.replace(erase_prob=1.0)),
+                     count=1)[0]["views"]
+    for a, b in zip(plain.reshape(-1, 10, 10, 1), erased.reshape(-1, 10, 10, 1)):
+        changed = (a != b)[..., 0]
+        rows, cols = np.nonzero(changed)
+        assert rows.size  # Every view erased (probability 1)...
+        box = changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        # ...in one box; noise may repeat a pixel's value, so most, not all, of it differs.
+        assert box.mean() > 0.9 and changed.sum() == box.sum()
+    # The erasing leaves the draws --aug_pred_weight regresses as they were.
+    aware = CONFIG.replace(aug_pred_weight=1.0)
+    a = batches(pipeline.train_dataset_fn(source, aware), count=1)[0]
+    b = batches(pipeline.train_dataset_fn(source, aware.replace(erase_prob=1.0)), count=1)[0]
+    np.testing.assert_array_equal(a["aug_params"], b["aug_params"])
+    np.testing.assert_array_equal(b["views"], erased)

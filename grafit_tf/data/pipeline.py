@@ -67,23 +67,8 @@ def view_fn(config, image_shape):
 
     With `--aug_pred_weight`, `(image, seed) -> (view, params [P])` instead: the
     view and the draws that made it (`augment.grayscale_small_with_params`).
+    `--erase_prob`'s random erasing comes after it, batched (`train_dataset_fn`).
     """
-    view = _recipe_view_fn(config, image_shape)
-    if not config.erase_prob:
-        return view
-    # Erasing comes last, as in Zhong et al., from a fold no recipe uses (rgb: 0-5).
-    erase = functools.partial(augment.random_erasing, probability=config.erase_prob,
-                              scale=(0.02, config.erase_scale_max))
-    if config.uses_aug_prediction:
-        def erased_with_params(image, seed):
-            x, params = view(image, seed)
-            return erase(x, augment.fold(seed, 6)), params
-        return erased_with_params
-    return lambda image, seed: erase(view(image, seed), augment.fold(seed, 6))
-
-
-def _recipe_view_fn(config, image_shape):
-    """`view_fn` before random erasing."""
     recipe = _recipe(config, image_shape)
     if config.uses_aug_prediction:
         if recipe != "grayscale_small":
@@ -127,6 +112,10 @@ def local_view_fn(config, image_shape):
             image, seed, scale[0], config.jitter_strength, size=size, crop_scale_max=scale[1])
     return lambda image, seed: augment.rgb(image, seed, size, scale[0], config.jitter_strength,
                                            crop_scale_max=scale[1])
+
+
+# The fold of an image's seed that random erasing draws from; views use 0, 1, ...
+_ERASE_FOLD = 1 << 20
 
 
 def train_dataset_fn(source, config, start_step=0):
@@ -184,6 +173,14 @@ def train_dataset_fn(source, config, start_step=0):
             skip = skip_steps if epoch == start_epoch else 0
             return ds.skip(skip).unbatch().map(lambda i, data: (tf.constant(epoch), i, data))
 
+        def erase_batch(batch):
+            # Random erasing comes after the other ops, as in Zhong et al.; global views only.
+            batch = dict(batch)
+            batch["views"] = augment.erase_boxes(
+                batch["views"], batch.pop("erase_draws"), batch.pop("erase_noise"),
+                config.erase_prob, scale=(0.02, config.erase_scale_max))
+            return batch
+
         def example(epoch, index, data=None):
             image = reader(index) if data is None else decode(data, source.image_shape[-1])
             base = augment.fold(augment.fold(tf.constant([config.seed, 0]), epoch), index)
@@ -193,6 +190,10 @@ def train_dataset_fn(source, config, start_step=0):
                 views, params = zip(*views)
                 out["aug_params"] = tf.stack(params)
             out["views"] = tf.stack(views)
+            if config.erase_prob:
+                # Drawn per image from a fold no view uses; applied per batch (erase_batch).
+                out["erase_draws"], out["erase_noise"] = augment.erasing_draws(
+                    augment.fold(base, _ERASE_FOLD), config.num_views, tf.shape(views[0]))
             if config.num_local_views:
                 # Seeds after the global views': those stay what they were without local crops.
                 out["local_views"] = tf.stack([
@@ -207,6 +208,8 @@ def train_dataset_fn(source, config, start_step=0):
                 stream_epoch(e) for e in range(start_epoch, config.epochs)])
         ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.batch(per_replica, drop_remainder=True)
+        if config.erase_prob:
+            ds = ds.map(erase_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         options = tf.data.Options()
         options.deterministic = True
         options.experimental_distribute.auto_shard_policy = (
