@@ -10,7 +10,7 @@ import sys
 
 from absl import app, flags
 
-from grafit_tf.config import Config
+from grafit_tf.config import ERASE_SCALE_MIN, Config
 
 HELP = {
     "dataset": "Dataset: fashion_mnist (IDX files), image_folder (root/{train,test}/...), or a "
@@ -26,8 +26,8 @@ HELP = {
     "jitter_strength": "Strength of the brightness / contrast (RGB: and saturation) jitter "
                        "applied with probability 0.8 (0: none).",
     "erase_prob": "Probability of random erasing (Zhong et al., AAAI 2020; not in the Grafit "
-                  "paper) on each global view: a random box of 2% to --erase_scale_max of the "
-                  "image filled with noise (0: off).",
+                  f"paper) on each global view: a random box of {ERASE_SCALE_MIN:.0%} to "
+                  "--erase_scale_max of the image filled with noise (0: off).",
     "erase_scale_max": "Largest area fraction of the box --erase_prob erases.",
     "num_views": "Augmented views per image per step (>= 2).",
     "local_crops": "Extra small views per image (multi-crop, as in SwAV / DINO; not in the "

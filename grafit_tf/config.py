@@ -29,6 +29,9 @@ EMBEDDINGS = ("trunk", "knn_head")
 DISTRIBUTE = ("auto", "none", "mirrored", "multi_worker")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 AUGMENTS = ("auto", "grayscale_small", "rgb")
+# Random erasing's smallest box, as a fraction of the image (Zhong et al.'s); the
+# largest is --erase_scale_max.
+ERASE_SCALE_MIN = 0.02
 
 
 # Settings that do not change what a run learns or how it is scored: a work
@@ -232,9 +235,9 @@ class Config:
             raise UserError(f"--jitter_strength={self.jitter_strength}: must be in [0, 1].")
         if not 0.0 <= self.erase_prob <= 1.0:
             raise UserError(f"--erase_prob={self.erase_prob}: must be in [0, 1].")
-        if not 0.02 <= self.erase_scale_max <= 1.0:
+        if not ERASE_SCALE_MIN <= self.erase_scale_max <= 1.0:
             raise UserError(f"--erase_scale_max={self.erase_scale_max}: must be in "
-                            "[0.02, 1] (the smallest box is 2% of the image).")
+                            f"[{ERASE_SCALE_MIN}, 1] (the smallest box erased).")
         if self.instance_queue < 0:
             raise UserError(f"--instance_queue={self.instance_queue}: use 0 (in-batch "
                             "negatives only) or a positive queue length.")

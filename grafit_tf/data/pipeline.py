@@ -18,6 +18,7 @@ import functools
 import tensorflow as tf
 
 from grafit_tf import augment
+from grafit_tf.config import ERASE_SCALE_MIN
 from grafit_tf.errors import UserError
 
 
@@ -178,7 +179,7 @@ def train_dataset_fn(source, config, start_step=0):
             batch = dict(batch)
             batch["views"] = augment.erase_boxes(
                 batch["views"], batch.pop("erase_draws"), batch.pop("erase_noise"),
-                config.erase_prob, scale=(0.02, config.erase_scale_max))
+                config.erase_prob, scale=(ERASE_SCALE_MIN, config.erase_scale_max))
             return batch
 
         def example(epoch, index, data=None):
