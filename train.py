@@ -64,6 +64,10 @@ HELP = {
     "instance_loss": "Instance loss of grafit: byol (predictor + EMA target) or infonce "
                      "(in-batch negatives against the EMA target's keys).",
     "instance_tau": "Temperature of --instance_loss=infonce and of grafit_maskcon.",
+    "instance_decoupled": "Drop the positive from the InfoNCE denominator (decoupled "
+                          "contrastive learning, Yeh et al., ECCV 2022; not in the Grafit "
+                          "paper): the instance loss keeps its gradient once the two views "
+                          "are easy to match (--instance_loss=infonce).",
     "instance_queue": "InfoNCE (--instance_loss=infonce): also contrast each query with this "
                       "many recent target keys, a MoCo-style FIFO queue (0: in-batch "
                       "negatives only).",
@@ -109,6 +113,17 @@ HELP = {
                        "contrast jitter differ, so that the trunk keeps what the instance "
                        "loss's invariance would erase (grafit and instance, grayscale_small "
                        "recipe; 0: off).",
+    "subclusters_per_coarse": "Sub-clusters per coarse class of a DeepCluster-style term "
+                              "(an extension, not in the Grafit paper): from "
+                              "--subcluster_start_epochs on, the training images' latest "
+                              "trunk features are split by k-means inside each coarse class "
+                              "at every epoch end, and each view's trunk feature must fall "
+                              "into its image's sub-cluster among its class's centroids "
+                              "(grafit; 0: off).",
+    "subcluster_weight": "--subclusters_per_coarse: weight of the sub-cluster term.",
+    "subcluster_tau": "--subclusters_per_coarse: softmax temperature over the centroids.",
+    "subcluster_start_epochs": "--subclusters_per_coarse: the first clustering ends this "
+                               "epoch; the term is off before it.",
     "ema_decay": "Base EMA decay of the instance loss's target network.",
     "ema_schedule": "cosine: the EMA decay rises from --ema_decay to 1 over training "
                     "(BYOL); constant: --ema_decay throughout (MoCo; grafit_maskcon "

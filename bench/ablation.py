@@ -73,6 +73,13 @@ VARIANTS = {
     # Random erasing on every view (an extension), and the coarse classifier with it.
     "erase_0.5": ["--erase_prob=0.5"],
     "coarse_ce_erase_0.5": ["--method=coarse_ce", "--erase_prob=0.5"],
+    # DeepCluster-style sub-clusters within each coarse class (an extension).
+    "subclusters_8": ["--subclusters_per_coarse=8"],
+    # Decoupled InfoNCE (DCL, an extension).
+    "decoupled": ["--instance_decoupled"],
+    "crop_0.5": ["--crop_scale_min=0.5"],
+    # The three options with the best seed-0 runs, together.
+    "erase_ema_constant_tau_0.03": ["--erase_prob=0.5", "--ema_schedule=constant", "--tau=0.03"],
     "grafit_maskcon": "configs/fashion_mnist_grafit_maskcon.cfg",
 }
 

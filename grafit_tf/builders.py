@@ -5,7 +5,7 @@ Call inside `strategy.scope()` so that every variable is mirrored.
 
 import keras
 
-from grafit_tf import augment, backbones, heads
+from grafit_tf import augment, backbones, heads, subclusters
 from grafit_tf.memory import MemoryBank
 from grafit_tf.model import GrafitModel, Objective
 
@@ -22,6 +22,7 @@ def objective(config, total_steps):
         label_smoothing=config.label_smoothing,
         instance_loss=config.instance_loss,
         instance_tau=config.instance_tau,
+        instance_decoupled=config.instance_decoupled,
         # Labels reach the instance loss in grafit only (`instance` is self-supervised).
         instance_negatives=config.instance_negatives if config.method == "grafit" else "all",
         instance_targets=config.instance_targets if config.method == "grafit" else "own",
@@ -36,6 +37,9 @@ def objective(config, total_steps):
         prototype_tau=config.prototype_tau,
         sinkhorn_epsilon=config.sinkhorn_epsilon,
         aug_pred_weight=config.aug_pred_weight,
+        subclusters_per_coarse=config.subclusters_per_coarse,  # Objective.subclusters: grafit.
+        subcluster_weight=config.subcluster_weight,
+        subcluster_tau=config.subcluster_tau,
     )
 
 
@@ -90,6 +94,10 @@ def build_model(config, source, total_steps, use_bn=True, sync_bn=False):
     if obj.aug_prediction:  # AugSelf: two views' features in, their draws' difference out.
         parts["aug_head"] = heads.mlp(config.proj_hidden, len(augment.VIEW_PARAMS), "aug_head",
                                       sync_bn, use_bn, hidden_layers=2)
+    if obj.subclusters:  # DeepCluster within each coarse class, on the trunk feature.
+        parts["subclusters"] = subclusters.Subclusters(
+            source.train.coarse, source.hierarchy.num_coarse, obj.subclusters_per_coarse,
+            trunk.output_shape[-1], seed=config.seed + 4, name="subclusters")
     if obj.maskcon:  # MoCo's FIFO queue of keys with their coarse labels.
         parts["memory"] = MemoryBank(source.train.coarse, config.proj_dim, kind="queue",
                                      size=config.queue_size, seed=config.seed, name="memory")

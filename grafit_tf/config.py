@@ -83,6 +83,7 @@ class Config:
     lambda_inst: float = 1.0
     instance_loss: str = "byol"
     instance_tau: float = 0.1
+    instance_decoupled: bool = False
     instance_queue: int = 0
     instance_negatives: str = "all"
     instance_targets: str = "own"
@@ -98,6 +99,10 @@ class Config:
     prototype_tau: float = 0.1
     sinkhorn_epsilon: float = 0.05
     aug_pred_weight: float = 0.0
+    subclusters_per_coarse: int = 0
+    subcluster_weight: float = 0.5
+    subcluster_tau: float = 0.1
+    subcluster_start_epochs: int = 2
     ema_decay: float = 0.99
     ema_schedule: str = "cosine"
     label_smoothing: float = 0.0
@@ -256,6 +261,13 @@ class Config:
                 self.instance_loss != "infonce"):
             raise UserError("--instance_targets=coarse_soft spreads the target of "
                             "--instance_loss=infonce: use it with infonce.")
+        if self.instance_decoupled and self.instance_loss != "infonce":
+            raise UserError("--instance_decoupled changes the denominator of "
+                            "--instance_loss=infonce: use it with infonce.")
+        if self.method == "grafit" and self.instance_decoupled and (
+                self.instance_targets != "own"):
+            raise UserError("--instance_decoupled takes the own key as the only positive: "
+                            "use it with --instance_targets=own.")
         _one_of("instance_positives", self.instance_positives, INSTANCE_POSITIVES)
         if self.method == "grafit" and self.instance_positives == "coarse_nn" and (
                 self.instance_loss != "infonce" or self.instance_targets != "own"):
@@ -291,6 +303,20 @@ class Config:
             # It needs two views of each image, which only the instance-loss methods have.
             raise UserError("--aug_pred_weight compares two views of an image: use it with "
                             "--method=grafit or instance.")
+        if self.subclusters_per_coarse < 0:
+            raise UserError(f"--subclusters_per_coarse={self.subclusters_per_coarse}: must be "
+                            ">= 0 (0: off).")
+        if self.subclusters_per_coarse and self.method != "grafit":
+            raise UserError("--subclusters_per_coarse splits grafit's coarse classes: use it "
+                            "with --method=grafit.")
+        if self.subcluster_weight < 0 or self.subcluster_tau <= 0:
+            raise UserError(f"--subcluster_weight={self.subcluster_weight}, --subcluster_tau="
+                            f"{self.subcluster_tau}: need a weight >= 0 and a positive "
+                            "temperature.")
+        if self.subclusters_per_coarse and not 1 <= self.subcluster_start_epochs < self.epochs:
+            raise UserError(f"--subcluster_start_epochs={self.subcluster_start_epochs}: must "
+                            f"be in [1, --epochs={self.epochs}) (the first clustering ends "
+                            "that epoch).")
         if 0 < self.instance_queue < self.num_views * self.batch_size:
             raise UserError(
                 f"--instance_queue={self.instance_queue} is shorter than one step's keys "

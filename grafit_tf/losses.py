@@ -83,7 +83,8 @@ def byol_loss(predictions, targets):
     return tf.reduce_mean(2.0 - 2.0 * tf.reduce_sum(p * t, axis=1))
 
 
-def info_nce_loss(queries, keys, tau, negatives=None, labels=None, targets=None):
+def info_nce_loss(queries, keys, tau, negatives=None, labels=None, targets=None,
+                  decoupled=False):
     """InfoNCE: query i's positive is key i; the other keys (and `negatives`) are negatives.
 
     Args:
@@ -100,6 +101,11 @@ def info_nce_loss(queries, keys, tau, negatives=None, labels=None, targets=None)
         targets: optional `[B, B]` target distribution over the keys (rows sum
             to 1; `coarse_soft_targets`) instead of the one-hot own key; the
             `negatives` get a target of 0.
+        decoupled: drop the positive from the denominator (DCL, Yeh et al., ECCV
+            2022): `-l_ii + logsumexp_{j != i} l_ij`. InfoNCE's gradient shrinks by
+            (1 - p_ii) as the two views become easy to match, which weak
+            augmentations make them early; without the positive in the
+            denominator it does not. Not with `targets`.
     """
     logits = tf.matmul(queries, tf.stop_gradient(keys), transpose_b=True) / tau  # [B, B]
     if labels is not None:
@@ -111,6 +117,18 @@ def info_nce_loss(queries, keys, tau, negatives=None, labels=None, targets=None)
     if negatives is not None:
         extra = tf.matmul(queries, tf.stop_gradient(negatives), transpose_b=True) / tau
         logits = tf.concat([logits, extra], axis=1)  # [B, B + K]
+    if decoupled:
+        if targets is not None:
+            raise ValueError("info_nce_loss: decoupled and targets cannot be combined.")
+        b = tf.shape(queries)[0]
+        positive = tf.linalg.diag_part(logits[:, :b])
+        # The own key leaves the denominator: only the negatives remain.
+        others = tf.concat([tf.linalg.set_diag(logits[:, :b], tf.fill([b], _NEG_INF)),
+                            logits[:, b:]], axis=1)
+        # A row without any negative (same_coarse, alone in its class) has no loss.
+        has_negative = tf.reduce_max(others, axis=1) > _NEG_INF / 2
+        per_query = tf.where(has_negative, tf.reduce_logsumexp(others, axis=1) - positive, 0.0)
+        return tf.reduce_mean(per_query)
     if targets is not None:
         targets = tf.stop_gradient(tf.cast(targets, logits.dtype))
         targets = tf.pad(targets, [[0, 0], [0, tf.shape(logits)[1] - tf.shape(targets)[1]]])
@@ -260,6 +278,40 @@ def coarse_prototype_loss(queries, keys, labels, prototypes, prototypes_per_clas
     _, own = _own_prototypes(labels, tf.shape(prototypes)[0], prototypes_per_class)
     logits = tf.where(own, tf.matmul(queries, prototypes, transpose_b=True) / tau, _NEG_INF)
     return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=codes, logits=logits))
+
+
+def subcluster_loss(features, labels, assignments, centroids, per_coarse, tau):
+    """Cross-entropy of each feature's sub-cluster among its coarse class's centroids.
+
+    DeepCluster-v2's loss (Caron et al., 2020), the k-means centroids as a fixed
+    classifier, restricted to the coarse class: it pulls each image towards the
+    centroid of its sub-cluster and away from the other sub-clusters of its own
+    coarse class (`grafit_tf.subclusters`; an extension, not in the Grafit paper).
+
+        L_i = -log softmax_{k in own(y_i)}(f_i . c_k / tau)[a_i]
+
+    Args:
+        features: `[B, F]` L2-normalised trunk features.
+        labels: `[B]` int coarse labels y.
+        assignments: `[B]` int sub-cluster a_i of each image, in
+            [y_i K, (y_i + 1) K), or -1 (not clustered yet: no loss).
+        centroids: `[C K, F]` unit centroids, class by class (no gradient flows).
+        per_coarse: K.
+        tau: temperature.
+
+    Returns:
+        Scalar: the mean over the images with an assignment (0 when none has).
+    """
+    centroids = tf.stop_gradient(tf.cast(centroids, tf.float32))
+    assignments = tf.cast(assignments, tf.int32)
+    _, own = _own_prototypes(labels, tf.shape(centroids)[0], per_coarse)
+    logits = tf.where(own, tf.matmul(tf.cast(features, tf.float32), centroids,
+                                     transpose_b=True) / tau, _NEG_INF)
+    known = assignments >= 0
+    per_image = tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.maximum(assignments, 0), logits=logits)
+    per_image = tf.where(known, per_image, tf.zeros_like(per_image))
+    return tf.reduce_sum(per_image) / tf.maximum(tf.reduce_sum(tf.cast(known, tf.float32)), 1.0)
 
 
 def koleo_loss(embeddings, eps=1e-8):

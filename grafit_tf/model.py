@@ -31,6 +31,7 @@ class Objective:
         label_smoothing: for the cross-entropy baselines.
         instance_loss: byol | infonce (grafit's instance term).
         instance_tau: temperature of infonce and of grafit_maskcon.
+        instance_decoupled: infonce without the positive in its denominator (DCL).
         instance_negatives: all | same_coarse (infonce negatives of the query's
             coarse class only).
         instance_targets: own | coarse_soft (infonce's target spread over the
@@ -49,6 +50,9 @@ class Objective:
             temperature and Sinkhorn regularisation.
         aug_pred_weight: weight of the AugSelf term, which predicts how two views'
             augmentations differ from their trunk features (0: off).
+        subclusters_per_coarse: sub-clusters per coarse class of the
+            DeepCluster-style term on the trunk feature (grafit; 0: off).
+        subcluster_weight, subcluster_tau: its weight and softmax temperature.
     """
 
     method: str = "grafit"
@@ -60,6 +64,7 @@ class Objective:
     label_smoothing: float = 0.0
     instance_loss: str = "byol"
     instance_tau: float = 0.1
+    instance_decoupled: bool = False
     instance_negatives: str = "all"
     instance_targets: str = "own"
     instance_positives: str = "own"
@@ -73,6 +78,9 @@ class Objective:
     prototype_tau: float = 0.1
     sinkhorn_epsilon: float = 0.05
     aug_pred_weight: float = 0.0
+    subclusters_per_coarse: int = 0
+    subcluster_weight: float = 0.5
+    subcluster_tau: float = 0.1
 
     @property
     def nca(self):
@@ -103,6 +111,10 @@ class Objective:
         return self.aug_pred_weight > 0
 
     @property
+    def subclusters(self):
+        return self.nca and self.subclusters_per_coarse > 0
+
+    @property
     def ema_target(self):
         return self.instance or self.maskcon
 
@@ -122,6 +134,8 @@ class Objective:
             names.append("prototype_loss")
         if self.aug_prediction:
             names.append("aug_loss")
+        if self.subclusters:
+            names.append("subcluster_loss")
         return names
 
 
@@ -145,6 +159,8 @@ class GrafitModel(keras.Model):
             class, for the SwAV-style term (None: off).
         aug_head: `[N, 2F] -> [N, P]`, AugSelf's head on two views' trunk features
             (None: off).
+        subclusters: a `subclusters.Subclusters`, the feature bank, assignments and
+            centroids of the sub-cluster term (None: off).
         embed_with_head: `call()` returns the normalised kNN-head output instead
             of the normalised trunk feature.
         image_shape: `(H, W, C)` of the data (None: the trunk's input shape; the
@@ -154,7 +170,8 @@ class GrafitModel(keras.Model):
     def __init__(self, backbone, objective, knn_head=None, memory=None, projector=None,
                  predictor=None, target_backbone=None, target_projector=None,
                  classifier=None, instance_queue=None, support=None, prototypes=None,
-                 aug_head=None, embed_with_head=False, image_shape=None, **kwargs):
+                 aug_head=None, subclusters=None, embed_with_head=False, image_shape=None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.backbone = backbone
         self.objective = objective
@@ -169,6 +186,7 @@ class GrafitModel(keras.Model):
         self.support = support
         self.prototypes = prototypes
         self.aug_head = aug_head
+        self.subclusters = subclusters
         self.embed_with_head = embed_with_head
         self.image_shape = tuple(image_shape or backbone.input_shape[1:])
         self.trackers = {
@@ -221,7 +239,8 @@ class GrafitModel(keras.Model):
 
         feats = self.backbone(x, training=training)
         out = {}
-        if self.objective.koleo:  # Per view: the retrieval embedding with --embedding=trunk.
+        if self.objective.koleo or self.objective.subclusters:
+            # Per view: the retrieval embedding with --embedding=trunk.
             out["feature"] = tf.math.l2_normalize(per_view(feats), -1)
         if self.objective.aug_prediction:
             out["trunk"] = per_view(feats)
@@ -303,6 +322,13 @@ class GrafitModel(keras.Model):
             pairs = [(a, b) for a in range(v) for b in range(v) if a != b]
             terms["aug_loss"] = self.objective.aug_pred_weight * tf.add_n(
                 [difference(a, b) for a, b in pairs]) / len(pairs)
+        if self.objective.subclusters:
+            obj, state, feature = self.objective, self.subclusters, out["feature"]
+            assigned = tf.gather(state.assignments, indices)
+            terms["subcluster_loss"] = obj.subcluster_weight * tf.add_n([
+                losses.subcluster_loss(feature[i], labels, assigned, state.centroids,
+                                       obj.subclusters_per_coarse, obj.subcluster_tau)
+                for i in range(feature.shape[0])]) / feature.shape[0]
         return terms
 
     def _instance_fn(self, labels):
@@ -330,7 +356,8 @@ class GrafitModel(keras.Model):
                     soft = losses.coarse_soft_targets(t, labels, obj.soft_target_tau,
                                                       obj.soft_target_weight)
                 return losses.info_nce_loss(tf.math.l2_normalize(p, -1), t, obj.instance_tau,
-                                            negatives=queue, labels=same, targets=soft)
+                                            negatives=queue, labels=same, targets=soft,
+                                            decoupled=obj.instance_decoupled)
             return loss
         return losses.byol_loss
 
@@ -360,6 +387,9 @@ class GrafitModel(keras.Model):
             self.memory.update(mean_view, labels, indices)
         if self.objective.maskcon:
             self.memory.update(out["key"][1], labels, indices)
+        if self.subclusters is not None:  # The views' mean trunk feature, re-clustered later.
+            mean_view = tf.math.l2_normalize(tf.reduce_mean(out["feature"], axis=0), axis=1)
+            self.subclusters.bank.update(mean_view, labels, indices)
         if self.support is not None:
             # One view's keys, as NNCLR: one entry per image.
             self.support.update(tf.math.l2_normalize(out["target"][0], -1), labels, indices)

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 import grafit_tf
-from grafit_tf import builders, checkpointing, embedding_transform, evaluation, heads
+from grafit_tf import builders, checkpointing, embedding_transform, evaluation, heads, subclusters
 from grafit_tf.data import pipeline, sources
 from grafit_tf.distribute import is_chief, make_strategy
 from grafit_tf.errors import UserError
@@ -205,6 +205,10 @@ def run(config, workdir):
         PeriodicEvaluation(embedder, source, config, config.eval_every,
                            os.path.join(logs, "eval.csv"), write=chief),
     ]
+    if model.subclusters is not None:
+        # First, so that the epoch's checkpoint holds the clustering the next epoch uses.
+        callbacks.insert(0, subclusters.Reclustering(model.subclusters,
+                                                     config.subcluster_start_epochs))
     if chief:
         callbacks += [keras.callbacks.CSVLogger(os.path.join(logs, "train.csv"), append=True),
                       keras.callbacks.TensorBoard(logs, write_graph=False)]

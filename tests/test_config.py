@@ -79,6 +79,15 @@ def test_flags_after_flagfile_override(monkeypatch):
     (dict(aug_pred_weight=1.0, method="grafit_maskcon"), "--aug_pred_weight"),
     (dict(erase_prob=1.5), "--erase_prob"),
     (dict(erase_scale_max=0.01), "--erase_scale_max"),
+    (dict(instance_decoupled=True, instance_loss="byol"), "--instance_decoupled"),
+    (dict(instance_decoupled=True, instance_loss="infonce", instance_targets="coarse_soft"),
+     "--instance_decoupled"),
+    (dict(subclusters_per_coarse=-1), "--subclusters_per_coarse"),
+    (dict(subclusters_per_coarse=8, method="coarse_ce"), "--subclusters_per_coarse"),
+    (dict(subclusters_per_coarse=8, subcluster_tau=0.0), "--subcluster_weight"),
+    (dict(subclusters_per_coarse=8, subcluster_weight=-1.0), "--subcluster_weight"),
+    (dict(subclusters_per_coarse=8, subcluster_start_epochs=0), "--subcluster_start_epochs"),
+    (dict(subclusters_per_coarse=8, subcluster_start_epochs=10), "--subcluster_start_epochs"),
 ])
 def test_validate_rejects(changes, needle):
     with pytest.raises(UserError, match=needle):

@@ -161,6 +161,43 @@ def test_info_nce_same_coarse_negatives_matches_reference(rng):
         losses.info_nce_loss(q, k, 0.1, negatives=k, labels=labels)
 
 
+def test_decoupled_info_nce_matches_reference_values_and_gradients(rng):
+    q = _unit(rng.normal(size=(5, 4)))
+    k = _unit(rng.normal(size=(5, 4))).astype(np.float32)
+    queue = _unit(rng.normal(size=(3, 4))).astype(np.float32)
+    labels = np.array([0, 1, 0, 0, 2])  # Image 4 is alone in its class.
+
+    def reference(q, negatives=None, labels=None):
+        out = []
+        for i in range(len(q)):  # -l_ii + log sum over the negatives only (no positive).
+            others = [j for j in range(len(k)) if j != i
+                      and (labels is None or labels[j] == labels[i])]
+            logits = k[others] @ q[i] / 0.1
+            if negatives is not None:
+                logits = np.concatenate([logits, negatives @ q[i] / 0.1])
+            if len(logits):
+                out.append(np.log(np.exp(logits).sum()) - k[i] @ q[i] / 0.1)
+            else:
+                out.append(0.0)  # No negative at all: no loss.
+        return np.mean(out)
+
+    for kwargs in ({}, dict(negatives=queue), dict(labels=labels)):
+        qt = tf.constant(q, tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(qt)
+            value = losses.info_nce_loss(qt, k, 0.1, decoupled=True, **kwargs)
+        assert value.numpy() == pytest.approx(reference(q, **kwargs), rel=1e-5)
+        np.testing.assert_allclose(
+            tape.gradient(value, qt).numpy(),
+            numeric_grad(lambda x: reference(x, **kwargs), q.astype(np.float64)), atol=1e-3)
+    # Without the positive in the denominator the loss is lower than InfoNCE's.
+    q = q.astype(np.float32)
+    assert (losses.info_nce_loss(q, k, 0.1, decoupled=True).numpy()
+            < losses.info_nce_loss(q, k, 0.1).numpy())
+    with pytest.raises(ValueError):
+        losses.info_nce_loss(q, k, 0.1, targets=np.eye(5), decoupled=True)
+
+
 def maskcon_targets_reference(k, labels, tau, w):
     """MaskCon's soft labels (its models/model.py), with the batch's other keys as the queue."""
     out = np.zeros((len(k), len(k)))
@@ -405,3 +442,31 @@ def test_augmentation_prediction_matches_reference_values_and_gradients(rng):
                         p.astype(np.float64), eps=1e-4)
     np.testing.assert_allclose(grad_p.numpy(), want, rtol=1e-3, atol=1e-5)
     assert grad_a is None  # The draws are targets, not something to learn.
+
+
+def test_subcluster_loss_matches_reference_values_and_gradients(rng):
+    labels = np.array([1, 0, 1, 0, 1])
+    assigned = np.array([3, 0, 2, -1, 3])  # Image 3: not clustered yet, no loss.
+    f = _unit(rng.normal(size=(5, 4))).astype(np.float32)
+    c = _unit(rng.normal(size=(4, 4))).astype(np.float32)  # 2 sub-clusters per class.
+
+    def reference(f):
+        out = []
+        for i, y in enumerate(labels):
+            if assigned[i] < 0:
+                continue
+            logits = f[i] @ c[2 * y:2 * y + 2].T / 0.1  # Own class's centroids only.
+            log_p = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+            out.append(-log_p[assigned[i] - 2 * y])
+        return np.mean(out)
+
+    ft = tf.constant(f)
+    with tf.GradientTape() as tape:
+        tape.watch(ft)
+        value = losses.subcluster_loss(ft, labels, assigned, c, 2, 0.1)
+    assert value.numpy() == pytest.approx(reference(f), rel=1e-5)
+    np.testing.assert_allclose(tape.gradient(value, ft).numpy(),
+                               numeric_grad(reference, f.astype(np.float64)), atol=1e-3)
+    # Nobody clustered yet: no loss.
+    none = losses.subcluster_loss(ft, labels, -np.ones(5, np.int32), c, 2, 0.1)
+    assert float(none) == 0.0

@@ -1,5 +1,7 @@
 """GrafitModel: forward shapes, mixed precision dtypes, the EMA target, jit_compile."""
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
@@ -13,6 +15,11 @@ from tests.synthetic import synthetic_source
 def small_config(**changes):
     return Config(batch_size=8, width=4, proj_hidden=16, knn_dim=8, proj_dim=8, epochs=1,
                   warmup_epochs=0, **changes)
+
+
+def two_epochs(**changes):
+    """`small_config` trained for 2 epochs (room for a term that starts after the first)."""
+    return dataclasses.replace(small_config(**changes), epochs=2)
 
 
 def batch(source, n=8, views=2):
@@ -218,6 +225,21 @@ def test_coarse_soft_targets_reach_grafit_only():
     assert terms("grafit", "coarse_soft", soft_target_weight=0.0)[0] == pytest.approx(plain)
     # The self-supervised `instance` never reads the labels, whatever the flag says.
     assert terms("instance", "coarse_soft")[0] == terms("instance", "own")[0]
+
+
+@pytest.mark.parametrize("method", ["grafit", "instance"])
+def test_decoupled_infonce_reaches_the_instance_term(method):
+    source = synthetic_source()
+    data = batch(source)
+    config = small_config(method=method, instance_loss="infonce", instance_decoupled=True)
+    model = builders.build_model(config, source, total_steps=4)
+    out = model.forward(data["views"])
+    got = float(model.loss_terms(out, data["label"], data["index"])["instance_loss"])
+    unit = lambda t: tf.math.l2_normalize(t, -1)
+    want = model.objective_weight() * np.mean([losses.info_nce_loss(
+        unit(out["pred"][i]), unit(out["target"][1 - i]), config.instance_tau,
+        decoupled=True).numpy() for i in range(2)])
+    assert got == pytest.approx(want, rel=1e-5)
 
 
 def test_coarse_soft_targets_need_infonce():
@@ -438,6 +460,44 @@ def test_prototype_options_are_validated():
         with pytest.raises(UserError, match="prototype|sinkhorn"):
             small_config(**bad).validate()
     small_config(prototypes_per_coarse=2).validate()
+
+
+def test_subcluster_term_reads_the_assignments_and_the_step_fills_the_bank():
+    source = synthetic_source()
+    data = batch(source)
+    config = two_epochs(subclusters_per_coarse=2, subcluster_weight=0.7,
+                        subcluster_start_epochs=1)
+    model = builders.build_model(config, source, total_steps=4)
+    state = model.subclusters
+    width = model.backbone.output_shape[-1]
+    assert state.centroids.shape == (2 * source.hierarchy.num_coarse, width)
+    assert "subcluster_loss" in model.objective.terms()
+    out = model.forward(data["views"])
+    # Before the first clustering every assignment is -1: the term is 0.
+    assert float(model.loss_terms(out, data["label"], data["index"])["subcluster_loss"]) == 0.0
+    rng = np.random.default_rng(1)
+    state.bank.fill(rng.normal(size=(len(source.train.coarse), width)))
+    state.recluster(round_=0)
+    before = state.bank.embeddings.numpy().copy()
+    terms = model.loss_terms(out, data["label"], data["index"])
+    assigned = tf.gather(state.assignments, data["index"])
+    want = 0.7 * np.mean([losses.subcluster_loss(
+        out["feature"][v], data["label"], assigned, state.centroids, 2,
+        config.subcluster_tau).numpy() for v in range(2)])
+    assert want > 0 and float(terms["subcluster_loss"]) == pytest.approx(want, rel=1e-5)
+    model.compile(optimizer=builders.build_optimizer(config, 4, 4))
+    model.optimizer.build(model.trainable_variables)
+    logs = tf.function(model.train_step)(data)
+    assert np.isfinite(float(logs["subcluster_loss"]))
+    # The step wrote its images' mean-view trunk features (those of the weights
+    # before its update, as `out`) into their bank slots, and no other slot.
+    mean_view = tf.math.l2_normalize(tf.reduce_mean(out["feature"], axis=0), axis=1).numpy()
+    bank = state.bank.embeddings.numpy()
+    np.testing.assert_allclose(bank[data["index"].numpy()], mean_view, atol=1e-5)
+    np.testing.assert_array_equal(bank[8:], before[8:])
+    # Off by default.
+    plain = builders.build_model(small_config(), source, total_steps=4)
+    assert plain.subclusters is None and "subcluster_loss" not in plain.objective.terms()
 
 
 def test_aug_prediction_term_regresses_the_views_draws_and_trains_its_head():

@@ -1,0 +1,72 @@
+"""How well k-means inside each coarse class finds the fine classes (no training).
+
+    python bench/cluster_purity.py --workdirs=runs/quality/grafit --per_coarse=4,8,16
+
+For each finished run: embeds the training images with its saved `embedder.keras`,
+splits every coarse class into K clusters with the spherical k-means of
+`--subclusters_per_coarse` (`grafit_tf.subclusters.within_coarse_kmeans`), and reports
+the clusters' purity at the fine level: the share of images whose cluster's most
+common fine class is their own. That is the label noise the sub-cluster term trains
+on. Fine labels are used for scoring only. Writes `bench/results/<name>.json` and a
+section of `BENCHMARKS.md`.
+"""
+
+import json
+import os
+import shlex
+import sys
+
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.sections import publish  # noqa: E402
+from grafit_tf.subclusters import purity  # noqa: E402
+
+flags.DEFINE_list("workdirs", None, "Finished train.py work directories to read.")
+flags.DEFINE_list("per_coarse", ["4", "8", "16"], "Clusters per coarse class to try.")
+flags.DEFINE_integer("seed", 1, "Seed of the k-means++ draws.")
+flags.DEFINE_string("name", "cluster_purity", "Results name: bench/results/<name>.json and "
+                    "the BENCHMARKS.md section markers.")
+flags.DEFINE_bool("update_benchmarks", True, "Rewrite this table's section of BENCHMARKS.md.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    import keras
+
+    from grafit_tf import subclusters, trainer
+    from grafit_tf.config import Config
+    from grafit_tf.data import sources
+
+    rows, coarse_names = [], None
+    for workdir in FLAGS.workdirs:
+        with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+            config = Config.from_dict(json.load(f))
+        source = sources.load(config)
+        coarse_names = source.hierarchy.coarse_names
+        embedder = keras.saving.load_model(os.path.join(workdir, "embedder.keras"),
+                                           compile=False)
+        features = trainer.embed(trainer.embedding_fn(embedder, source), source.train, source)
+        for k in (int(k) for k in FLAGS.per_coarse):
+            assignments, _ = subclusters.within_coarse_kmeans(
+                features, source.train.coarse, source.hierarchy.num_coarse, k, FLAGS.seed)
+            overall, per_class = purity(assignments, source.train.fine, source.train.coarse,
+                                        source.hierarchy.num_coarse)
+            rows.append(dict(run=workdir, per_coarse=k, purity=overall,
+                             **{name: p for name, p in zip(coarse_names, per_class)}))
+    header = ["run", "clusters per coarse class", "purity", *coarse_names]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [f"`{r['run']}`", str(r["per_coarse"]), f"{100 * r['purity']:.2f}",
+                 *(f"{100 * r[n]:.2f}" for n in coarse_names)]
+        lines.append("| " + " | ".join(cells) + " |")
+    command = "python bench/cluster_purity.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    publish(FLAGS.name, command, rows, "\n".join(lines), update=FLAGS.update_benchmarks)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("workdirs")
+    app.run(main)
