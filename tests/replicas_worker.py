@@ -55,11 +55,14 @@ def strategies():
     return STRATEGIES
 
 
-def run(method, batch_norm=False):
-    """`batch_norm`: trunk and heads with synchronised batch norm."""
+def run(method, batch_norm=False, subclusters=False):
+    """`batch_norm`: trunk and heads with synchronised batch norm. `subclusters`: with
+    the sub-cluster term, clustered before the step; its feature bank is then the
+    memory compared."""
     config = Config(method=method, batch_size=16, queue_size=32, width=4, proj_hidden=16, knn_dim=8,
                     proj_dim=8, optimizer="sgd", learning_rate=0.01, warmup_epochs=0,
-                    weight_decay=0.0, epochs=1, seed=3)
+                    weight_decay=0.0, epochs=2 if subclusters else 1, seed=3,
+                    subclusters_per_coarse=2 if subclusters else 0, subcluster_start_epochs=1)
     source = synthetic_source()
     batch = next(iter(pipeline.train_dataset_fn(source, config)(None)))
     batch = {k: v.numpy() for k, v in batch.items()}
@@ -72,12 +75,16 @@ def run(method, batch_norm=False):
                                          sync_bn=batch_norm)
             model.compile(optimizer=builders.build_optimizer(config, 10, 4))
             model.optimizer.build(model.trainable_variables)
-        if initial is None:
-            initial = model.get_weights()
-        else:
+        if initial is not None:
             model.set_weights(initial)
+        bank = model.memory
+        if subclusters:  # The same bank on both sides: the same clustering.
+            model.subclusters.recluster(0)
+            bank = model.subclusters.bank
+        if initial is None:  # After the clustering: `weights_changed` is the step's.
+            initial = model.get_weights()
         loss = step(model, strategy, batch)
-        memory = model.memory.embeddings.value if model.memory is not None else None
+        memory = bank.embeddings.value if bank is not None else None
         copies = ([v.numpy() for v in memory.values] if hasattr(memory, "values")
                   else [memory.numpy()] if memory is not None else [])
         results[name] = dict(loss=loss, weights=model.get_weights(), memory=copies,
@@ -96,6 +103,7 @@ def run(method, batch_norm=False):
 
 
 if __name__ == "__main__":
-    # "grafit+bn" runs grafit with synchronised batch norm.
+    # "grafit+bn" runs grafit with synchronised batch norm, "grafit+sub" with sub-clusters.
     methods = sys.argv[2:] or ["grafit", "coarse_ce", "instance", "fine_ce"]
-    print(json.dumps({m: run(m.split("+")[0], batch_norm=m.endswith("+bn")) for m in methods}))
+    print(json.dumps({m: run(m.split("+")[0], batch_norm=m.endswith("+bn"),
+                             subclusters=m.endswith("+sub")) for m in methods}))
