@@ -306,10 +306,8 @@ class GrafitModel(keras.Model):
         if self.objective.koleo:
             # Within each view: two views of one image would be each other's neighbours.
             # Under a strategy the neighbour is searched in the replica's batch, as DINOv2 does.
-            feature = out["feature"]
-            terms["koleo_loss"] = self.objective.koleo_weight * tf.add_n(
-                [losses.koleo_loss(feature[i]) for i in range(feature.shape[0])]
-            ) / feature.shape[0]
+            terms["koleo_loss"] = self.objective.koleo_weight * _over_views(
+                out["feature"], losses.koleo_loss)
         if self.objective.aug_prediction:
             params = tf.transpose(aug_params, [1, 0, 2])  # [V, b, P], as the views.
             trunk = out["trunk"]
@@ -323,12 +321,12 @@ class GrafitModel(keras.Model):
             terms["aug_loss"] = self.objective.aug_pred_weight * tf.add_n(
                 [difference(a, b) for a, b in pairs]) / len(pairs)
         if self.objective.subclusters:
-            obj, state, feature = self.objective, self.subclusters, out["feature"]
+            obj, state = self.objective, self.subclusters
             assigned = tf.gather(state.assignments, indices)
-            terms["subcluster_loss"] = obj.subcluster_weight * tf.add_n([
-                losses.subcluster_loss(feature[i], labels, assigned, state.centroids,
-                                       obj.subclusters_per_coarse, obj.subcluster_tau)
-                for i in range(feature.shape[0])]) / feature.shape[0]
+            terms["subcluster_loss"] = obj.subcluster_weight * _over_views(
+                out["feature"], lambda f: losses.subcluster_loss(
+                    f, labels, assigned, state.centroids, obj.subclusters_per_coarse,
+                    obj.subcluster_tau))
         return terms
 
     def _instance_fn(self, labels):
@@ -383,13 +381,11 @@ class GrafitModel(keras.Model):
     def update_state(self, out, labels, indices):
         """After the optimizer step: the memory, then the EMA target."""
         if self.objective.nca:
-            mean_view = tf.math.l2_normalize(tf.reduce_mean(out["knn"], axis=0), axis=1)
-            self.memory.update(mean_view, labels, indices)
+            self.memory.update(_mean_view(out["knn"]), labels, indices)
         if self.objective.maskcon:
             self.memory.update(out["key"][1], labels, indices)
         if self.subclusters is not None:  # The views' mean trunk feature, re-clustered later.
-            mean_view = tf.math.l2_normalize(tf.reduce_mean(out["feature"], axis=0), axis=1)
-            self.subclusters.bank.update(mean_view, labels, indices)
+            self.subclusters.bank.update(_mean_view(out["feature"]), labels, indices)
         if self.support is not None:
             # One view's keys, as NNCLR: one entry per image.
             self.support.update(tf.math.l2_normalize(out["target"][0], -1), labels, indices)
@@ -439,6 +435,16 @@ def _view_major(views):
     shape = tf.shape(views)
     return tf.reshape(tf.transpose(views, [1, 0, 2, 3, 4]),
                       tf.concat([[views.shape[1] * shape[0]], shape[2:]], axis=0))
+
+
+def _over_views(x, loss_fn):
+    """A loss averaged over the views of `x` `[V, b, F]`, each `loss_fn([b, F]) -> scalar`."""
+    return tf.add_n([loss_fn(x[i]) for i in range(x.shape[0])]) / x.shape[0]
+
+
+def _mean_view(x):
+    """`[V, b, F] -> [b, F]`: each image's views averaged, L2-normalised (a memory entry)."""
+    return tf.math.l2_normalize(tf.reduce_mean(x, axis=0), axis=1)
 
 
 def _over_view_pairs(pred, target, loss_fn, local_pred=None):

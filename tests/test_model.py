@@ -1,7 +1,5 @@
 """GrafitModel: forward shapes, mixed precision dtypes, the EMA target, jit_compile."""
 
-import dataclasses
-
 import keras
 import numpy as np
 import pytest
@@ -13,13 +11,9 @@ from tests.synthetic import synthetic_source
 
 
 def small_config(**changes):
-    return Config(batch_size=8, width=4, proj_hidden=16, knn_dim=8, proj_dim=8, epochs=1,
-                  warmup_epochs=0, **changes)
-
-
-def two_epochs(**changes):
-    """`small_config` trained for 2 epochs (room for a term that starts after the first)."""
-    return dataclasses.replace(small_config(**changes), epochs=2)
+    """A tiny model's Config; `changes` may override these defaults too (epochs=2, say)."""
+    return Config(**{**dict(batch_size=8, width=4, proj_hidden=16, knn_dim=8, proj_dim=8,
+                            epochs=1, warmup_epochs=0), **changes})
 
 
 def batch(source, n=8, views=2):
@@ -465,8 +459,9 @@ def test_prototype_options_are_validated():
 def test_subcluster_term_reads_the_assignments_and_the_step_fills_the_bank():
     source = synthetic_source()
     data = batch(source)
-    config = two_epochs(subclusters_per_coarse=2, subcluster_weight=0.7,
-                        subcluster_start_epochs=1)
+    # 2 epochs: room for a term that starts after the first.
+    config = small_config(epochs=2, subclusters_per_coarse=2, subcluster_weight=0.7,
+                          subcluster_start_epochs=1)
     model = builders.build_model(config, source, total_steps=4)
     state = model.subclusters
     width = model.backbone.output_shape[-1]
