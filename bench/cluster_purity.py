@@ -22,7 +22,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.sections import publish  # noqa: E402
-from grafit_tf.subclusters import purity  # noqa: E402
 
 flags.DEFINE_list("workdirs", None, "Finished train.py work directories to read.")
 flags.DEFINE_list("per_coarse", ["4", "8", "16"], "Clusters per coarse class to try.")
@@ -31,6 +30,19 @@ flags.DEFINE_string("name", "cluster_purity", "Results name: bench/results/<name
                     "the BENCHMARKS.md section markers.")
 flags.DEFINE_bool("update_benchmarks", True, "Rewrite this table's section of BENCHMARKS.md.")
 FLAGS = flags.FLAGS
+
+
+def markdown(rows, coarse_names):
+    """The table: one row per run and K, purity overall and per coarse class."""
+    from grafit_tf import evaluation
+
+    # Percentages as text: the purity keys are not evaluation's metric keys.
+    shown = [{**r, "run": f"`{r['run']}`",
+              **{key: f"{100 * r[key]:.2f}" for key in ("purity", *coarse_names)}}
+             for r in rows]
+    columns = [("run", "run"), ("per_coarse", "clusters per coarse class"),
+               ("purity", "purity"), *((name, name) for name in coarse_names)]
+    return evaluation.format_table(shown, columns)
 
 
 def main(argv):
@@ -53,18 +65,13 @@ def main(argv):
         for k in (int(k) for k in FLAGS.per_coarse):
             assignments, _ = subclusters.within_coarse_kmeans(
                 features, source.train.coarse, source.hierarchy.num_coarse, k, FLAGS.seed)
-            overall, per_class = purity(assignments, source.train.fine, source.train.coarse,
-                                        source.hierarchy.num_coarse)
+            overall, per_class = subclusters.purity(
+                assignments, source.train.fine, source.train.coarse, source.hierarchy.num_coarse)
             rows.append(dict(run=workdir, per_coarse=k, purity=overall,
                              **{name: p for name, p in zip(coarse_names, per_class)}))
-    header = ["run", "clusters per coarse class", "purity", *coarse_names]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        cells = [f"`{r['run']}`", str(r["per_coarse"]), f"{100 * r['purity']:.2f}",
-                 *(f"{100 * r[n]:.2f}" for n in coarse_names)]
-        lines.append("| " + " | ".join(cells) + " |")
     command = "python bench/cluster_purity.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    publish(FLAGS.name, command, rows, "\n".join(lines), update=FLAGS.update_benchmarks)
+    publish(FLAGS.name, command, rows, markdown(rows, coarse_names),
+            update=FLAGS.update_benchmarks)
 
 
 if __name__ == "__main__":
