@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # Extra train.py flags for the demo, e.g. TRAIN_ARGS="--epochs=1 --max_train_examples=2000".
 TRAIN_ARGS ?=
 
-.PHONY: venv data test demo bench-quality bench-seeds bench-coarse2 bench-ablation bench-ablation-full bench-postprocess bench-serve clean
+.PHONY: venv data test demo bench-quality bench-seeds bench-coarse2 bench-ablation bench-ablation-full bench-postprocess bench-retrieval-features bench-serve clean
 
 venv: $(VENV)/.installed
 
@@ -75,6 +75,12 @@ bench-seeds: venv data
 bench-postprocess: venv data
 	$(PY) bench/postprocess.py --config=configs/fashion_mnist.cfg \
 	  --methods=grafit,coarse_ce,instance,fine_ce --seeds=3
+
+# Which feature of bench-quality's seed-0 grafit and coarse_ce runs to retrieve with:
+# each stage, hypercolumns, the EMA target trunk, flipping (trains none; about 15 minutes).
+bench-retrieval-features: venv data
+	$(PY) bench/retrieval_features.py --methods=grafit,coarse_ce \
+	  --features=trunk,target_trunk,trunk_flip,stage_0,stage_1,stages_1_2,stages_0_1_2
 
 # The same bench on the second coarse grouping (2 classes; about 40 minutes).
 bench-coarse2: venv data

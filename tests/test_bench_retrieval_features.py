@@ -1,0 +1,70 @@
+"""bench/retrieval_features.py: the layer ablation's features of a restored run."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+from bench import retrieval_features as rf
+from grafit_tf import backbones, evaluation
+from grafit_tf.data import sources
+
+
+def test_feature_names_parse():
+    assert rf.feature_stages("stage_1") == [1]
+    assert rf.feature_stages("stages_0_1_2") == [0, 1, 2]
+    assert rf.feature_stages("trunk") is None
+    assert rf.feature_stages("stages_") is None
+
+
+def test_stage_outputs_take_each_stages_last_block():
+    trunk = backbones.small_resnet((12, 12, 1), (127.0,), (70.0,), width=4, blocks=(1, 2))
+    outs = rf.stage_outputs(trunk)
+    assert [tuple(o.shape[1:]) for o in outs] == [(6, 6, 8), (3, 3, 16)]
+    model = rf.pooled_stages_model(trunk)
+    x = np.random.default_rng(0).uniform(0, 255, (5, 12, 12, 1)).astype(np.float32)
+    np.testing.assert_allclose(model(x)[-1], trunk(x), rtol=1e-5, atol=1e-6)
+
+
+def test_combine_weighs_every_part_the_same():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(6, 3)), 100 * rng.normal(size=(6, 5))
+    got = rf.combine([a, b])
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, rtol=1e-6)
+    # Each part carries half the squared norm, whatever its scale and width.
+    np.testing.assert_allclose(np.linalg.norm(got[:, :3], axis=1) ** 2, 0.5, rtol=1e-6)
+
+
+def test_features_of_a_real_run(tiny_workdir, tiny_config):
+    source = sources.load(tiny_config)
+    model = rf.restore_run(tiny_workdir, source)
+    feats = rf.features_of(model, source, ["trunk", "stage_2", "stages_1_2", "trunk_flip",
+                                           "target_trunk"])
+    assert set(feats) == {"trunk", "stage_2", "stages_1_2", "trunk_flip", "target_trunk"}
+    # `trunk` is what training scored: the run's own metrics.json, to the last digit.
+    with open(os.path.join(tiny_workdir, "metrics.json")) as f:
+        reported = json.load(f)
+    tr, te = feats["trunk"]
+    got = evaluation.knn_metrics(tr, source.train.fine, source.train.coarse, te,
+                                 source.test.fine, source.test.coarse, k=tiny_config.eval_k,
+                                 temperature=tiny_config.eval_temperature, num_fine=10)
+    for key in ("fine_knn_top1", "fine_recall_at_1", "coarse_knn_top1"):
+        assert got[key] == pytest.approx(reported[key], abs=1e-9), key
+    np.testing.assert_allclose(feats["stage_2"][1], te, atol=1e-6)  # The last stage.
+    assert feats["stages_1_2"][1].shape == (len(source.test), 32 + 64)
+    for name, (a, b) in feats.items():
+        np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1, rtol=1e-5, err_msg=name)
+    # The mirror images' features differ from the images' (the trunk is not symmetric).
+    assert not np.allclose(feats["trunk_flip"][1], te, atol=1e-3)
+
+
+def test_flip_mirrors_the_width(tiny_workdir, tiny_config):
+    source = sources.load(tiny_config)
+    model = rf.restore_run(tiny_workdir, source)
+    mirrored = dataclasses.replace(
+        source.test, images=np.ascontiguousarray(source.test.images[:, :, ::-1]))
+    a = rf.embed_outputs(model.backbone, source.test, source, flip=True)[0]
+    b = rf.embed_outputs(model.backbone, mirrored, source)[0]
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
