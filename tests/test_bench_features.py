@@ -1,4 +1,4 @@
-"""bench/retrieval_features.py: the layer ablation's features of a restored run."""
+"""bench/features.py: the retrieval features of a restored run (bench/retrieval_features.py)."""
 
 import dataclasses
 import json
@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from bench import retrieval_features as rf
+from bench import features as rf
 from grafit_tf import backbones, evaluation
 from grafit_tf.data import sources
 
