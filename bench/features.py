@@ -68,45 +68,50 @@ def combine(parts):
         np.concatenate([embedding_transform.normalise(p) for p in parts], axis=1))
 
 
-def embed_outputs(model, split, source, flip=False, batch_size=512):
-    """`model`'s outputs (a list of `[N, D_k]` float32) on `split` in order, evaluation
-    preprocessing; with `flip`, on the mirror images."""
+def embed_outputs(model, splits, source, flip=False):
+    """`model`'s outputs on each split, in order, by `trainer.embed` (evaluation
+    preprocessing), traced once for all splits; with `flip`, on the mirror images.
+
+    Returns:
+        Per split, a list with one `[N, D_k]` float32 array per output of `model`.
+    """
     import tensorflow as tf
 
-    from grafit_tf.data import pipeline
+    from grafit_tf import trainer
 
     spec = tf.TensorSpec([None, *source.image_shape], tf.float32)
 
     @tf.function(input_signature=[spec])
-    def fn(x):
+    def fn(x):  # [B, H, W, C] -> [B, sum D_k]: the outputs side by side.
         if flip:
-            x = tf.reverse(x, axis=[2])  # [N, H, W, C]: mirror the width.
-        out = model(x, training=False)
-        return [tf.cast(o, tf.float32) for o in (out if isinstance(out, list) else [out])]
+            x = tf.reverse(x, axis=[2])  # Mirror the width.
+        outs = tf.nest.flatten(model(x, training=False))
+        return tf.concat([tf.cast(o, tf.float32) for o in outs], axis=1)
 
-    batches = [[o.numpy() for o in fn(b)] for b in pipeline.eval_dataset(split, source, batch_size)]
-    return [np.concatenate([b[k] for b in batches]) for k in range(len(batches[0]))]
+    cuts = np.cumsum([o.shape[-1] for o in model.outputs])[:-1]
+    return [np.split(trainer.embed(fn, split, source), cuts, axis=1) for split in splits]
 
 
-def restore_run(workdir, source):
-    """The model of a finished run, built from its `config.json` and restored from its
-    last checkpoint (which holds the EMA target trunk, the exported embedder does not)."""
-    from grafit_tf import builders, checkpointing
+def restore_run(workdir):
+    """The model of a finished run, restored from its last checkpoint (which holds the
+    EMA target trunk, the exported embedder does not).
+
+    Raises:
+        SystemExit: the last checkpoint is not at the end of training.
+    """
+    from grafit_tf import transfer
     from grafit_tf.config import Config
     from grafit_tf.data import pipeline
 
     with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-        stored = json.load(f)
-    config = Config.from_dict({k: v for k, v in stored.items() if k in Config.__dataclass_fields__})
-    spe = pipeline.steps_per_epoch(len(source.train), config.batch_size)
-    model = builders.build_model(config, source, spe * config.epochs)
-    model.compile(optimizer=builders.build_optimizer(config, spe * config.epochs, spe),
-                  jit_compile=False)
-    model.optimizer.build(model.trainable_variables)
-    step = checkpointing.restore(model, os.path.join(workdir, "checkpoints"))
-    if step != spe * config.epochs:
+        saved = json.load(f)
+    model, step = transfer.model_from_checkpoint(workdir, saved)
+    config = Config.from_dict(saved)
+    spe = pipeline.steps_per_epoch(saved["data"]["train_examples"], config.batch_size)
+    end = spe * config.epochs
+    if step != end:
         raise SystemExit(f"{workdir}: its last checkpoint is at step {step}, not the end of "
-                         f"training ({spe * config.epochs}).")
+                         f"training ({end}).")
     return model
 
 
@@ -114,9 +119,9 @@ def features_of(model, source, names):
     """`{name: ([N, D] train, [Q, D] test)}` L2-normalised, for the `names` this model
     has (`target_trunk` only where there is an EMA target trunk)."""
     target = getattr(model, "target_backbone", None)
-    stages = pooled_stages_model(model.backbone)
     splits = (source.train, source.test)
-    online = [embed_outputs(stages, s, source) for s in splits]  # Per split: a list per stage.
+    # Per split, a list per stage.
+    online = embed_outputs(pooled_stages_model(model.backbone), splits, source)
     out = {}
     for name in names:
         idx = feature_stages(name)
@@ -125,13 +130,13 @@ def features_of(model, source, names):
         elif idx is not None:
             out[name] = tuple(combine([o[i] for i in idx]) for o in online)
         elif name == "trunk_flip":
-            flipped = [embed_outputs(model.backbone, s, source, flip=True)[0] for s in splits]
+            flipped = embed_outputs(model.backbone, splits, source, flip=True)
             out[name] = tuple(combine([embedding_transform.normalise(o[-1])
-                                       + embedding_transform.normalise(f)])
+                                       + embedding_transform.normalise(f[0])])
                               for o, f in zip(online, flipped))
         elif name == "target_trunk":
             if target is not None:
-                out[name] = tuple(combine(embed_outputs(target, s, source)) for s in splits)
+                out[name] = tuple(combine(t) for t in embed_outputs(target, splits, source))
         else:
             raise SystemExit(f"--features: unknown feature {name!r} (see FEATURES).")
     return out

@@ -71,7 +71,7 @@ def main(argv):
             args = [f"--flagfile={FLAGS.config}", f"--method={method}", f"--seed={seed}"]
             workdir = os.path.join(FLAGS.workdir, f"{method}_seed{seed}")
             check_reusable(args, workdir)
-            feats = features_of(restore_run(workdir, source), source, FLAGS.features)
+            feats = features_of(restore_run(workdir), source, FLAGS.features)
             runs.append({name: dict(dim=int(tr.shape[1]), **evaluation.knn_metrics(
                 tr, source.train.fine, source.train.coarse, te, source.test.fine,
                 source.test.coarse, k=config.eval_k, temperature=config.eval_temperature,

@@ -39,15 +39,30 @@ def _source_config(workdir):
 
 
 def _trunk_from_checkpoint(workdir, saved):
-    """Rebuilds W's model from its config.json and loads its latest checkpoint."""
+    """The trunk of W's model, rebuilt and restored from W's latest checkpoint."""
+    from grafit_tf import checkpointing
+
+    if checkpointing.latest(os.path.join(workdir, "checkpoints")) is None:
+        raise UserError(f"--init_from={workdir}: neither embedder.keras nor a checkpoint there; "
+                        "train that run first (train.py --workdir=...).")
+    return model_from_checkpoint(workdir, saved)[0].backbone
+
+
+def model_from_checkpoint(workdir, saved):
+    """Rebuilds a run's whole model (EMA target and memory included) from its
+    `config.json` dict `saved` and loads the latest checkpoint of its `workdir`.
+
+    Reads no images: only the data shapes and statistics stored in `saved`.
+
+    Returns:
+        `(model, step)`: the model and the optimizer step it was restored at (0 when
+        `workdir` has no checkpoint).
+    """
     from grafit_tf import builders, checkpointing
     from grafit_tf.config import Config
     from grafit_tf.data import hierarchy, sources
 
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if checkpointing.latest(ckpt_dir) is None:
-        raise UserError(f"--init_from={workdir}: neither embedder.keras nor a checkpoint there; "
-                        "train that run first (train.py --workdir=...).")
+    # The checkpoint holds every weight: no --init_from / --weights to load first.
     config = Config.from_dict(saved).replace(init_from="", weights="")
     data = saved["data"]
     fine = tuple(data["fine_names"])
@@ -60,8 +75,7 @@ def _trunk_from_checkpoint(workdir, saved):
                           std=tuple(data["std"]))
     model = builders.build_model(config, stub, total_steps=1)
     model.compile(optimizer=builders.build_optimizer(config, 1, 1))
-    checkpointing.restore(model, ckpt_dir)
-    return model.backbone
+    return model, checkpointing.restore(model, os.path.join(workdir, "checkpoints"))
 
 
 def load_trunk(workdir):

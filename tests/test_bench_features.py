@@ -39,7 +39,7 @@ def test_combine_weighs_every_part_the_same():
 
 def test_features_of_a_real_run(tiny_workdir, tiny_config):
     source = sources.load(tiny_config)
-    model = rf.restore_run(tiny_workdir, source)
+    model = rf.restore_run(tiny_workdir)
     feats = rf.features_of(model, source, ["trunk", "stage_2", "stages_1_2", "trunk_flip",
                                            "target_trunk"])
     assert set(feats) == {"trunk", "stage_2", "stages_1_2", "trunk_flip", "target_trunk"}
@@ -62,9 +62,9 @@ def test_features_of_a_real_run(tiny_workdir, tiny_config):
 
 def test_flip_mirrors_the_width(tiny_workdir, tiny_config):
     source = sources.load(tiny_config)
-    model = rf.restore_run(tiny_workdir, source)
+    model = rf.restore_run(tiny_workdir)
     mirrored = dataclasses.replace(
         source.test, images=np.ascontiguousarray(source.test.images[:, :, ::-1]))
-    a = rf.embed_outputs(model.backbone, source.test, source, flip=True)[0]
-    b = rf.embed_outputs(model.backbone, mirrored, source)[0]
+    a = rf.embed_outputs(model.backbone, [source.test], source, flip=True)[0][0]
+    b = rf.embed_outputs(model.backbone, [mirrored], source)[0][0]
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
