@@ -3,6 +3,8 @@
 Call inside `strategy.scope()` so that every variable is mirrored.
 """
 
+import dataclasses
+
 import keras
 
 from grafit_tf import augment, backbones, heads, subclusters
@@ -11,35 +13,21 @@ from grafit_tf.model import GrafitModel, Objective
 
 
 def objective(config, total_steps):
-    return Objective(
+    """The `Objective` of `config`: every field of the same name copied, then the few
+    that `train_step` needs in another form (optimizer steps instead of epochs)."""
+    same = {f.name: getattr(config, f.name) for f in dataclasses.fields(Objective)
+            if hasattr(config, f.name)}
+    # Labels reach the instance loss in grafit only (`instance` is self-supervised).
+    labelled = config.method == "grafit"
+    return dataclasses.replace(
+        Objective(**same),
         # finetune (issue 6) trains as the fine_ce objective: fine-label cross-entropy.
         method="fine_ce" if config.method == "finetune" else config.method,
-        tau=config.tau,
-        lambda_inst=config.lambda_inst,
-        ema_decay=config.ema_decay,
-        ema_schedule=config.ema_schedule,
         total_steps=max(1, total_steps),
-        label_smoothing=config.label_smoothing,
-        instance_loss=config.instance_loss,
-        instance_tau=config.instance_tau,
-        instance_decoupled=config.instance_decoupled,
-        # Labels reach the instance loss in grafit only (`instance` is self-supervised).
-        instance_negatives=config.instance_negatives if config.method == "grafit" else "all",
-        instance_targets=config.instance_targets if config.method == "grafit" else "own",
-        instance_positives=config.instance_positives if config.method == "grafit" else "own",
+        instance_negatives=config.instance_negatives if labelled else "all",
+        instance_targets=config.instance_targets if labelled else "own",
+        instance_positives=config.instance_positives if labelled else "own",
         nn_start_step=int(round(config.nn_start_epochs * total_steps / config.epochs)),
-        soft_target_weight=config.soft_target_weight,
-        soft_target_tau=config.soft_target_tau,
-        maskcon_weight=config.maskcon_weight,
-        koleo_weight=config.koleo_weight,
-        prototypes_per_coarse=config.prototypes_per_coarse,  # Objective.prototypes: grafit only.
-        prototype_weight=config.prototype_weight,
-        prototype_tau=config.prototype_tau,
-        sinkhorn_epsilon=config.sinkhorn_epsilon,
-        aug_pred_weight=config.aug_pred_weight,
-        subclusters_per_coarse=config.subclusters_per_coarse,  # Objective.subclusters: grafit.
-        subcluster_weight=config.subcluster_weight,
-        subcluster_tau=config.subcluster_tau,
     )
 
 
