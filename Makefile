@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # Extra train.py flags for the demo, e.g. TRAIN_ARGS="--epochs=1 --max_train_examples=2000".
 TRAIN_ARGS ?=
 
-.PHONY: venv data test demo bench-quality bench-seeds bench-coarse2 bench-ablation bench-ablation-full bench-postprocess bench-retrieval-features bench-serve clean
+.PHONY: venv data test demo bench-quality bench-seeds bench-coarse2 bench-ablation bench-ablation-full bench-postprocess bench-retrieval-features bench-per-class bench-serve clean
 
 venv: $(VENV)/.installed
 
@@ -81,6 +81,11 @@ bench-postprocess: venv data
 bench-retrieval-features: venv data
 	$(PY) bench/retrieval_features.py --methods=grafit,coarse_ce \
 	  --features=trunk,target_trunk,trunk_flip,stage_0,stage_1,stages_1_2,stages_0_1_2
+
+# Fine kNN top-1 of each fine class for bench-quality's seed-0 grafit and coarse_ce runs
+# and raw pixels (trains none; a few minutes).
+bench-per-class: venv data
+	$(PY) bench/per_class.py --methods=grafit,coarse_ce
 
 # The same bench on the second coarse grouping (2 classes; about 40 minutes).
 bench-coarse2: venv data

@@ -45,6 +45,29 @@ def knn_metrics(train_emb, train_fine, train_coarse, test_emb, test_fine, test_c
     return metrics
 
 
+def per_class_knn_top1(train_emb, train_labels, test_emb, test_labels, num_classes):
+    """kNN top-1 (k=1) of each class's test images: where a method's accuracy comes from.
+
+    Args:
+        train_emb: `[N, D]` L2-normalised gallery embeddings.
+        train_labels: `[N]` int labels of the gallery.
+        test_emb: `[Q, D]` L2-normalised query embeddings.
+        test_labels: `[Q]` int labels of the queries.
+        num_classes: number of classes `C`.
+
+    Returns:
+        `[C]` float64: the fraction of each class's queries whose nearest gallery image
+        has their label (NaN for a class without queries). Its mean weighted by the
+        class sizes is `knn_metrics`' top-1.
+    """
+    train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
+    _, idx = knn.search(test_emb, train_emb, 1)
+    hit = (train_labels[idx[:, 0]] == test_labels).astype(np.float64)
+    count = np.bincount(test_labels, minlength=num_classes).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.bincount(test_labels, weights=hit, minlength=num_classes) / count
+
+
 def recall_at_k(embeddings, labels, ks=RECALL_KS, prefix="fine_"):
     """Recall@K with the set as its own gallery (query excluded).
 

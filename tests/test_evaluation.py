@@ -1,6 +1,7 @@
 """The evaluation protocol on hand-made embeddings with known answers."""
 
 import numpy as np
+import pytest
 
 from grafit_tf import evaluation
 
@@ -42,3 +43,19 @@ def test_format_table():
     text = evaluation.format_table([{"method": "grafit", "fine_knn_top1": 0.9012}],
                                    evaluation.METRIC_COLUMNS[:2])
     assert "90.12" in text and text.startswith("| method")
+
+
+def test_per_class_knn_top1_brute_force():
+    rng = np.random.default_rng(3)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+    train, test = unit(rng.normal(size=(60, 5))), unit(rng.normal(size=(40, 5)))
+    train_y, test_y = rng.integers(0, 4, 60), rng.integers(0, 3, 40)  # Class 3: no queries.
+    got = evaluation.per_class_knn_top1(train, train_y, test, test_y, 4)
+    nearest = train_y[np.argmax(test @ train.T, axis=1)]
+    for c in range(3):
+        assert got[c] == np.mean(nearest[test_y == c] == c)
+    assert np.isnan(got[3])
+    # Weighted by class sizes, it is the overall top-1 of knn_metrics.
+    overall = evaluation.knn_metrics(train, train_y, train_y, test, test_y, test_y, k=3)
+    sizes = np.bincount(test_y, minlength=4)
+    assert np.nansum(got * sizes) / sizes.sum() == pytest.approx(overall["fine_knn_top1"])

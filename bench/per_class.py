@@ -1,0 +1,101 @@
+"""Fine kNN top-1 class by class: where one method's lead over another comes from.
+
+    python bench/per_class.py --methods=grafit,coarse_ce
+
+Restores the last checkpoint of each finished run of `bench/quality.py`
+(`runs/quality/<method>_seed<S>`, checked to have the config's settings), embeds both
+splits with the exported feature (the pooled trunk) and scores the protocol's fine kNN
+top-1 (k=1, training split as gallery) separately for each fine class of the test split,
+beside raw pixels. The last column is the first method's lead over the second. Nothing
+is trained. Writes `bench/results/<name>.json` and a section of `BENCHMARKS.md`.
+"""
+
+import os
+import shlex
+import sys
+
+import numpy as np
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench import raw_pixels  # noqa: E402
+from bench.features import features_of, restore_run  # noqa: E402
+from bench.runs import check_reusable, resolved_config  # noqa: E402
+from bench.sections import publish  # noqa: E402
+from grafit_tf import evaluation  # noqa: E402
+from grafit_tf.data import sources  # noqa: E402
+
+flags.DEFINE_string("config", "configs/fashion_mnist.cfg", "Flagfile the runs were trained with.")
+flags.DEFINE_list("methods", ["grafit", "coarse_ce"], "Methods to score; the table's last "
+                  "column is the first one's lead over the second.")
+flags.DEFINE_integer("seeds", 1, "Seeds per method (0..N-1), as trained by bench/quality.py; "
+                     "the table shows the mean.")
+flags.DEFINE_string("workdir", "runs/quality", "Root of bench/quality.py's work directories.")
+flags.DEFINE_string("name", "per_class", "Results name: bench/results/<name>.json and the "
+                    "BENCHMARKS.md section markers.")
+flags.DEFINE_bool("update_benchmarks", True, "Rewrite this table's section of BENCHMARKS.md.")
+FLAGS = flags.FLAGS
+
+RAW = "raw pixels"
+
+
+def per_class_table(scores, hierarchy, lead=None):
+    """The table of `scores`, one row per fine class, grouped by coarse class.
+
+    Args:
+        scores: `{column: [C] fractions}`, in column order.
+        hierarchy: the source's `Hierarchy` (fine names and their coarse class).
+        lead: `(a, b)`: add a column `a - b` with `scores[a] - scores[b]`.
+
+    Returns:
+        `(rows, markdown)`: the row dicts (percentages) and their table.
+    """
+    rows = []
+    for c, fine in enumerate(hierarchy.fine_names):
+        row = {"fine class": fine,
+               "coarse class": hierarchy.coarse_names[hierarchy.fine_to_coarse[c]]}
+        row.update({name: round(100 * float(v[c]), 2) for name, v in scores.items()})
+        if lead:
+            row[" - ".join(lead)] = round(100 * float(scores[lead[0]][c] - scores[lead[1]][c]), 2)
+        rows.append(row)
+    rows.sort(key=lambda r: r["coarse class"])  # Stable: fine label order within a class.
+    gap = " - ".join(lead) if lead else None
+    cells = [{k: f"{v:+.2f}" if k == gap else f"{v:.2f}" if isinstance(v, float) else v
+              for k, v in r.items()} for r in rows]
+    return rows, evaluation.format_table(cells, [(k, k) for k in rows[0]])
+
+
+def main(argv):
+    del argv
+    config = resolved_config([f"--flagfile={FLAGS.config}"])
+    if config.embedding != "trunk" or config.embedding_transform != "none":
+        raise SystemExit(f"{FLAGS.config}: score runs whose embedding is the plain trunk feature.")
+    source = sources.load(config)
+    num = source.hierarchy.num_fine
+    scores = {}
+    for method in FLAGS.methods:
+        runs = []
+        for seed in range(FLAGS.seeds):
+            args = [f"--flagfile={FLAGS.config}", f"--method={method}", f"--seed={seed}"]
+            workdir = os.path.join(FLAGS.workdir, f"{method}_seed{seed}")
+            check_reusable(args, workdir)
+            train, test = features_of(restore_run(workdir), source, ["trunk"])["trunk"]
+            runs.append(evaluation.per_class_knn_top1(train, source.train.fine, test,
+                                                      source.test.fine, num))
+        scores[method] = np.mean(runs, axis=0)
+    train, test = raw_pixels.pixels(source)
+    scores[RAW] = evaluation.per_class_knn_top1(train, source.train.fine, test,
+                                                source.test.fine, num)
+    lead = tuple(FLAGS.methods[:2]) if len(FLAGS.methods) > 1 else None
+    rows, body = per_class_table(scores, source.hierarchy, lead)
+    if FLAGS.seeds > 1:
+        body += f"\n\nMean over seeds 0..{FLAGS.seeds - 1}."
+    command = "python bench/per_class.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    publish(FLAGS.name, command, rows, body, update=FLAGS.update_benchmarks,
+            extra={"config": FLAGS.config})
+
+
+if __name__ == "__main__":
+    app.run(main)
