@@ -27,6 +27,7 @@ VARIANTS = {
     "tau_0.1": ["--tau=0.1"],
     "tau_0.02": ["--tau=0.02"],
     "tau_0.03": ["--tau=0.03"],
+    "tau_0.01": ["--tau=0.01"],
     "lambda_0": ["--lambda_inst=0"],
     "lambda_0.25": ["--lambda_inst=0.25"],
     "lambda_0.5": ["--lambda_inst=0.5"],
@@ -80,6 +81,9 @@ VARIANTS = {
     "crop_0.5": ["--crop_scale_min=0.5"],
     # The three options with the best seed-0 runs, together.
     "erase_ema_constant_tau_0.03": ["--erase_prob=0.5", "--ema_schedule=constant", "--tau=0.03"],
+    # A narrower kNN-loss head: the coarse NCA constrains a lower-dimensional image of the
+    # trunk, leaving more of it to the instance loss.
+    "knn_dim_32": ["--knn_dim=32"],
     "grafit_maskcon": "configs/fashion_mnist_grafit_maskcon.cfg",
 }
 
