@@ -59,6 +59,7 @@ VARIANTS = {
     # The coarse classifier under the same base, to see whether a change widens the gap.
     "coarse_ce": ["--method=coarse_ce"],
     "coarse_ce_jitter_0": ["--method=coarse_ce", "--jitter_strength=0"],
+    "coarse_ce_views_3": ["--method=coarse_ce", "--num_views=3"],
     "crop_0.8_tau_0.1": ["--crop_scale_min=0.8", "--tau=0.1"],
     "crop_0.8_infonce": ["--crop_scale_min=0.8", "--instance_loss=infonce"],
     "embedding_knn_head": ["--embedding=knn_head"],
