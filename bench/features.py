@@ -115,6 +115,31 @@ def restore_run(workdir):
     return model
 
 
+def plain_trunk_config(flagfile):
+    """The `Config` that `flagfile` resolves to, checked to retrieve with the plain
+    pooled trunk feature (what these benches re-derive from the restored weights).
+
+    Raises:
+        SystemExit: another `--embedding` or an `--embedding_transform`.
+    """
+    from bench.runs import resolved_config
+
+    config = resolved_config([f"--flagfile={flagfile}"])
+    if config.embedding != "trunk" or config.embedding_transform != "none":
+        raise SystemExit(f"{flagfile}: score runs whose embedding is the plain trunk feature.")
+    return config
+
+
+def restore_quality_run(flagfile, root, method, seed):
+    """`(model, workdir)` of `bench/quality.py`'s finished run `<root>/<method>_seed<seed>`,
+    checked to have been trained with `flagfile`'s settings, restored by `restore_run`."""
+    from bench.runs import check_reusable
+
+    workdir = os.path.join(root, f"{method}_seed{seed}")
+    check_reusable([f"--flagfile={flagfile}", f"--method={method}", f"--seed={seed}"], workdir)
+    return restore_run(workdir), workdir
+
+
 def features_of(model, source, names):
     """`{name: ([N, D] train, [Q, D] test)}` L2-normalised, for the `names` this model
     has (`target_trunk` only where there is an EMA target trunk)."""

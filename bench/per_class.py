@@ -21,8 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench import raw_pixels  # noqa: E402
-from bench.features import features_of, restore_run  # noqa: E402
-from bench.runs import check_reusable, resolved_config  # noqa: E402
+from bench.features import features_of, plain_trunk_config, restore_quality_run  # noqa: E402
 from bench.sections import publish  # noqa: E402
 from grafit_tf import evaluation  # noqa: E402
 from grafit_tf.data import sources  # noqa: E402
@@ -69,19 +68,14 @@ def per_class_table(scores, hierarchy, lead=None):
 
 def main(argv):
     del argv
-    config = resolved_config([f"--flagfile={FLAGS.config}"])
-    if config.embedding != "trunk" or config.embedding_transform != "none":
-        raise SystemExit(f"{FLAGS.config}: score runs whose embedding is the plain trunk feature.")
-    source = sources.load(config)
+    source = sources.load(plain_trunk_config(FLAGS.config))
     num = source.hierarchy.num_fine
     scores = {}
     for method in FLAGS.methods:
         runs = []
         for seed in range(FLAGS.seeds):
-            args = [f"--flagfile={FLAGS.config}", f"--method={method}", f"--seed={seed}"]
-            workdir = os.path.join(FLAGS.workdir, f"{method}_seed{seed}")
-            check_reusable(args, workdir)
-            train, test = features_of(restore_run(workdir), source, ["trunk"])["trunk"]
+            model, _ = restore_quality_run(FLAGS.config, FLAGS.workdir, method, seed)
+            train, test = features_of(model, source, ["trunk"])["trunk"]
             runs.append(evaluation.per_class_knn_top1(train, source.train.fine, test,
                                                       source.test.fine, num))
         scores[method] = np.mean(runs, axis=0)

@@ -32,8 +32,8 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.features import FEATURES, feature_stages, features_of, restore_run  # noqa: E402
-from bench.runs import check_reusable, resolved_config  # noqa: E402
+from bench.features import (  # noqa: E402
+    FEATURES, feature_stages, features_of, plain_trunk_config, restore_quality_run)
 from bench.sections import publish  # noqa: E402
 from grafit_tf import evaluation  # noqa: E402
 from grafit_tf.data import sources  # noqa: E402
@@ -57,9 +57,7 @@ COLUMNS = (("method", "method"), ("feature", "feature"), ("dim", "dim"),
 
 def main(argv):
     del argv
-    config = resolved_config([f"--flagfile={FLAGS.config}"])
-    if config.embedding != "trunk" or config.embedding_transform != "none":
-        raise SystemExit(f"{FLAGS.config}: score runs whose embedding is the plain trunk feature.")
+    config = plain_trunk_config(FLAGS.config)
     for name in FLAGS.features:  # Fail before the first restore, not after.
         if name not in FEATURES and feature_stages(name) is None:
             raise SystemExit(f"--features: unknown feature {name!r}.")
@@ -68,10 +66,8 @@ def main(argv):
     for method in FLAGS.methods:
         runs = []
         for seed in range(FLAGS.seeds):
-            args = [f"--flagfile={FLAGS.config}", f"--method={method}", f"--seed={seed}"]
-            workdir = os.path.join(FLAGS.workdir, f"{method}_seed{seed}")
-            check_reusable(args, workdir)
-            feats = features_of(restore_run(workdir), source, FLAGS.features)
+            model, workdir = restore_quality_run(FLAGS.config, FLAGS.workdir, method, seed)
+            feats = features_of(model, source, FLAGS.features)
             runs.append({name: dict(dim=int(tr.shape[1]), **evaluation.knn_metrics(
                 tr, source.train.fine, source.train.coarse, te, source.test.fine,
                 source.test.coarse, k=config.eval_k, temperature=config.eval_temperature,

@@ -68,3 +68,26 @@ def test_flip_mirrors_the_width(tiny_workdir, tiny_config):
     a = rf.embed_outputs(model.backbone, [source.test], source, flip=True)[0][0]
     b = rf.embed_outputs(model.backbone, [mirrored], source)[0][0]
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_plain_trunk_config_accepts_the_default_and_refuses_a_transform(tmp_path):
+    from tests.conftest import REPO
+
+    default = os.path.join(REPO, "configs", "fashion_mnist.cfg")
+    assert rf.plain_trunk_config(default).embedding == "trunk"
+    whiten = tmp_path / "whiten.cfg"
+    whiten.write_text(f"--flagfile={default}\n--embedding_transform=whiten\n")
+    with pytest.raises(SystemExit, match="plain trunk feature"):
+        rf.plain_trunk_config(str(whiten))
+
+
+def test_restore_quality_run_refuses_a_run_of_other_settings(tiny_workdir, tmp_path):
+    from tests.conftest import REPO
+
+    root = tmp_path / "quality"
+    root.mkdir()
+    os.symlink(tiny_workdir, root / "grafit_seed0")
+    # The tiny run was not trained by the default config: the bench must not score it as such.
+    with pytest.raises(SystemExit, match="other settings"):
+        rf.restore_quality_run(os.path.join(REPO, "configs", "fashion_mnist.cfg"), str(root),
+                               "grafit", 0)
