@@ -10,7 +10,6 @@ table reports test-split numbers and is not used to pick the defaults silently.
 """
 
 import os
-import shlex
 import sys
 
 from absl import app, flags
@@ -19,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.runs import train_or_reuse  # noqa: E402
-from bench.sections import publish  # noqa: E402
+from bench.sections import invocation, publish  # noqa: E402
 from grafit_tf import evaluation  # noqa: E402
 
 VARIANTS = {
@@ -132,7 +131,7 @@ def run(variant):
 def main(argv):
     del argv
     rows = [run(v) for v in FLAGS.variants]
-    command = "python bench/ablation.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = invocation()
     reference = " ".join([f"--flagfile={FLAGS.config}", *FLAGS.base, f"--epochs={FLAGS.epochs}"])
     body = (f"Reference point (`default`): `train.py {reference}`; each other row changes "
             "only the flags shown.\n\n" + evaluation.format_table(rows, COLUMNS))

@@ -22,7 +22,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.sections import publish  # noqa: E402
+from bench.sections import invocation, publish  # noqa: E402
 
 flags.DEFINE_string("config", "configs/fashion_mnist.cfg", "Flagfile of every run.")
 flags.DEFINE_list("runs", ["coarse_ce:1", "grafit:2"], "method:views pairs to time.")
@@ -51,7 +51,7 @@ def main(argv):
         for i, spec in enumerate(FLAGS.runs):
             method, views = spec.split(":")
             rows.append(time_one(method, int(views), os.path.join(tmp, str(i))))
-    command = "python bench/epoch_time.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = invocation()
     lines = ["| method | views per image | training images | epoch seconds | images/s |",
              "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['method']} | {r['views']} | {r['train_examples']} | "

@@ -11,7 +11,6 @@ is trained. Writes `bench/results/<name>.json` and a section of `BENCHMARKS.md`.
 """
 
 import os
-import shlex
 import sys
 
 import numpy as np
@@ -22,7 +21,7 @@ sys.path.insert(0, ROOT)
 
 from bench import raw_pixels  # noqa: E402
 from bench.features import features_of, plain_trunk_config, restore_quality_run  # noqa: E402
-from bench.sections import publish  # noqa: E402
+from bench.sections import invocation, publish  # noqa: E402
 from grafit_tf import evaluation  # noqa: E402
 from grafit_tf.data import sources  # noqa: E402
 
@@ -86,7 +85,7 @@ def main(argv):
     rows, body = per_class_table(scores, source.hierarchy, lead)
     if FLAGS.seeds > 1:
         body += f"\n\nMean over seeds 0..{FLAGS.seeds - 1}."
-    command = "python bench/per_class.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = invocation()
     publish(FLAGS.name, command, rows, body, update=FLAGS.update_benchmarks,
             extra={"config": FLAGS.config})
 

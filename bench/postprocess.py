@@ -11,18 +11,16 @@ with the evaluation protocol; raw pixels get the same maps. Writes
 """
 
 import os
-import shlex
 import sys
 
-import numpy as np
 from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench import raw_pixels  # noqa: E402
-from bench.runs import check_reusable, resolved_config  # noqa: E402
-from bench.sections import publish  # noqa: E402
+from bench.runs import check_reusable, over_seeds, resolved_config  # noqa: E402
+from bench.sections import invocation, publish  # noqa: E402
 from grafit_tf import embedding_transform, evaluation  # noqa: E402
 from grafit_tf.data import sources  # noqa: E402
 
@@ -75,11 +73,8 @@ def rows_of(method, runs):
     """One row per transform: the mean over seeds, with the top-1's spread."""
     rows = []
     for kind in FLAGS.transforms:
-        row = {"method": method, "transform": kind, "seeds": len(runs)}
-        for key in METRICS:
-            values = np.array([r[kind][key] for r in runs])
-            row[key], row[f"{key}_std"] = float(values.mean()), float(values.std())
-        rows.append(row)
+        rows.append({"method": method, "transform": kind, "seeds": len(runs),
+                     **over_seeds([r[kind] for r in runs], METRICS)})
     return rows
 
 
@@ -104,7 +99,7 @@ def main(argv):
                  "top-1: " + "; ".join(f"{r['method']} {r['transform']} +/- "
                                        f"{100 * r['fine_knn_top1_std']:.2f}"
                                        for r in rows if r["seeds"] > 1) + ".")
-    command = "python bench/postprocess.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = invocation()
     publish(FLAGS.name, command, rows, body, update=FLAGS.update_benchmarks,
             extra={"config": FLAGS.config})
 

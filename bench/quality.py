@@ -9,7 +9,6 @@ process (same backbone, epochs, augmentation and seed), then the table of
 """
 
 import os
-import shlex
 import sys
 
 import numpy as np
@@ -19,8 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench import raw_pixels  # noqa: E402
-from bench.runs import resolved_config, train_or_reuse  # noqa: E402
-from bench.sections import publish  # noqa: E402
+from bench.runs import over_seeds, resolved_config, train_or_reuse  # noqa: E402
+from bench.sections import invocation, publish  # noqa: E402
 from grafit_tf import evaluation  # noqa: E402
 
 flags.DEFINE_string("config", "configs/fashion_mnist.cfg", "Flagfile shared by every method.")
@@ -47,11 +46,7 @@ def train(method, seed):
 
 def summarise(method, runs):
     row = {"method": method, "seeds": len(runs)}
-    keys = [k for k, _ in evaluation.METRIC_COLUMNS if k != "method"]
-    for key in keys:
-        values = np.array([r[key] for r in runs])
-        row[key] = float(values.mean())
-        row[f"{key}_std"] = float(values.std())
+    row.update(over_seeds(runs, [k for k, _ in evaluation.METRIC_COLUMNS if k != "method"]))
     row["train_minutes"] = float(np.mean([r["train_seconds"] for r in runs]) / 60)
     row["history"] = [r.get("history", []) for r in runs]
     return row
@@ -77,7 +72,7 @@ def main(argv):
         # The shared config with the overrides (only its data and evaluation options matter).
         config = resolved_config([f"--flagfile={FLAGS.config}", *FLAGS.override])
         rows.append(dict(method="raw pixels", seeds=1, **raw_pixels.raw_pixel_metrics(config)))
-    command = "python bench/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = invocation()
     publish(FLAGS.name, command, rows, markdown(rows), update=FLAGS.update_benchmarks,
             extra={"config": FLAGS.config, "overrides": FLAGS.override})
 

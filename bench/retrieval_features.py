@@ -23,10 +23,8 @@ section of `BENCHMARKS.md`.
 """
 
 import os
-import shlex
 import sys
 
-import numpy as np
 from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +32,8 @@ sys.path.insert(0, ROOT)
 
 from bench.features import (  # noqa: E402
     FEATURES, feature_stages, features_of, plain_trunk_config, restore_quality_run)
-from bench.sections import publish  # noqa: E402
+from bench.runs import over_seeds  # noqa: E402
+from bench.sections import invocation, publish  # noqa: E402
 from grafit_tf import evaluation  # noqa: E402
 from grafit_tf.data import sources  # noqa: E402
 
@@ -77,15 +76,13 @@ def main(argv):
         for name in FLAGS.features:
             if name not in runs[0]:
                 continue
-            row = {"method": method, "feature": name, "seeds": len(runs), "dim": runs[0][name]["dim"]}
-            for key in METRICS:
-                values = np.array([r[name][key] for r in runs])
-                row[key], row[f"{key}_std"] = float(values.mean()), float(values.std())
-            rows.append(row)
+            rows.append({"method": method, "feature": name, "seeds": len(runs),
+                         "dim": runs[0][name]["dim"],
+                         **over_seeds([r[name] for r in runs], METRICS)})
     body = evaluation.format_table(rows, COLUMNS)
     if FLAGS.seeds > 1:
         body += f"\n\nMean over seeds 0..{FLAGS.seeds - 1}."
-    command = "python bench/retrieval_features.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = invocation()
     publish(FLAGS.name, command, rows, body, update=FLAGS.update_benchmarks,
             extra={"config": FLAGS.config})
 

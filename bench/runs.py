@@ -12,6 +12,25 @@ sys.path.insert(0, ROOT)
 from grafit_tf.config import Config  # noqa: E402
 
 
+def over_seeds(results, keys):
+    """Mean and spread (population std) of each metric over a method's seeds.
+
+    Args:
+        results: one dict of metric values per seed.
+        keys: the metrics to summarise; each must be in every dict.
+
+    Returns:
+        `{key: mean, f"{key}_std": std}` for each key, as Python floats.
+    """
+    import numpy as np  # Here, not at the top: train_or_reuse's callers need no NumPy.
+
+    row = {}
+    for key in keys:
+        values = np.array([r[key] for r in results], dtype=np.float64)
+        row[key], row[f"{key}_std"] = float(values.mean()), float(values.std())
+    return row
+
+
 def resolved_config(args):
     """The `Config` that `train.py <args>` trains with, resolved by train.py itself
     (`--dry_run`: flagfiles, nested ones included, then overrides)."""

@@ -1,6 +1,10 @@
 """Rewrites one marked section of BENCHMARKS.md, leaving the rest as it is."""
 
 import os
+import shlex
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def update_section(path, name, body):
@@ -19,6 +23,20 @@ def update_section(path, name, body):
         f.write(text)
 
 
+def invocation(argv=None):
+    """The command line that ran this bench, as a reader would retype it.
+
+    Args:
+        argv: the script path and its arguments; `sys.argv` when None.
+
+    Returns:
+        `python <script path relative to the repository> <shell-quoted arguments>`.
+    """
+    argv = sys.argv if argv is None else argv
+    script = os.path.relpath(os.path.abspath(argv[0]), ROOT)
+    return " ".join(["python", script, *(shlex.quote(a) for a in argv[1:])])
+
+
 def publish(name, command, rows, body, update=True, extra=None):
     """A bench's result: `body` + command / date / machine footer, printed, saved as
     `bench/results/<name>.json` (command, date, the `extra` dict's keys and rows) and, if
@@ -27,14 +45,13 @@ def publish(name, command, rows, body, update=True, extra=None):
     import json
     import platform
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     section = (f"{body}\n\nCommand: `{command}`  \nDate: {datetime.date.today().isoformat()}. "
                f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), no GPU.\n")
     print(section)
-    os.makedirs(os.path.join(root, "bench", "results"), exist_ok=True)
-    with open(os.path.join(root, "bench", "results", f"{name}.json"), "w") as f:
+    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
+    with open(os.path.join(ROOT, "bench", "results", f"{name}.json"), "w") as f:
         json.dump({"command": command, "date": datetime.date.today().isoformat(),
                    **(extra or {}), "rows": rows}, f, indent=2)
     if update:
-        update_section(os.path.join(root, "BENCHMARKS.md"), name, section)
+        update_section(os.path.join(ROOT, "BENCHMARKS.md"), name, section)
     return section

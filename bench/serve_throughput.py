@@ -34,6 +34,8 @@ from absl import app, flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from bench.sections import invocation  # noqa: E402
+
 flags.DEFINE_string("workdir", None, "Finished training run (embedder.keras, config.json; "
                     "export/embedder.onnx is written when missing).")
 flags.DEFINE_string("data_dir", "/usr/share/datasets/fashion-mnist",
@@ -174,7 +176,7 @@ def main(argv):
         print(json.dumps(runtime_rows[-1]), flush=True)
 
     result = {
-        "command": " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
+        "command": invocation(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": {"cpus": os.cpu_count(), "gpu": None, "platform": platform.platform(),
                     "python": platform.python_version(),

@@ -49,3 +49,12 @@ def test_check_reusable_needs_a_finished_run(finished_run, tmp_path):
     assert check_reusable(ARGS, str(finished_run)).endswith("metrics.json")
     with pytest.raises(SystemExit, match="no finished run there"):
         check_reusable(ARGS, str(tmp_path / "absent"))
+
+
+def test_over_seeds_gives_mean_and_population_std():
+    from bench.runs import over_seeds
+    row = over_seeds([{"a": 0.8, "b": 1.0, "c": "ignored"}, {"a": 0.9, "b": 3.0}], ["a", "b"])
+    assert row == pytest.approx({"a": 0.85, "a_std": 0.05, "b": 2.0, "b_std": 1.0})
+    assert all(type(v) is float for v in row.values())  # JSON-serialisable, not NumPy.
+    with pytest.raises(KeyError):
+        over_seeds([{"a": 1.0}, {}], ["a"])
