@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.runs import train_or_reuse  # noqa: E402
-from bench.sections import invocation, publish  # noqa: E402
+from bench.sections import publish  # noqa: E402
 from grafit_tf import evaluation  # noqa: E402
 
 VARIANTS = {
@@ -131,11 +131,10 @@ def run(variant):
 def main(argv):
     del argv
     rows = [run(v) for v in FLAGS.variants]
-    command = invocation()
     reference = " ".join([f"--flagfile={FLAGS.config}", *FLAGS.base, f"--epochs={FLAGS.epochs}"])
     body = (f"Reference point (`default`): `train.py {reference}`; each other row changes "
             "only the flags shown.\n\n" + evaluation.format_table(rows, COLUMNS))
-    publish(FLAGS.name, command, [{k: v for k, v in r.items() if k != "history"} for r in rows],
+    publish(FLAGS.name, [{k: v for k, v in r.items() if k != "history"} for r in rows],
             body)
 
 

@@ -20,7 +20,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.sections import invocation, publish  # noqa: E402
+from bench.sections import publish  # noqa: E402
 
 flags.DEFINE_list("workdirs", None, "Finished train.py work directories to read.")
 flags.DEFINE_list("per_coarse", ["4", "8", "16"], "Clusters per coarse class to try.")
@@ -68,8 +68,7 @@ def main(argv):
                 assignments, source.train.fine, source.train.coarse, source.hierarchy.num_coarse)
             rows.append(dict(run=workdir, per_coarse=k, purity=overall,
                              **{name: p for name, p in zip(coarse_names, per_class)}))
-    command = invocation()
-    publish(FLAGS.name, command, rows, markdown(rows, coarse_names),
+    publish(FLAGS.name, rows, markdown(rows, coarse_names),
             update=FLAGS.update_benchmarks)
 
 

@@ -22,7 +22,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.sections import invocation, publish  # noqa: E402
+from bench.sections import publish  # noqa: E402
 
 flags.DEFINE_string("config", "configs/fashion_mnist.cfg", "Flagfile of every run.")
 flags.DEFINE_list("runs", ["coarse_ce:1", "grafit:2"], "method:views pairs to time.")
@@ -51,12 +51,11 @@ def main(argv):
         for i, spec in enumerate(FLAGS.runs):
             method, views = spec.split(":")
             rows.append(time_one(method, int(views), os.path.join(tmp, str(i))))
-    command = invocation()
     lines = ["| method | views per image | training images | epoch seconds | images/s |",
              "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['method']} | {r['views']} | {r['train_examples']} | "
               f"{r['epoch_seconds']:.0f} | {r['images_per_second']:.0f} |" for r in rows]
-    publish("epoch_time", command, rows, "\n".join(lines) + "\n\nImages/s counts dataset "
+    publish("epoch_time", rows, "\n".join(lines) + "\n\nImages/s counts dataset "
             "images (each seen `views` times per epoch).", FLAGS.update_benchmarks)
 
 

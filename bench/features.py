@@ -115,28 +115,30 @@ def restore_run(workdir):
     return model
 
 
-def plain_trunk_config(flagfile):
-    """The `Config` that `flagfile` resolves to, checked to retrieve with the plain
-    pooled trunk feature (what these benches re-derive from the restored weights).
+def plain_trunk_config(flagfile, overrides=()):
+    """The `Config` that `flagfile` and then `overrides` resolve to, checked to
+    retrieve with the plain pooled trunk feature (what these benches re-derive
+    from the restored weights).
 
     Raises:
         SystemExit: another `--embedding` or an `--embedding_transform`.
     """
     from bench.runs import resolved_config
 
-    config = resolved_config([f"--flagfile={flagfile}"])
+    config = resolved_config([f"--flagfile={flagfile}", *overrides])
     if config.embedding != "trunk" or config.embedding_transform != "none":
         raise SystemExit(f"{flagfile}: score runs whose embedding is the plain trunk feature.")
     return config
 
 
-def restore_quality_run(flagfile, root, method, seed):
+def restore_quality_run(flagfile, root, method, seed, overrides=()):
     """`(model, workdir)` of `bench/quality.py`'s finished run `<root>/<method>_seed<seed>`,
-    checked to have been trained with `flagfile`'s settings, restored by `restore_run`."""
-    from bench.runs import check_reusable
+    checked to have been trained with `flagfile`'s settings and `overrides` (its
+    `--override` flags), restored by `restore_run`."""
+    from bench.runs import check_reusable, quality_run
 
-    workdir = os.path.join(root, f"{method}_seed{seed}")
-    check_reusable([f"--flagfile={flagfile}", f"--method={method}", f"--seed={seed}"], workdir)
+    args, workdir = quality_run(flagfile, root, method, seed, overrides)
+    check_reusable(args, workdir)
     return restore_run(workdir), workdir
 
 

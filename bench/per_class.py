@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 
 from bench import raw_pixels  # noqa: E402
 from bench.features import features_of, plain_trunk_config, restore_quality_run  # noqa: E402
-from bench.sections import invocation, publish  # noqa: E402
+from bench.sections import publish  # noqa: E402
 from grafit_tf import evaluation  # noqa: E402
 from grafit_tf.data import sources  # noqa: E402
 
@@ -31,6 +31,8 @@ flags.DEFINE_list("methods", ["grafit", "coarse_ce"], "Methods to score; the tab
 flags.DEFINE_integer("seeds", 1, "Seeds per method (0..N-1), as trained by bench/quality.py; "
                      "the table shows the mean.")
 flags.DEFINE_string("workdir", "runs/quality", "Root of bench/quality.py's work directories.")
+flags.DEFINE_multi_string("override", [], "Extra train.py flag the runs were trained with, as "
+                          "given to bench/quality.py's --override (e.g. --num_views=3).")
 flags.DEFINE_string("name", "per_class", "Results name: bench/results/<name>.json and the "
                     "BENCHMARKS.md section markers.")
 flags.DEFINE_bool("update_benchmarks", True, "Rewrite this table's section of BENCHMARKS.md.")
@@ -67,13 +69,14 @@ def per_class_table(scores, hierarchy, lead=None):
 
 def main(argv):
     del argv
-    source = sources.load(plain_trunk_config(FLAGS.config))
+    source = sources.load(plain_trunk_config(FLAGS.config, FLAGS.override))
     num = source.hierarchy.num_fine
     scores = {}
     for method in FLAGS.methods:
         runs = []
         for seed in range(FLAGS.seeds):
-            model, _ = restore_quality_run(FLAGS.config, FLAGS.workdir, method, seed)
+            model, _ = restore_quality_run(FLAGS.config, FLAGS.workdir, method, seed,
+                                           FLAGS.override)
             train, test = features_of(model, source, ["trunk"])["trunk"]
             runs.append(evaluation.per_class_knn_top1(train, source.train.fine, test,
                                                       source.test.fine, num))
@@ -85,9 +88,8 @@ def main(argv):
     rows, body = per_class_table(scores, source.hierarchy, lead)
     if FLAGS.seeds > 1:
         body += f"\n\nMean over seeds 0..{FLAGS.seeds - 1}."
-    command = invocation()
-    publish(FLAGS.name, command, rows, body, update=FLAGS.update_benchmarks,
-            extra={"config": FLAGS.config})
+    publish(FLAGS.name, rows, body, update=FLAGS.update_benchmarks,
+            extra={"config": FLAGS.config, "overrides": FLAGS.override})
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench import raw_pixels  # noqa: E402
-from bench.runs import check_reusable, over_seeds, resolved_config  # noqa: E402
-from bench.sections import invocation, publish  # noqa: E402
+from bench.runs import check_reusable, over_seeds, quality_run, resolved_config  # noqa: E402
+from bench.sections import publish  # noqa: E402
 from grafit_tf import embedding_transform, evaluation  # noqa: E402
 from grafit_tf.data import sources  # noqa: E402
 
@@ -28,6 +28,8 @@ flags.DEFINE_string("config", "configs/fashion_mnist.cfg", "Flagfile the runs we
 flags.DEFINE_list("methods", ["grafit", "coarse_ce", "instance", "fine_ce"], "Methods to score.")
 flags.DEFINE_integer("seeds", 1, "Seeds per method (0..N-1), as trained by bench/quality.py.")
 flags.DEFINE_string("workdir", "runs/quality", "Root of bench/quality.py's work directories.")
+flags.DEFINE_multi_string("override", [], "Extra train.py flag the runs were trained with, as "
+                          "given to bench/quality.py's --override (e.g. --num_views=3).")
 flags.DEFINE_list("transforms", list(embedding_transform.TRANSFORMS), "Transforms to compare.")
 flags.DEFINE_string("name", "postprocess", "Results name: bench/results/<name>.json and the "
                     "BENCHMARKS.md section markers.")
@@ -59,8 +61,7 @@ def run_scores(method, seed, source, config):
 
     from grafit_tf import trainer
 
-    args = [f"--flagfile={FLAGS.config}", f"--method={method}", f"--seed={seed}"]
-    workdir = os.path.join(FLAGS.workdir, f"{method}_seed{seed}")
+    args, workdir = quality_run(FLAGS.config, FLAGS.workdir, method, seed, FLAGS.override)
     check_reusable(args, workdir)
     embedder = keras.saving.load_model(os.path.join(workdir, "embedder.keras"), compile=False)
     train = trainer.embed(embedder, source.train, source)
@@ -80,7 +81,7 @@ def rows_of(method, runs):
 
 def main(argv):
     del argv
-    config = resolved_config([f"--flagfile={FLAGS.config}"])
+    config = resolved_config([f"--flagfile={FLAGS.config}", *FLAGS.override])
     if config.embedding_transform != "none":
         raise SystemExit(f"{FLAGS.config} sets --embedding_transform: its runs' embedders "
                          "already apply a map; score runs trained with none.")
@@ -99,9 +100,8 @@ def main(argv):
                  "top-1: " + "; ".join(f"{r['method']} {r['transform']} +/- "
                                        f"{100 * r['fine_knn_top1_std']:.2f}"
                                        for r in rows if r["seeds"] > 1) + ".")
-    command = invocation()
-    publish(FLAGS.name, command, rows, body, update=FLAGS.update_benchmarks,
-            extra={"config": FLAGS.config})
+    publish(FLAGS.name, rows, body, update=FLAGS.update_benchmarks,
+            extra={"config": FLAGS.config, "overrides": FLAGS.override})
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench import raw_pixels  # noqa: E402
-from bench.runs import over_seeds, resolved_config, train_or_reuse  # noqa: E402
-from bench.sections import invocation, publish  # noqa: E402
+from bench.runs import over_seeds, quality_run, resolved_config, train_or_reuse  # noqa: E402
+from bench.sections import publish  # noqa: E402
 from grafit_tf import evaluation  # noqa: E402
 
 flags.DEFINE_string("config", "configs/fashion_mnist.cfg", "Flagfile shared by every method.")
@@ -39,9 +39,8 @@ COLUMNS = evaluation.METRIC_COLUMNS + (("train_minutes", "train minutes"),)
 
 
 def train(method, seed):
-    return train_or_reuse([f"--flagfile={FLAGS.config}", f"--method={method}", f"--seed={seed}",
-                           "--verbose=2", *FLAGS.override],
-                          os.path.join(FLAGS.workdir, f"{method}_seed{seed}"), FLAGS.reuse)
+    args, workdir = quality_run(FLAGS.config, FLAGS.workdir, method, seed, FLAGS.override)
+    return train_or_reuse([*args, "--verbose=2"], workdir, FLAGS.reuse)
 
 
 def summarise(method, runs):
@@ -72,8 +71,7 @@ def main(argv):
         # The shared config with the overrides (only its data and evaluation options matter).
         config = resolved_config([f"--flagfile={FLAGS.config}", *FLAGS.override])
         rows.append(dict(method="raw pixels", seeds=1, **raw_pixels.raw_pixel_metrics(config)))
-    command = invocation()
-    publish(FLAGS.name, command, rows, markdown(rows), update=FLAGS.update_benchmarks,
+    publish(FLAGS.name, rows, markdown(rows), update=FLAGS.update_benchmarks,
             extra={"config": FLAGS.config, "overrides": FLAGS.override})
 
 

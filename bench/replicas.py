@@ -20,7 +20,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.sections import invocation, publish  # noqa: E402
+from bench.sections import publish  # noqa: E402
 
 flags.DEFINE_list("replicas", ["1", "2"], "Replica counts to compare.")
 flags.DEFINE_string("config", "configs/fashion_mnist.cfg", "Flagfile of the runs.")
@@ -51,13 +51,12 @@ def main(argv):
             rows.append({"replicas": n, "images_per_second": m["train_images_per_second"],
                          "train_seconds": m["train_seconds"], "num_replicas": m["num_replicas"]})
     base = rows[0]["images_per_second"]
-    command = invocation()
     lines = ["| replicas | train images/s | ratio to first row | train seconds |",
              "|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['num_replicas']} | {r['images_per_second']:.0f} | "
                      f"{r['images_per_second'] / base:.2f} | {r['train_seconds']:.0f} |")
-    publish("replicas", command, rows, "\n".join(lines) + "\n\nLogical CPU devices share the "
+    publish("replicas", rows, "\n".join(lines) + "\n\nLogical CPU devices share the "
             "same 2 cores, so this shows the cost of the distributed path (all-gathers, "
             "per-replica batches, synchronised batch norm), not a speed-up.",
             FLAGS.update_benchmarks)

@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 from bench.features import (  # noqa: E402
     FEATURES, feature_stages, features_of, plain_trunk_config, restore_quality_run)
 from bench.runs import over_seeds  # noqa: E402
-from bench.sections import invocation, publish  # noqa: E402
+from bench.sections import publish  # noqa: E402
 from grafit_tf import evaluation  # noqa: E402
 from grafit_tf.data import sources  # noqa: E402
 
@@ -41,6 +41,8 @@ flags.DEFINE_string("config", "configs/fashion_mnist.cfg", "Flagfile the runs we
 flags.DEFINE_list("methods", ["grafit", "coarse_ce"], "Methods to score.")
 flags.DEFINE_integer("seeds", 1, "Seeds per method (0..N-1), as trained by bench/quality.py.")
 flags.DEFINE_string("workdir", "runs/quality", "Root of bench/quality.py's work directories.")
+flags.DEFINE_multi_string("override", [], "Extra train.py flag the runs were trained with, as "
+                          "given to bench/quality.py's --override (e.g. --num_views=3).")
 flags.DEFINE_list("features", list(FEATURES), "Features to compare: trunk, target_trunk, "
                   "trunk_flip, stage_<i>, stages_<i>_<j>... (see the module docstring).")
 flags.DEFINE_string("name", "retrieval_features", "Results name: bench/results/<name>.json and "
@@ -56,7 +58,7 @@ COLUMNS = (("method", "method"), ("feature", "feature"), ("dim", "dim"),
 
 def main(argv):
     del argv
-    config = plain_trunk_config(FLAGS.config)
+    config = plain_trunk_config(FLAGS.config, FLAGS.override)
     for name in FLAGS.features:  # Fail before the first restore, not after.
         if name not in FEATURES and feature_stages(name) is None:
             raise SystemExit(f"--features: unknown feature {name!r}.")
@@ -65,7 +67,8 @@ def main(argv):
     for method in FLAGS.methods:
         runs = []
         for seed in range(FLAGS.seeds):
-            model, workdir = restore_quality_run(FLAGS.config, FLAGS.workdir, method, seed)
+            model, workdir = restore_quality_run(FLAGS.config, FLAGS.workdir, method, seed,
+                                                 FLAGS.override)
             feats = features_of(model, source, FLAGS.features)
             runs.append({name: dict(dim=int(tr.shape[1]), **evaluation.knn_metrics(
                 tr, source.train.fine, source.train.coarse, te, source.test.fine,
@@ -82,9 +85,8 @@ def main(argv):
     body = evaluation.format_table(rows, COLUMNS)
     if FLAGS.seeds > 1:
         body += f"\n\nMean over seeds 0..{FLAGS.seeds - 1}."
-    command = invocation()
-    publish(FLAGS.name, command, rows, body, update=FLAGS.update_benchmarks,
-            extra={"config": FLAGS.config})
+    publish(FLAGS.name, rows, body, update=FLAGS.update_benchmarks,
+            extra={"config": FLAGS.config, "overrides": FLAGS.override})
 
 
 if __name__ == "__main__":

@@ -40,6 +40,26 @@ def resolved_config(args):
     return Config.from_dict(json.loads(out))
 
 
+def quality_run(flagfile, root, method, seed, overrides=()):
+    """`(args, workdir)` of bench/quality.py's run of `method` with `seed`.
+
+    The one place that names a quality run: the benches that score finished
+    runs (postprocess, per_class, retrieval_features) check and find them with
+    the same flags and directory that bench/quality.py trained them with.
+
+    Args:
+        flagfile: the shared config (`--config` of the benches).
+        root: the root of the runs' work directories (`--workdir`).
+        method, seed: the run.
+        overrides: extra `train.py` flags of every run (`--override`), last, so they win.
+
+    Returns:
+        `train.py` flags without `--workdir`, and `<root>/<method>_seed<seed>`.
+    """
+    args = [f"--flagfile={flagfile}", f"--method={method}", f"--seed={seed}", *overrides]
+    return args, os.path.join(root, f"{method}_seed{seed}")
+
+
 def check_reusable(args, workdir):
     """Raises `SystemExit` unless `workdir`'s finished run has the settings `args`
     resolve to (`train.py --dry_run`).

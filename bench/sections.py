@@ -37,14 +37,18 @@ def invocation(argv=None):
     return " ".join(["python", script, *(shlex.quote(a) for a in argv[1:])])
 
 
-def publish(name, command, rows, body, update=True, extra=None):
+def publish(name, rows, body, update=True, extra=None, command=None):
     """A bench's result: `body` + command / date / machine footer, printed, saved as
     `bench/results/<name>.json` (command, date, the `extra` dict's keys and rows) and, if
-    `update`, written into BENCHMARKS.md's `name` section. Returns the section text."""
+    `update`, written into BENCHMARKS.md's `name` section. Returns the section text.
+
+    `command`: the command line to credit; this process's own (`invocation()`) when None.
+    """
     import datetime
     import json
     import platform
 
+    command = invocation() if command is None else command
     section = (f"{body}\n\nCommand: `{command}`  \nDate: {datetime.date.today().isoformat()}. "
                f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), no GPU.\n")
     print(section)

@@ -79,6 +79,10 @@ def test_plain_trunk_config_accepts_the_default_and_refuses_a_transform(tmp_path
     whiten.write_text(f"--flagfile={default}\n--embedding_transform=whiten\n")
     with pytest.raises(SystemExit, match="plain trunk feature"):
         rf.plain_trunk_config(str(whiten))
+    # The runs' --override flags come after the config and are checked the same way.
+    assert rf.plain_trunk_config(default, ["--num_views=3"]).num_views == 3
+    with pytest.raises(SystemExit, match="plain trunk feature"):
+        rf.plain_trunk_config(default, ["--embedding_transform=center"])
 
 
 def test_restore_quality_run_refuses_a_run_of_other_settings(tiny_workdir, tmp_path):

@@ -58,3 +58,25 @@ def test_over_seeds_gives_mean_and_population_std():
     assert all(type(v) is float for v in row.values())  # JSON-serialisable, not NumPy.
     with pytest.raises(KeyError):
         over_seeds([{"a": 1.0}, {}], ["a"])
+
+
+def test_quality_run_names_the_run_and_checks_its_overrides(tmp_path):
+    """The scoring benches find bench/quality.py's runs with its flags, overrides last."""
+    from bench.runs import quality_run
+
+    args, workdir = quality_run("configs/fashion_mnist.cfg", str(tmp_path), "grafit", 2,
+                                ["--num_views=3"])
+    assert args == ["--flagfile=configs/fashion_mnist.cfg", "--method=grafit", "--seed=2",
+                    "--num_views=3"]
+    assert workdir == str(tmp_path / "grafit_seed2")
+    # A run trained with the override is accepted with it and refused without it.
+    resolved = subprocess.run([sys.executable, "train.py", *args, "--workdir=x", "--dry_run"],
+                              cwd=REPO, check=True, capture_output=True, text=True).stdout
+    run = tmp_path / "grafit_seed2"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(dict(json.loads(resolved), num_replicas=1)))
+    (run / "metrics.json").write_text("{}")
+    assert check_reusable(args, workdir).endswith("metrics.json")
+    plain, _ = quality_run("configs/fashion_mnist.cfg", str(tmp_path), "grafit", 2)
+    with pytest.raises(SystemExit, match="num_views: 3 -> 2"):
+        check_reusable(plain, workdir)

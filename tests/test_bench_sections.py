@@ -26,8 +26,8 @@ def test_invocation_is_repo_relative_and_shell_quoted():
 def test_publish_writes_results_json_without_touching_benchmarks(monkeypatch, tmp_path):
     fake_root = tmp_path / "repo"  # publish writes under the repository root.
     monkeypatch.setattr(sections, "ROOT", str(fake_root))
-    text = sections.publish("demo", "python bench/x.py", [{"m": 1}], "| m |", update=False,
-                            extra={"config": "c.cfg"})
+    text = sections.publish("demo", [{"m": 1}], "| m |", update=False,
+                            extra={"config": "c.cfg"}, command="python bench/x.py")
     saved = json.loads((fake_root / "bench" / "results" / "demo.json").read_text())
     assert saved["command"] == "python bench/x.py" and saved["rows"] == [{"m": 1}]
     assert saved["config"] == "c.cfg"
