@@ -135,10 +135,9 @@ def restore_quality_run(flagfile, root, method, seed, overrides=()):
     """`(model, workdir)` of `bench/quality.py`'s finished run `<root>/<method>_seed<seed>`,
     checked to have been trained with `flagfile`'s settings and `overrides` (its
     `--override` flags), restored by `restore_run`."""
-    from bench.runs import check_reusable, quality_run
+    from bench.runs import finished_quality_run
 
-    args, workdir = quality_run(flagfile, root, method, seed, overrides)
-    check_reusable(args, workdir)
+    workdir = finished_quality_run(flagfile, root, method, seed, overrides)
     return restore_run(workdir), workdir
 
 

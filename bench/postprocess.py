@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench import raw_pixels  # noqa: E402
-from bench.runs import check_reusable, over_seeds, quality_run, resolved_config  # noqa: E402
+from bench.runs import finished_quality_run, over_seeds, resolved_config  # noqa: E402
 from bench.sections import publish  # noqa: E402
 from grafit_tf import embedding_transform, evaluation  # noqa: E402
 from grafit_tf.data import sources  # noqa: E402
@@ -61,8 +61,7 @@ def run_scores(method, seed, source, config):
 
     from grafit_tf import trainer
 
-    args, workdir = quality_run(FLAGS.config, FLAGS.workdir, method, seed, FLAGS.override)
-    check_reusable(args, workdir)
+    workdir = finished_quality_run(FLAGS.config, FLAGS.workdir, method, seed, FLAGS.override)
     embedder = keras.saving.load_model(os.path.join(workdir, "embedder.keras"), compile=False)
     train = trainer.embed(embedder, source.train, source)
     test = trainer.embed(embedder, source.test, source)

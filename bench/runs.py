@@ -60,6 +60,19 @@ def quality_run(flagfile, root, method, seed, overrides=()):
     return args, os.path.join(root, f"{method}_seed{seed}")
 
 
+def finished_quality_run(flagfile, root, method, seed, overrides=()):
+    """The work directory of bench/quality.py's finished run (`quality_run`), checked
+    by `check_reusable` to have been trained with these settings: what the benches
+    that score finished runs read.
+
+    Raises:
+        SystemExit: no finished run there, or one trained with other settings.
+    """
+    args, workdir = quality_run(flagfile, root, method, seed, overrides)
+    check_reusable(args, workdir)
+    return workdir
+
+
 def check_reusable(args, workdir):
     """Raises `SystemExit` unless `workdir`'s finished run has the settings `args`
     resolve to (`train.py --dry_run`).

@@ -80,3 +80,10 @@ def test_quality_run_names_the_run_and_checks_its_overrides(tmp_path):
     plain, _ = quality_run("configs/fashion_mnist.cfg", str(tmp_path), "grafit", 2)
     with pytest.raises(SystemExit, match="num_views: 3 -> 2"):
         check_reusable(plain, workdir)
+    # What the scoring benches call: the same lookup and check in one.
+    from bench.runs import finished_quality_run
+
+    assert finished_quality_run("configs/fashion_mnist.cfg", str(tmp_path), "grafit", 2,
+                                ["--num_views=3"]) == workdir
+    with pytest.raises(SystemExit, match="num_views: 3 -> 2"):
+        finished_quality_run("configs/fashion_mnist.cfg", str(tmp_path), "grafit", 2)
