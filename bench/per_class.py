@@ -19,23 +19,14 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench import raw_pixels  # noqa: E402
+from bench import raw_pixels, scoring_flags  # noqa: E402
 from bench.features import features_of, plain_trunk_config, restore_quality_run  # noqa: E402
-from bench.sections import publish  # noqa: E402
 from grafit_tf import evaluation  # noqa: E402
 from grafit_tf.data import sources  # noqa: E402
 
-flags.DEFINE_string("config", "configs/fashion_mnist.cfg", "Flagfile the runs were trained with.")
-flags.DEFINE_list("methods", ["grafit", "coarse_ce"], "Methods to score; the table's last "
-                  "column is the first one's lead over the second.")
-flags.DEFINE_integer("seeds", 1, "Seeds per method (0..N-1), as trained by bench/quality.py; "
-                     "the table shows the mean.")
-flags.DEFINE_string("workdir", "runs/quality", "Root of bench/quality.py's work directories.")
-flags.DEFINE_multi_string("override", [], "Extra train.py flag the runs were trained with, as "
-                          "given to bench/quality.py's --override (e.g. --num_views=3).")
-flags.DEFINE_string("name", "per_class", "Results name: bench/results/<name>.json and the "
-                    "BENCHMARKS.md section markers.")
-flags.DEFINE_bool("update_benchmarks", True, "Rewrite this table's section of BENCHMARKS.md.")
+scoring_flags.define("per_class", ["grafit", "coarse_ce"], "Methods to score; the table's "
+                     "last column is the first one's lead over the second.")
+flags.adopt_module_key_flags(scoring_flags)  # --help lists them as this script's.
 FLAGS = flags.FLAGS
 
 RAW = "raw pixels"
@@ -86,10 +77,7 @@ def main(argv):
                                                 source.test.fine, num)
     lead = tuple(FLAGS.methods[:2]) if len(FLAGS.methods) > 1 else None
     rows, body = per_class_table(scores, source.hierarchy, lead)
-    if FLAGS.seeds > 1:
-        body += f"\n\nMean over seeds 0..{FLAGS.seeds - 1}."
-    publish(FLAGS.name, rows, body, update=FLAGS.update_benchmarks,
-            extra={"config": FLAGS.config, "overrides": FLAGS.override})
+    scoring_flags.publish_table(rows, body)
 
 
 if __name__ == "__main__":

@@ -18,23 +18,15 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench import raw_pixels  # noqa: E402
+from bench import raw_pixels, scoring_flags  # noqa: E402
 from bench.runs import finished_quality_run, over_seeds, resolved_config  # noqa: E402
-from bench.sections import publish  # noqa: E402
 from grafit_tf import embedding_transform, evaluation  # noqa: E402
 from grafit_tf.data import sources  # noqa: E402
 
-flags.DEFINE_string("config", "configs/fashion_mnist.cfg", "Flagfile the runs were trained with.")
-flags.DEFINE_list("methods", ["grafit", "coarse_ce", "instance", "fine_ce"], "Methods to score.")
-flags.DEFINE_integer("seeds", 1, "Seeds per method (0..N-1), as trained by bench/quality.py.")
-flags.DEFINE_string("workdir", "runs/quality", "Root of bench/quality.py's work directories.")
-flags.DEFINE_multi_string("override", [], "Extra train.py flag the runs were trained with, as "
-                          "given to bench/quality.py's --override (e.g. --num_views=3).")
+scoring_flags.define("postprocess", ["grafit", "coarse_ce", "instance", "fine_ce"])
+flags.adopt_module_key_flags(scoring_flags)  # --help lists them as this script's.
 flags.DEFINE_list("transforms", list(embedding_transform.TRANSFORMS), "Transforms to compare.")
-flags.DEFINE_string("name", "postprocess", "Results name: bench/results/<name>.json and the "
-                    "BENCHMARKS.md section markers.")
 flags.DEFINE_bool("raw_pixels", True, "Add raw-pixel rows.")
-flags.DEFINE_bool("update_benchmarks", True, "Rewrite this table's section of BENCHMARKS.md.")
 FLAGS = flags.FLAGS
 
 METRICS = ("fine_knn_top1", "fine_knn_weighted_top1", "fine_recall_at_1", "coarse_knn_top1")
@@ -94,13 +86,10 @@ def main(argv):
         rows += [dict(method="raw pixels", transform=kind, seeds=1, **scores[kind])
                  for kind in FLAGS.transforms]
     body = evaluation.format_table(rows, COLUMNS)
-    if FLAGS.seeds > 1:
-        body += ("\n\nMean over seeds 0.." + str(FLAGS.seeds - 1) + "; spread (std) of fine "
-                 "top-1: " + "; ".join(f"{r['method']} {r['transform']} +/- "
-                                       f"{100 * r['fine_knn_top1_std']:.2f}"
-                                       for r in rows if r["seeds"] > 1) + ".")
-    publish(FLAGS.name, rows, body, update=FLAGS.update_benchmarks,
-            extra={"config": FLAGS.config, "overrides": FLAGS.override})
+    spread = "spread (std) of fine top-1: " + "; ".join(
+        f"{r['method']} {r['transform']} +/- {100 * r['fine_knn_top1_std']:.2f}"
+        for r in rows if r["seeds"] > 1)
+    scoring_flags.publish_table(rows, body, spread)
 
 
 if __name__ == "__main__":

@@ -33,21 +33,14 @@ sys.path.insert(0, ROOT)
 from bench.features import (  # noqa: E402
     FEATURES, feature_stages, features_of, plain_trunk_config, restore_quality_run)
 from bench.runs import over_seeds  # noqa: E402
-from bench.sections import publish  # noqa: E402
+from bench import scoring_flags  # noqa: E402
 from grafit_tf import evaluation  # noqa: E402
 from grafit_tf.data import sources  # noqa: E402
 
-flags.DEFINE_string("config", "configs/fashion_mnist.cfg", "Flagfile the runs were trained with.")
-flags.DEFINE_list("methods", ["grafit", "coarse_ce"], "Methods to score.")
-flags.DEFINE_integer("seeds", 1, "Seeds per method (0..N-1), as trained by bench/quality.py.")
-flags.DEFINE_string("workdir", "runs/quality", "Root of bench/quality.py's work directories.")
-flags.DEFINE_multi_string("override", [], "Extra train.py flag the runs were trained with, as "
-                          "given to bench/quality.py's --override (e.g. --num_views=3).")
+scoring_flags.define("retrieval_features", ["grafit", "coarse_ce"])
+flags.adopt_module_key_flags(scoring_flags)  # --help lists them as this script's.
 flags.DEFINE_list("features", list(FEATURES), "Features to compare: trunk, target_trunk, "
                   "trunk_flip, stage_<i>, stages_<i>_<j>... (see the module docstring).")
-flags.DEFINE_string("name", "retrieval_features", "Results name: bench/results/<name>.json and "
-                    "the BENCHMARKS.md section markers.")
-flags.DEFINE_bool("update_benchmarks", True, "Rewrite this table's section of BENCHMARKS.md.")
 FLAGS = flags.FLAGS
 
 METRICS = ("fine_knn_top1", "fine_knn_weighted_top1", "fine_recall_at_1", "coarse_knn_top1")
@@ -83,10 +76,7 @@ def main(argv):
                          "dim": runs[0][name]["dim"],
                          **over_seeds([r[name] for r in runs], METRICS)})
     body = evaluation.format_table(rows, COLUMNS)
-    if FLAGS.seeds > 1:
-        body += f"\n\nMean over seeds 0..{FLAGS.seeds - 1}."
-    publish(FLAGS.name, rows, body, update=FLAGS.update_benchmarks,
-            extra={"config": FLAGS.config, "overrides": FLAGS.override})
+    scoring_flags.publish_table(rows, body)
 
 
 if __name__ == "__main__":
