@@ -63,8 +63,12 @@ def nca_loss(queries, query_labels, memory, memory_labels, tau, exclude=None):
     # Labels < 0 (empty queue slots) have a zero one-hot row: never positives.
     # A positive mass that underflows (no positive within ~87 tau) counts as none.
     has_positive = positive > 0
+    # Both logs see 1 where a query has no positive: tf.where's gradient multiplies the
+    # branch it drops by 0, and 0 * (1 / 0) is NaN when a query sees no labelled slot at
+    # all (an empty queue: total is 0 too).
     safe = tf.where(has_positive, positive, tf.ones_like(positive))
-    per_query = tf.where(has_positive, tf.math.log(total) - tf.math.log(safe),
+    safe_total = tf.where(has_positive, total, tf.ones_like(total))
+    per_query = tf.where(has_positive, tf.math.log(safe_total) - tf.math.log(safe),
                          tf.zeros_like(total))
     count = tf.reduce_sum(tf.cast(has_positive, per_query.dtype))
     return tf.reduce_sum(per_query) / tf.maximum(count, 1.0)

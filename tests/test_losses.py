@@ -72,6 +72,18 @@ def test_nca_skips_queries_without_positive(rng):
     assert losses.nca_loss(q, np.array([7, 7, 7]), m, my, 0.2).numpy() == 0.0
 
 
+def test_nca_gradient_is_zero_not_nan_when_no_slot_is_labelled(rng):
+    # An empty queue (every slot labelled -1): the loss is 0 and so is its gradient.
+    # Before the fix, 0 * d log(total) with total = 0 gave NaN and poisoned the trunk.
+    x = tf.Variable(_unit(rng.normal(size=(3, 4))).astype(np.float32))
+    m = _unit(rng.normal(size=(6, 4))).astype(np.float32)
+    with tf.GradientTape() as tape:
+        loss = losses.nca_loss(x, [0, 1, 0], m, np.full(6, -1), 0.05)
+    grad = tape.gradient(loss, x).numpy()
+    assert float(loss) == 0.0
+    np.testing.assert_array_equal(grad, np.zeros_like(grad))
+
+
 def test_nca_gradient_matches_numeric(rng):
     q = rng.normal(size=(4, 3))
     m = _unit(rng.normal(size=(7, 3))).astype(np.float32)
