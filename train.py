@@ -59,6 +59,10 @@ HELP = {
     "tau": "Temperature of the kNN (NCA) loss.",
     "memory": "Memory of the kNN loss: full (a slot per image) or queue (FIFO).",
     "memory_momentum": "mu in m_i <- normalise(mu m_i + (1 - mu) z_i) (full memory).",
+    "nca_keys": "What the kNN-loss memory stores: online (the trained kNN head's embeddings, "
+                "as scalable NCA) or target (those of an EMA copy of the trunk and kNN head, "
+                "MoCo-style keys that drift less from step to step; an extension, not in the "
+                "paper; needs --lambda_inst > 0). Ignored by other methods.",
     "queue_size": "Length of the FIFO queue (--memory=queue).",
     "lambda_inst": "Weight of the instance (BYOL) loss in grafit.",
     "instance_loss": "Instance loss of grafit: byol (predictor + EMA target) or infonce "

@@ -64,6 +64,10 @@ def build_model(config, source, total_steps, use_bn=True, sync_bn=False):
         parts["target_projector"] = head("target_projector")
         parts["target_backbone"] = backbones.build(config, shape, mean, std, use_bn=use_bn,
                                                    sync_bn=sync_bn)
+    if obj.target_keys:  # MoCo-style keys for the NCA memory: an EMA copy of the kNN head.
+        parts["target_knn_head"] = heads.mlp(config.proj_hidden, config.knn_dim,
+                                             "target_knn_head", sync_bn, use_bn,
+                                             config.head_layers)
     if obj.instance:
         parts["predictor"] = heads.mlp(config.proj_hidden, config.proj_dim, "predictor",
                                        sync_bn, use_bn)
@@ -117,6 +121,10 @@ def _build(model, shape, num_views):
         model.target_projector.set_weights(model.projector.get_weights())
         model.target_backbone.trainable = False
         model.target_projector.trainable = False
+    if model.target_knn_head is not None:
+        model.target_knn_head.build(feature)
+        model.target_knn_head.set_weights(model.knn_head.get_weights())
+        model.target_knn_head.trainable = False
     model.build((None,) + tuple(shape))
 
 

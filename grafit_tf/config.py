@@ -17,6 +17,7 @@ INSTANCE_NEGATIVES = ("all", "same_coarse")
 INSTANCE_TARGETS = ("own", "coarse_soft")
 INSTANCE_POSITIVES = ("own", "coarse_nn")
 EMA_SCHEDULES = ("cosine", "constant")
+NCA_KEYS = ("online", "target")
 DATASETS = ("fashion_mnist", "image_folder",
             # TensorFlow Datasets (issue 6): coarse-to-fine, then fine labels only (transfer).
             "cifar100", "stanford_online_products", "i_naturalist2018", "cars196",
@@ -79,6 +80,7 @@ class Config:
     tau: float = 0.05
     memory: str = "full"
     memory_momentum: float = 0.5
+    nca_keys: str = "online"
     queue_size: int = 8192
     lambda_inst: float = 1.0
     instance_loss: str = "byol"
@@ -230,6 +232,12 @@ class Config:
         if not 0.0 <= self.ema_decay <= 1.0:
             raise UserError(f"--ema_decay={self.ema_decay}: must be in [0, 1].")
         _one_of("ema_schedule", self.ema_schedule, EMA_SCHEDULES)
+        _one_of("nca_keys", self.nca_keys, NCA_KEYS)
+        if self.method == "grafit" and self.nca_keys == "target" and self.lambda_inst <= 0:
+            # The keys come from the instance branch's EMA target trunk.
+            raise UserError("--nca_keys=target writes the EMA target network's embeddings "
+                            "into the kNN-loss memory: it needs the instance branch's "
+                            "target, --lambda_inst > 0.")
         uses_queue = self.memory == "queue" or self.method == "grafit_maskcon"
         if uses_queue and self.queue_size < self.batch_size:
             raise UserError(

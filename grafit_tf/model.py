@@ -53,6 +53,8 @@ class Objective:
         subclusters_per_coarse: sub-clusters per coarse class of the
             DeepCluster-style term on the trunk feature (grafit; 0: off).
         subcluster_weight, subcluster_tau: its weight and softmax temperature.
+        nca_keys: online | target: what the NCA memory stores, the online kNN
+            head's embeddings or an EMA copy's (trunk and kNN head, MoCo keys).
     """
 
     method: str = "grafit"
@@ -81,6 +83,7 @@ class Objective:
     subclusters_per_coarse: int = 0
     subcluster_weight: float = 0.5
     subcluster_tau: float = 0.1
+    nca_keys: str = "online"
 
     @property
     def nca(self):
@@ -118,6 +121,11 @@ class Objective:
     def ema_target(self):
         return self.instance or self.maskcon
 
+    @property
+    def target_keys(self):
+        # The keys need the instance branch's EMA trunk (the config checks it is there).
+        return self.nca and self.instance and self.nca_keys == "target"
+
     def terms(self):
         names = []
         if self.nca:
@@ -149,6 +157,9 @@ class GrafitModel(keras.Model):
         memory: a `MemoryBank` of `D`-dim embeddings (grafit).
         projector, predictor: BYOL online heads (instance loss).
         target_backbone, target_projector: EMA copies of backbone and projector.
+        target_knn_head: EMA copy of `knn_head`, whose output on the target
+            trunk is what the NCA memory stores with `nca_keys="target"` (None: the
+            online kNN head's output is stored).
         classifier: `[N, F] -> [N, K]` (cross-entropy baselines).
         instance_queue: a queue `MemoryBank` of past target keys, extra negatives
             of the InfoNCE instance loss (None: in-batch negatives only).
@@ -169,9 +180,9 @@ class GrafitModel(keras.Model):
 
     def __init__(self, backbone, objective, knn_head=None, memory=None, projector=None,
                  predictor=None, target_backbone=None, target_projector=None,
-                 classifier=None, instance_queue=None, support=None, prototypes=None,
-                 aug_head=None, subclusters=None, embed_with_head=False, image_shape=None,
-                 **kwargs):
+                 target_knn_head=None, classifier=None, instance_queue=None, support=None,
+                 prototypes=None, aug_head=None, subclusters=None, embed_with_head=False,
+                 image_shape=None, **kwargs):
         super().__init__(**kwargs)
         self.backbone = backbone
         self.objective = objective
@@ -181,6 +192,7 @@ class GrafitModel(keras.Model):
         self.predictor = predictor
         self.target_backbone = target_backbone
         self.target_projector = target_projector
+        self.target_knn_head = target_knn_head
         self.classifier = classifier
         self.instance_queue = instance_queue
         self.support = support
@@ -225,7 +237,8 @@ class GrafitModel(keras.Model):
                 only the online trunk, projector and predictor see them.
 
         Returns:
-            A dict of `[V, b, ...]` float32 tensors: `knn` (normalised), `pred`,
+            A dict of `[V, b, ...]` float32 tensors: `knn` (normalised), `knn_key`
+            (the EMA copy's, normalised; with `target_knn_head`), `pred`,
             `target`, `logits`, `feature` (the normalised trunk feature, for
             KoLeo), `trunk` (the raw trunk feature, for AugSelf), for the active
             branches, and `local_pred` `[L, b, P]` with local views.
@@ -251,8 +264,12 @@ class GrafitModel(keras.Model):
                                                   training=training))
             # The target uses batch statistics too (training=True), as in BYOL;
             # it gets no gradient.
-            target = self.target_projector(self.target_backbone(x, training=True), training=True)
+            target_feats = self.target_backbone(x, training=True)
+            target = self.target_projector(target_feats, training=True)
             out["target"] = tf.stop_gradient(per_view(target))
+            if self.target_knn_head is not None:  # The memory's keys, from the same EMA trunk.
+                key = self.target_knn_head(target_feats, training=True)
+                out["knn_key"] = tf.stop_gradient(tf.math.l2_normalize(per_view(key), -1))
             if local_views is not None:
                 # A separate trunk call: another input size (and its own batch statistics).
                 local = self.backbone(_view_major(local_views), training=training)
@@ -381,7 +398,7 @@ class GrafitModel(keras.Model):
     def update_state(self, out, labels, indices):
         """After the optimizer step: the memory, then the EMA target."""
         if self.objective.nca:
-            self.memory.update(_mean_view(out["knn"]), labels, indices)
+            self.memory.update(_mean_view(out.get("knn_key", out["knn"])), labels, indices)
         if self.objective.maskcon:
             self.memory.update(out["key"][1], labels, indices)
         if self.subclusters is not None:  # The views' mean trunk feature, re-clustered later.
@@ -396,8 +413,12 @@ class GrafitModel(keras.Model):
             self.instance_queue.update(keys, tf.tile(labels, [v]), tf.tile(indices, [v]))
         if self.objective.ema_target:
             decay = self.ema_decay()
-            pairs = zip(self.backbone.weights + self.projector.weights,
-                        self.target_backbone.weights + self.target_projector.weights)
+            online = self.backbone.weights + self.projector.weights
+            targets = self.target_backbone.weights + self.target_projector.weights
+            if self.target_knn_head is not None:
+                online = online + self.knn_head.weights
+                targets = targets + self.target_knn_head.weights
+            pairs = zip(online, targets)
             for online, target in pairs:
                 target.assign(decay * target + (1.0 - decay) * online)
 

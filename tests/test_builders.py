@@ -26,6 +26,8 @@ def changed_config(method):
             values[f.name] = "infonce" if default == "byol" else "byol"
         elif f.name == "ema_schedule":
             values[f.name] = "constant" if default == "cosine" else "cosine"
+        elif f.name == "nca_keys":
+            values[f.name] = "target" if default == "online" else "online"
     return Config(method=method, epochs=4, instance_negatives="same_coarse",
                   instance_targets="coarse_soft", instance_positives="coarse_nn",
                   nn_start_epochs=1.0, **values), values

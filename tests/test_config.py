@@ -74,6 +74,8 @@ def test_flags_after_flagfile_override(monkeypatch):
     (dict(embedding_transform="whiten", whiten_shrinkage=-1.0), "--whiten_shrinkage"),
     (dict(head_layers=0), "--head_layers"),
     (dict(ema_schedule="linear"), "--ema_schedule"),
+    (dict(nca_keys="ema"), "--nca_keys"),
+    (dict(nca_keys="target", lambda_inst=0.0), "--nca_keys"),
     (dict(aug_pred_weight=-1.0), "--aug_pred_weight"),
     (dict(aug_pred_weight=1.0, method="coarse_ce"), "--aug_pred_weight"),
     (dict(aug_pred_weight=1.0, method="grafit_maskcon"), "--aug_pred_weight"),
@@ -97,6 +99,12 @@ def test_validate_rejects(changes, needle):
 @pytest.mark.parametrize("method", ["coarse_ce", "fine_ce", "finetune"])
 def test_cross_entropy_methods_may_train_on_one_view(method):
     Config(method=method, num_views=1).validate()
+
+
+@pytest.mark.parametrize("method", ["coarse_ce", "instance", "fine_ce", "grafit_maskcon"])
+def test_target_nca_keys_are_ignored_by_methods_without_the_kNN_loss(method):
+    # A bench's --override=--nca_keys=target reaches every method it trains.
+    Config(method=method, nca_keys="target", lambda_inst=0.0).validate()
 
 
 def test_round_trip():

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from grafit_tf import builders, losses
+from grafit_tf import model as model_lib
 from grafit_tf.config import Config
 from tests.synthetic import synthetic_source
 
@@ -72,6 +73,48 @@ def test_target_starts_as_copy_and_follows_by_ema():
     np.testing.assert_allclose(target, 0.5 * before[kernel] + 0.5 * online, rtol=1e-5, atol=1e-6)
     assert not model.target_backbone.trainable
     assert not any("target" in w.path for w in model.trainable_weights)
+
+
+def test_target_nca_keys_fill_the_memory_from_the_ema_copy():
+    source = synthetic_source()
+    # memory_momentum 0: a slot holds its image's latest key, nothing of the older one.
+    config = small_config(nca_keys="target", memory_momentum=0.0, ema_decay=0.5,
+                          instance_loss="infonce")
+    model = builders.build_model(config, source, total_steps=1000)
+    # The EMA copy of the kNN head starts as the head itself and is never trained.
+    for o, t in zip(model.knn_head.weights, model.target_knn_head.weights):
+        np.testing.assert_array_equal(o.numpy(), t.numpy())
+    assert not any("target_knn_head" in w.path for w in model.trainable_weights)
+    model.compile(optimizer=builders.build_optimizer(config, 1000, 4), jit_compile=False)
+    model.optimizer.build(model.trainable_variables)
+    step = tf.function(model.train_step)
+    step(batch(source))  # Online and target part ways (decay 0.5 at step 0).
+    data = batch(source)
+    out = model.forward(data["views"])
+    keys, online = model_lib._mean_view(out["knn_key"]), model_lib._mean_view(out["knn"])
+    assert np.abs(keys.numpy() - online.numpy()).max() > 1e-3  # The test can tell them apart.
+    head_before = [w.numpy().copy() for w in model.target_knn_head.weights]
+    decay = float(model.ema_decay())
+    step(data)
+    # The images' slots hold the EMA copy's keys of their views (batch statistics, the
+    # same weights as the forward pass above), not the online head's embeddings.
+    np.testing.assert_allclose(model.memory.embeddings.numpy()[data["index"].numpy()],
+                               keys.numpy(), rtol=1e-4, atol=1e-5)
+    # And the copy follows the online head by EMA, with the trunk and the projector (the
+    # batch-norm moving statistics, which each forward pass also moves, are left out).
+    for before, online_w, target_w in zip(head_before, model.knn_head.weights,
+                                          model.target_knn_head.weights):
+        if "moving" in target_w.path:
+            continue
+        np.testing.assert_allclose(target_w.numpy(),
+                                   decay * before + (1 - decay) * online_w.numpy(),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_online_nca_keys_build_no_copy_of_the_knn_head():
+    model = builders.build_model(small_config(), synthetic_source(), total_steps=4)
+    assert model.target_knn_head is None
+    assert "knn_key" not in model.forward(batch(synthetic_source())["views"])
 
 
 @pytest.mark.parametrize("method,schedule,want", [
