@@ -413,14 +413,16 @@ class GrafitModel(keras.Model):
             self.instance_queue.update(keys, tf.tile(labels, [v]), tf.tile(indices, [v]))
         if self.objective.ema_target:
             decay = self.ema_decay()
-            online = self.backbone.weights + self.projector.weights
-            targets = self.target_backbone.weights + self.target_projector.weights
-            if self.target_knn_head is not None:
-                online = online + self.knn_head.weights
-                targets = targets + self.target_knn_head.weights
-            pairs = zip(online, targets)
-            for online, target in pairs:
+            for online, target in self._ema_pairs():
                 target.assign(decay * target + (1.0 - decay) * online)
+
+    def _ema_pairs(self):
+        """(online weight, its EMA copy's weight) of the trunk, the projector and, with
+        `target_knn_head`, the kNN head."""
+        parts = [(self.backbone, self.target_backbone), (self.projector, self.target_projector)]
+        if self.target_knn_head is not None:
+            parts.append((self.knn_head, self.target_knn_head))
+        return [pair for online, target in parts for pair in zip(online.weights, target.weights)]
 
     def ema_decay(self):
         """BYOL's schedule: base decay at step 0, cosine up to 1 at the end.
