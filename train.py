@@ -25,6 +25,9 @@ HELP = {
     "crop_scale_min": "Smallest area fraction kept by the random resized crop.",
     "jitter_strength": "Strength of the brightness / contrast (RGB: and saturation) jitter "
                        "applied with probability 0.8 (0: none).",
+    "gamma_jitter": "Random gamma after the jitter, with probability 0.8: each view's pixels "
+                    "x (0..255) become 255 * (x / 255) ** g, log g uniform in [-S, S] for "
+                    "--gamma_jitter=S (0: off; not in the Grafit paper).",
     "erase_prob": "Probability of random erasing (Zhong et al., AAAI 2020; not in the Grafit "
                   f"paper) on each global view: a random box of {ERASE_SCALE_MIN:.0%} to "
                   "--erase_scale_max of the image filled with noise (0: off).",

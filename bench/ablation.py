@@ -74,6 +74,9 @@ VARIANTS = {
     # Random erasing on every view (an extension), and the coarse classifier with it.
     "erase_0.5": ["--erase_prob=0.5"],
     "coarse_ce_erase_0.5": ["--method=coarse_ce", "--erase_prob=0.5"],
+    # A random gamma after the jitter (an extension), and the coarse classifier with it.
+    "gamma_0.5": ["--gamma_jitter=0.5"],
+    "coarse_ce_gamma_0.5": ["--method=coarse_ce", "--gamma_jitter=0.5"],
     # DeepCluster-style sub-clusters within each coarse class (an extension).
     "subclusters_8": ["--subclusters_per_coarse=8"],
     # Decoupled InfoNCE (DCL, an extension).

@@ -79,6 +79,23 @@ def _jitter_draws(seed, strength):
     return delta, factor
 
 
+def random_gamma(image, seed, strength=0.5):
+    """Random gamma `255 * (x / 255) ** g`, `log g` uniform in `[-strength, strength]`.
+
+    A non-linear change of tone that keeps black and white where they are: unlike
+    brightness / contrast, it moves the mid-tones against each other, so that two
+    views cannot be matched by their intensity histogram alone.
+
+    Args:
+        image: `[H, W, C]` float32 in 0..255.
+        seed: `[2]` int32 stateless seed.
+        strength: half-width of the range of `log g` (0: identity).
+    """
+    log_gamma = tf.random.stateless_uniform([], seed, -strength, strength)
+    x = tf.clip_by_value(image, 0.0, 255.0) / 255.0
+    return 255.0 * tf.pow(x, tf.exp(log_gamma))
+
+
 def random_erasing(image, seed, probability=0.5, scale=(0.02, 0.33), ratio=(0.3, 3.3)):
     """Random erasing (Zhong et al., AAAI 2020) of one image: `erase_boxes` on its draws.
 
@@ -167,11 +184,12 @@ def to_grayscale_rgb(image):
 
 
 def grayscale_small(image, seed, crop_scale_min=0.35, jitter=0.4, size=None,
-                    crop_scale_max=1.0):
+                    crop_scale_max=1.0, gamma=0.0):
     """The recipe for small grayscale images (Fashion-MNIST, 28x28).
 
-    Random resized crop back to the input size, horizontal flip, and brightness /
-    contrast jitter with probability 0.8. No colour ops: there is no colour.
+    Random resized crop back to the input size, horizontal flip, brightness /
+    contrast jitter with probability 0.8, then (with `gamma`) a random gamma with
+    probability 0.8. No colour ops: there is no colour.
 
     Args:
         image: `[H, W, 1]` float32 in 0..255.
@@ -181,12 +199,15 @@ def grayscale_small(image, seed, crop_scale_min=0.35, jitter=0.4, size=None,
         size: `(height, width)` of the output (None: the input's), smaller for
             the local crops of `--local_crops`.
         crop_scale_max: largest crop area kept.
+        gamma: strength of `random_gamma` (0: none).
     """
     size = tf.shape(image)[:2] if size is None else size
     x = random_resized_crop(image, fold(seed, 0), size, scale=(crop_scale_min, crop_scale_max))
     x = random_flip(x, fold(seed, 1))
     if jitter > 0:
         x = _maybe(fold(seed, 2), 0.8, lambda t: brightness_contrast(t, fold(seed, 3), jitter), x)
+    if gamma > 0:
+        x = _maybe(fold(seed, 4), 0.8, lambda t: random_gamma(t, fold(seed, 5), gamma), x)
     return x
 
 
@@ -197,10 +218,11 @@ CROP_PARAMS = 4  # The first four; the last two are the jitter.
 
 
 def grayscale_small_with_params(image, seed, crop_scale_min=0.35, jitter=0.4, size=None,
-                                crop_scale_max=1.0):
+                                crop_scale_max=1.0, gamma=0.0):
     """`grayscale_small`'s view, and the draws that made it.
 
-    Args: as `grayscale_small` (the same seed gives the same view).
+    Args: as `grayscale_small` (the same seed gives the same view; the gamma is
+        not reported).
 
     Returns:
         `(view, params)`: `params` `[6]` float32, `VIEW_PARAMS` in order: the crop
@@ -211,7 +233,7 @@ def grayscale_small_with_params(image, seed, crop_scale_min=0.35, jitter=0.4, si
         when the jitter was not applied, or `jitter` is 0). The differences of two
         views' params are then all in [-1, 1].
     """
-    x = grayscale_small(image, seed, crop_scale_min, jitter, size, crop_scale_max)
+    x = grayscale_small(image, seed, crop_scale_min, jitter, size, crop_scale_max, gamma)
     # The draws below repeat those of grayscale_small, from the same seeds, so that the
     # plain recipe (every run without the term) computes nothing it does not use.
     begin, box = crop_box(image, fold(seed, 0), (crop_scale_min, crop_scale_max))
@@ -232,18 +254,20 @@ def grayscale_small_with_params(image, seed, crop_scale_min=0.35, jitter=0.4, si
     return x, tf.concat([center, extent, jittered], 0)
 
 
-def rgb(image, seed, size, crop_scale_min=0.08, jitter=0.4, crop_scale_max=1.0):
+def rgb(image, seed, size, crop_scale_min=0.08, jitter=0.4, crop_scale_max=1.0, gamma=0.0):
     """The recipe for full-size RGB images (before RandAugment).
 
     Random resized crop (area `crop_scale_min`..`crop_scale_max`) to `size`, flip,
     colour jitter of strength `jitter` (p=0.8; 0: none) and grayscale (p=0.2), as
-    in SimCLR / BYOL.
+    in SimCLR / BYOL; then `random_gamma` of strength `gamma` (p=0.8; 0: none).
     """
     x = random_resized_crop(image, fold(seed, 0), size, scale=(crop_scale_min, crop_scale_max))
     x = random_flip(x, fold(seed, 1))
     if jitter > 0:
         x = _maybe(fold(seed, 2), 0.8, lambda t: color_jitter(t, fold(seed, 3), jitter), x)
     x = _maybe(fold(seed, 4), 0.2, to_grayscale_rgb, x)
+    if gamma > 0:  # Folds 6 and 7: RandAugment takes fold 5 of the view's seed.
+        x = _maybe(fold(seed, 6), 0.8, lambda t: random_gamma(t, fold(seed, 7), gamma), x)
     return x
 
 

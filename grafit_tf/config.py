@@ -55,6 +55,7 @@ class Config:
     augment: str = "auto"
     crop_scale_min: float = 0.35
     jitter_strength: float = 0.4
+    gamma_jitter: float = 0.0
     erase_prob: float = 0.0
     erase_scale_max: float = 0.33
     num_views: int = 2
@@ -246,6 +247,9 @@ class Config:
             )
         if not 0.0 <= self.jitter_strength <= 1.0:
             raise UserError(f"--jitter_strength={self.jitter_strength}: must be in [0, 1].")
+        if not 0.0 <= self.gamma_jitter <= 2.0:
+            raise UserError(f"--gamma_jitter={self.gamma_jitter}: must be in [0, 2] (the "
+                            "half-width of the range of log gamma).")
         if not 0.0 <= self.erase_prob <= 1.0:
             raise UserError(f"--erase_prob={self.erase_prob}: must be in [0, 1].")
         if not ERASE_SCALE_MIN <= self.erase_scale_max <= 1.0:

@@ -39,8 +39,40 @@ def test_no_jitter_keeps_intensities():
     assert any(changed)
 
 
+def test_random_gamma_matches_numpy_and_keeps_black_and_white():
+    x = tf.constant([[[0.0], [51.0], [127.5], [204.0], [255.0]]])  # [1, 5, 1]
+    seed = tf.constant([3, 4])
+    out = augment.random_gamma(x, seed, strength=0.7).numpy()
+    g = np.exp(tf.random.stateless_uniform([], seed, -0.7, 0.7).numpy())
+    np.testing.assert_allclose(out, 255.0 * (x.numpy() / 255.0) ** g, rtol=1e-5, atol=1e-3)
+    assert out[0, 0, 0] == 0.0 and abs(out[0, 4, 0] - 255.0) < 1e-3
+    assert np.all(np.diff(out[0, :, 0]) > 0)  # Monotone: the order of tones is kept.
+    assert not np.allclose(out, x.numpy(), atol=0.5)  # ...but the mid-tones move.
+    # Strength 0 is the identity.
+    np.testing.assert_allclose(augment.random_gamma(x, seed, 0.0), x, atol=1e-3)
+
+
+def test_gamma_jitter_in_the_grayscale_recipe():
+    image = tf.constant(np.random.default_rng(1).uniform(0, 255, (12, 12, 1)), tf.float32)
+    for i in range(8):  # gamma=0 leaves the recipe's views as they were.
+        seed = tf.constant([i, 2])
+        np.testing.assert_array_equal(
+            augment.grayscale_small(image, seed, 0.8),
+            augment.grayscale_small(image, seed, 0.8, gamma=0.0))
+    # Without jitter and crop, the gamma alone changes the tones of most views (p=0.8)
+    # and never the dark and bright ends' order.
+    outs = [augment.grayscale_small(image, tf.constant([i, 2]), 1.0, jitter=0.0,
+                                    gamma=0.5).numpy() for i in range(8)]
+    plain = [augment.grayscale_small(image, tf.constant([i, 2]), 1.0, jitter=0.0).numpy()
+             for i in range(8)]
+    assert sum(not np.allclose(o, p, atol=1e-2) for o, p in zip(outs, plain)) >= 4
+    for o, p in zip(outs, plain):
+        assert np.array_equal(np.argsort(o.ravel(), kind="stable"),
+                              np.argsort(p.ravel(), kind="stable"))
+
+
 def test_rgb_recipe_stays_in_range():
-    out = augment.rgb(image(), tf.constant([0, 1]), (32, 32))
+    out = augment.rgb(image(), tf.constant([0, 1]), (32, 32), gamma=0.5)
     assert out.shape == (32, 32, 3)
     assert float(tf.reduce_min(out)) >= 0.0 and float(tf.reduce_max(out)) <= 255.0
 

@@ -80,6 +80,8 @@ def test_flags_after_flagfile_override(monkeypatch):
     (dict(aug_pred_weight=1.0, method="coarse_ce"), "--aug_pred_weight"),
     (dict(aug_pred_weight=1.0, method="grafit_maskcon"), "--aug_pred_weight"),
     (dict(erase_prob=1.5), "--erase_prob"),
+    (dict(gamma_jitter=-0.1), "--gamma_jitter"),
+    (dict(gamma_jitter=2.5), "--gamma_jitter"),
     (dict(erase_scale_max=0.01), "--erase_scale_max"),
     (dict(instance_decoupled=True, instance_loss="byol"), "--instance_decoupled"),
     (dict(instance_decoupled=True, instance_loss="infonce", instance_targets="coarse_soft"),

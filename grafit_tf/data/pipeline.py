@@ -76,10 +76,12 @@ def view_fn(config, image_shape):
             raise UserError("--aug_pred_weight predicts the draws of the grayscale_small "
                             "recipe (small grayscale images); drop it for this data.")
         return lambda image, seed: augment.grayscale_small_with_params(
-            image, seed, config.crop_scale_min, config.jitter_strength)
+            image, seed, config.crop_scale_min, config.jitter_strength,
+            gamma=config.gamma_jitter)
     if recipe == "grayscale_small":
         return lambda image, seed: augment.grayscale_small(image, seed, config.crop_scale_min,
-                                                           config.jitter_strength)
+                                                           config.jitter_strength,
+                                                           gamma=config.gamma_jitter)
     size = tuple(image_shape[:2])
     if config.rand_augment:
         if image_shape[-1] != 3:
@@ -87,11 +89,12 @@ def view_fn(config, image_shape):
         rand_augment = augment.make_rand_augment(config.seed)
         # The layer needs a static channel count, which the colour ops lose.
         return lambda image, seed: rand_augment(tf.ensure_shape(
-            augment.rgb(image, seed, size, config.crop_scale_min, config.jitter_strength),
+            augment.rgb(image, seed, size, config.crop_scale_min, config.jitter_strength,
+                        gamma=config.gamma_jitter),
             size + (3,)),
             augment.fold(seed, 5))  # augment.rgb uses folds 0-4 of the view's seed.
     return lambda image, seed: augment.rgb(image, seed, size, config.crop_scale_min,
-                                           config.jitter_strength)
+                                           config.jitter_strength, gamma=config.gamma_jitter)
 
 
 def _recipe(config, image_shape):
@@ -110,9 +113,10 @@ def local_view_fn(config, image_shape):
     scale = (config.local_crop_scale_min, config.local_crop_scale_max)
     if _recipe(config, image_shape) == "grayscale_small":
         return lambda image, seed: augment.grayscale_small(
-            image, seed, scale[0], config.jitter_strength, size=size, crop_scale_max=scale[1])
+            image, seed, scale[0], config.jitter_strength, size=size, crop_scale_max=scale[1],
+            gamma=config.gamma_jitter)
     return lambda image, seed: augment.rgb(image, seed, size, scale[0], config.jitter_strength,
-                                           crop_scale_max=scale[1])
+                                           crop_scale_max=scale[1], gamma=config.gamma_jitter)
 
 
 # The fold of an image's seed that random erasing draws from; views use 0, 1, ...
