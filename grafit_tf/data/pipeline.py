@@ -92,7 +92,7 @@ def view_fn(config, image_shape):
             augment.rgb(image, seed, size, config.crop_scale_min, config.jitter_strength,
                         gamma=config.gamma_jitter),
             size + (3,)),
-            augment.fold(seed, 5))  # augment.rgb uses folds 0-4 of the view's seed.
+            augment.fold(seed, 5))  # augment.rgb uses folds 0-4, 6 and 7 of the view's seed.
     return lambda image, seed: augment.rgb(image, seed, size, config.crop_scale_min,
                                            config.jitter_strength, gamma=config.gamma_jitter)
 
