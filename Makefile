@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # Extra train.py flags for the demo, e.g. TRAIN_ARGS="--epochs=1 --max_train_examples=2000".
 TRAIN_ARGS ?=
 
-.PHONY: venv data test demo bench-quality bench-seeds bench-coarse2 bench-ablation bench-ablation-full bench-postprocess bench-retrieval-features bench-per-class bench-serve clean
+.PHONY: venv data test demo bench-quality bench-seeds bench-views3-gamma bench-coarse2 bench-ablation bench-ablation-full bench-postprocess bench-retrieval-features bench-per-class bench-serve clean
 
 venv: $(VENV)/.installed
 
@@ -91,6 +91,16 @@ bench-per-class: venv data
 bench-coarse2: venv data
 	$(PY) bench/quality.py --config=configs/fashion_mnist_coarse2.cfg \
 	  --methods=grafit,coarse_ce --workdir=runs/quality_coarse2 --name=quality_coarse2
+
+# The same bench with three views and a random gamma (configs/fashion_mnist_views3_gamma.cfg):
+# every method on seed 0 (about 1.5 hours on a fast 2-core machine, an estimate), then grafit and coarse_ce over three
+# seeds (about 1.5 hours more; seed 0 is reused).
+bench-views3-gamma: venv data
+	$(PY) bench/quality.py --config=configs/fashion_mnist_views3_gamma.cfg \
+	  --methods=grafit,coarse_ce,instance,fine_ce --workdir=runs/quality_v3g --name=quality_v3g
+	$(PY) bench/quality.py --config=configs/fashion_mnist_views3_gamma.cfg \
+	  --methods=grafit,coarse_ce --seeds=3 --workdir=runs/quality_v3g \
+	  --name=quality_v3g_seeds --raw_pixels=false
 
 # The 2-epoch ablations (about 5 minutes a row on idle cores), each pinning the default
 # it started from: the first default config (the path to the second); the second (crop

@@ -55,6 +55,13 @@ def test_full_config_is_the_default_with_a_wider_trunk(monkeypatch):
     assert full == base.replace(width=32)
 
 
+def test_views3_gamma_config_is_the_default_with_three_views_and_a_gamma(monkeypatch):
+    monkeypatch.chdir(REPO)
+    base = parse(["--flagfile=configs/fashion_mnist.cfg", "--workdir=/tmp/x"])
+    preset = parse(["--flagfile=configs/fashion_mnist_views3_gamma.cfg", "--workdir=/tmp/x"])
+    assert preset == base.replace(num_views=3, gamma_jitter=0.5)
+
+
 def test_flags_after_flagfile_override(monkeypatch):
     monkeypatch.chdir(REPO)
     config = parse(["--flagfile=configs/fashion_mnist.cfg", "--workdir=/tmp/x", "--epochs=1",
