@@ -93,8 +93,8 @@ bench-coarse2: venv data
 	  --methods=grafit,coarse_ce --workdir=runs/quality_coarse2 --name=quality_coarse2
 
 # The same bench with three views and a random gamma (configs/fashion_mnist_views3_gamma.cfg):
-# every method on seed 0 (about 1.5 hours on a fast 2-core machine, an estimate), then grafit and coarse_ce over three
-# seeds (about 1.5 hours more; seed 0 is reused).
+# every method on seed 0, then grafit and coarse_ce over three seeds (seed 0 is reused;
+# about 1.5 hours each on a fast 2-core machine, an estimate).
 bench-views3-gamma: venv data
 	$(PY) bench/quality.py --config=configs/fashion_mnist_views3_gamma.cfg \
 	  --methods=grafit,coarse_ce,instance,fine_ce --workdir=runs/quality_v3g --name=quality_v3g
