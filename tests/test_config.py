@@ -48,18 +48,15 @@ def test_baseline_configs_exist_and_differ_only_by_method(monkeypatch):
         assert other == base.replace(method=method)
 
 
-def test_full_config_is_the_default_with_a_wider_trunk(monkeypatch):
+@pytest.mark.parametrize("name,changes", [
+    ("fashion_mnist_full.cfg", dict(width=32)),
+    ("fashion_mnist_views3_gamma.cfg", dict(num_views=3, gamma_jitter=0.5)),
+], ids=["full", "views3_gamma"])
+def test_preset_config_is_the_default_with_its_changes(name, changes, monkeypatch):
     monkeypatch.chdir(REPO)
     base = parse(["--flagfile=configs/fashion_mnist.cfg", "--workdir=/tmp/x"])
-    full = parse(["--flagfile=configs/fashion_mnist_full.cfg", "--workdir=/tmp/x"])
-    assert full == base.replace(width=32)
-
-
-def test_views3_gamma_config_is_the_default_with_three_views_and_a_gamma(monkeypatch):
-    monkeypatch.chdir(REPO)
-    base = parse(["--flagfile=configs/fashion_mnist.cfg", "--workdir=/tmp/x"])
-    preset = parse(["--flagfile=configs/fashion_mnist_views3_gamma.cfg", "--workdir=/tmp/x"])
-    assert preset == base.replace(num_views=3, gamma_jitter=0.5)
+    preset = parse([f"--flagfile=configs/{name}", "--workdir=/tmp/x"])
+    assert preset == base.replace(**changes)
 
 
 def test_flags_after_flagfile_override(monkeypatch):
