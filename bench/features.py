@@ -3,7 +3,9 @@
 No flags here, so tests can import it beside the entry points' flags. Feature names:
 `trunk` (the pooled last stage, the exported embedding), `target_trunk` (the EMA target
 trunk's), `trunk_flip` (mean with the mirror image's), `stage_<i>` (stage `i` alone,
-0 the finest), `stages_<i>_<j>...` (a hypercolumn of those stages).
+0 the finest), `stages_<i>_<j>...` (a hypercolumn of those stages), and the heads on the
+trunk feature, where the run has them: `knn_head` (grafit's NCA head), `projector` and
+`predictor` (the instance branch's).
 """
 
 import json
@@ -15,7 +17,8 @@ import numpy as np
 from grafit_tf import embedding_transform
 
 FEATURES = ("trunk", "target_trunk", "trunk_flip", "stage_0", "stage_1", "stages_1_2",
-            "stages_0_1_2")
+            "stages_0_1_2", "knn_head", "projector", "predictor")
+HEADS = ("knn_head", "projector", "predictor")
 _STAGES = re.compile(r"^stages?((?:_\d+)+)$")
 _BLOCK_OUT = re.compile(r"^s(\d+)b(\d+)_out$")
 
@@ -141,14 +144,33 @@ def restore_quality_run(flagfile, root, method, seed, overrides=()):
     return restore_run(workdir), workdir
 
 
+def heads_model(model, names):
+    """`keras.Model` `[N, H, W, C] -> [[N, D_1], ...]`: the online trunk, then each head
+    of `names` (of `HEADS`, all of which `model` has) in order; the predictor on the
+    projector's output, as in training."""
+    import keras
+
+    inputs = keras.Input(model.backbone.input_shape[1:])
+    feats = model.backbone(inputs)
+    outs = [model.predictor(model.projector(feats)) if name == "predictor"
+            else getattr(model, name)(feats) for name in names]
+    return keras.Model(inputs, outs, name="heads")
+
+
 def features_of(model, source, names):
     """`{name: ([N, D] train, [Q, D] test)}` L2-normalised, for the `names` this model
-    has (`target_trunk` only where there is an EMA target trunk)."""
+    has (`target_trunk` only where there is an EMA target trunk, the heads only where
+    the method trains them)."""
     target = getattr(model, "target_backbone", None)
     splits = (source.train, source.test)
     # Per split, a list per stage.
     online = embed_outputs(pooled_stages_model(model.backbone), splits, source)
     out = {}
+    heads = [n for n in HEADS if n in names and getattr(model, n, None) is not None]
+    if heads:  # One pass over the data for every head.
+        per_split = embed_outputs(heads_model(model, heads), splits, source)
+        for i, name in enumerate(heads):
+            out[name] = tuple(combine([o[i]]) for o in per_split)
     for name in names:
         idx = feature_stages(name)
         if name == "trunk":
@@ -163,6 +185,8 @@ def features_of(model, source, names):
         elif name == "target_trunk":
             if target is not None:
                 out[name] = tuple(combine(t) for t in embed_outputs(target, splits, source))
+        elif name in HEADS:
+            pass  # Above, where the run has the head.
         else:
             raise SystemExit(f"--features: unknown feature {name!r} (see FEATURES).")
     return out

@@ -95,3 +95,34 @@ def test_restore_quality_run_refuses_a_run_of_other_settings(tiny_workdir, tmp_p
     with pytest.raises(SystemExit, match="other settings"):
         rf.restore_quality_run(os.path.join(REPO, "configs", "fashion_mnist.cfg"), str(root),
                                "grafit", 0)
+
+
+def test_head_features_are_the_heads_on_the_trunk(tiny_workdir, tiny_config):
+    source = sources.load(tiny_config)
+    model = rf.restore_run(tiny_workdir)
+    feats = rf.features_of(model, source, ["knn_head", "projector", "predictor"])
+    assert [feats[n][1].shape[1] for n in ("knn_head", "projector", "predictor")] == [
+        tiny_config.knn_dim, tiny_config.proj_dim, tiny_config.proj_dim]
+    # Each is its head's output on the online trunk feature, L2-normalised; the
+    # predictor sits on the projector, as in training.
+    x = source.test.images[:16].astype(np.float32)
+    trunk = model.backbone(x, training=False)
+    projected = model.projector(trunk, training=False)
+    want = {"knn_head": model.knn_head(trunk, training=False), "projector": projected,
+            "predictor": model.predictor(projected, training=False)}
+    for name, out in want.items():
+        out = np.asarray(out)
+        np.testing.assert_allclose(feats[name][1][:16], out / np.linalg.norm(out, axis=1,
+                                                                             keepdims=True),
+                                   rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_head_features_skip_the_heads_a_method_lacks(tiny_config):
+    source = sources.load(tiny_config)
+
+    class CoarseCE:  # A cross-entropy run: a trunk and a classifier, none of the heads.
+        backbone = backbones.small_resnet(source.image_shape, (127.0,), (70.0,), width=4)
+        knn_head = projector = predictor = target_backbone = None
+
+    feats = rf.features_of(CoarseCE(), source, ["trunk", "knn_head", "projector", "predictor"])
+    assert list(feats) == ["trunk"]
