@@ -30,6 +30,7 @@ VARIANTS = {
     "lambda_0": ["--lambda_inst=0"],
     "lambda_0.25": ["--lambda_inst=0.25"],
     "lambda_0.5": ["--lambda_inst=0.5"],
+    "lambda_1": ["--lambda_inst=1"],
     "lambda_2": ["--lambda_inst=2"],
     "instance_tau_0.05": ["--instance_tau=0.05"],
     "instance_tau_0.2": ["--instance_tau=0.2"],
