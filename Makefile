@@ -93,14 +93,14 @@ bench-coarse2: venv data
 	  --methods=grafit,coarse_ce --workdir=runs/quality_coarse2 --name=quality_coarse2
 
 # The same bench with three views and a random gamma (configs/fashion_mnist_views3_gamma.cfg):
-# every method on seed 0, then grafit and coarse_ce over three seeds (seed 0 is reused;
+# every method on seed 0, then every method over three seeds (seed 0 is reused;
 # about 1.5 hours each on a fast 2-core machine, an estimate), then which of grafit's
 # layers retrieves best over those three seeds (trains none; about 10 minutes).
 bench-views3-gamma: venv data
 	$(PY) bench/quality.py --config=configs/fashion_mnist_views3_gamma.cfg \
 	  --methods=grafit,coarse_ce,instance,fine_ce --workdir=runs/quality_v3g --name=quality_v3g
 	$(PY) bench/quality.py --config=configs/fashion_mnist_views3_gamma.cfg \
-	  --methods=grafit,coarse_ce --seeds=3 --workdir=runs/quality_v3g \
+	  --methods=grafit,coarse_ce,instance,fine_ce --seeds=3 --workdir=runs/quality_v3g \
 	  --name=quality_v3g_seeds --raw_pixels=false
 	$(PY) bench/retrieval_features.py --config=configs/fashion_mnist_views3_gamma.cfg \
 	  --workdir=runs/quality_v3g --methods=grafit --seeds=3 \
