@@ -14,14 +14,14 @@ with the evaluation protocol, each of these features of the same weights:
   and normalised again (a hypercolumn: earlier stages keep detail that the last one may
   have been trained to ignore);
 - `trunk_flip`: the mean of the trunk features of the image and its mirror image
-  (test-time augmentation; every method trained with random flips).
-
+  (test-time augmentation; every method trained with random flips);
 - `knn_head`, `projector`, `predictor`: the output of grafit's NCA head and of the
   instance branch's projector and predictor (on the projector) on the online trunk
   feature, for the methods that train them.
 
 `--embedding=knn_head` exports the kNN head's output instead of the trunk feature; a run
 trained with it is a row of the ablation tables (the head is trained the same either way).
+
 The features are built by `bench/features.py`. Writes `bench/results/<name>.json` and a
 section of `BENCHMARKS.md`.
 """
@@ -44,8 +44,8 @@ from grafit_tf.data import sources  # noqa: E402
 scoring_flags.define("retrieval_features", ["grafit", "coarse_ce"])
 flags.adopt_module_key_flags(scoring_flags)  # --help lists them as this script's.
 flags.DEFINE_list("features", list(FEATURES), "Features to compare: trunk, target_trunk, "
-                  "trunk_flip, stage_<i>, stages_<i>_<j>..., knn_head, projector, predictor (see the "
-                  "module docstring).")
+                  "trunk_flip, stage_<i>, stages_<i>_<j>..., knn_head, projector, predictor "
+                  "(see the module docstring).")
 FLAGS = flags.FLAGS
 
 METRICS = ("fine_knn_top1", "fine_knn_weighted_top1", "fine_recall_at_1", "coarse_knn_top1")
