@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # Extra train.py flags for the demo, e.g. TRAIN_ARGS="--epochs=1 --max_train_examples=2000".
 TRAIN_ARGS ?=
 
-.PHONY: venv data test demo bench-quality bench-seeds bench-views3-gamma bench-coarse2 bench-ablation bench-ablation-full bench-postprocess bench-retrieval-features bench-per-class bench-serve clean
+.PHONY: venv data test demo bench-quality bench-seeds bench-views3-gamma bench-views3-gamma-wd bench-coarse2 bench-ablation bench-ablation-full bench-postprocess bench-retrieval-features bench-per-class bench-serve clean
 
 venv: $(VENV)/.installed
 
@@ -105,6 +105,16 @@ bench-views3-gamma: venv data
 	$(PY) bench/retrieval_features.py --config=configs/fashion_mnist_views3_gamma.cfg \
 	  --workdir=runs/quality_v3g --methods=grafit --seeds=3 \
 	  --features=trunk,knn_head,projector,predictor --name=retrieval_heads_v3g
+
+# The same bench with weight decay 0.2 on top (configs/fashion_mnist_views3_gamma_wd.cfg):
+# grafit, coarse_ce and instance on seed 0 with raw pixels, then grafit and coarse_ce over
+# three seeds (seed 0 reused; about 2 hours on 2 cores, two runs side by side).
+bench-views3-gamma-wd: venv data
+	$(PY) bench/quality.py --config=configs/fashion_mnist_views3_gamma_wd.cfg \
+	  --methods=grafit,coarse_ce,instance --workdir=runs/quality_v3g_wd02 --name=quality_v3g_wd
+	$(PY) bench/quality.py --config=configs/fashion_mnist_views3_gamma_wd.cfg \
+	  --methods=grafit,coarse_ce --seeds=3 --workdir=runs/quality_v3g_wd02 \
+	  --name=quality_v3g_wd_seeds --raw_pixels=false
 
 # The 2-epoch ablations (about 5 minutes a row on idle cores), each pinning the default
 # it started from: the first default config (the path to the second); the second (crop

@@ -51,7 +51,8 @@ def test_baseline_configs_exist_and_differ_only_by_method(monkeypatch):
 @pytest.mark.parametrize("name,changes", [
     ("fashion_mnist_full.cfg", dict(width=32)),
     ("fashion_mnist_views3_gamma.cfg", dict(num_views=3, gamma_jitter=0.5)),
-], ids=["full", "views3_gamma"])
+    ("fashion_mnist_views3_gamma_wd.cfg", dict(num_views=3, gamma_jitter=0.5, weight_decay=0.2)),
+], ids=["full", "views3_gamma", "views3_gamma_wd"])
 def test_preset_config_is_the_default_with_its_changes(name, changes, monkeypatch):
     monkeypatch.chdir(REPO)
     base = parse(["--flagfile=configs/fashion_mnist.cfg", "--workdir=/tmp/x"])
