@@ -108,7 +108,7 @@ bench-views3-gamma: venv data
 
 # The same bench with weight decay 0.2 on top (configs/fashion_mnist_views3_gamma_wd.cfg):
 # grafit, coarse_ce and instance on seed 0 with raw pixels, then grafit and coarse_ce over
-# three seeds (seed 0 reused; about 2 hours on 2 cores, two runs side by side).
+# three seeds (seed 0 reused): seven runs, about 2.5 hours on 2 cores, two side by side.
 bench-views3-gamma-wd: venv data
 	$(PY) bench/quality.py --config=configs/fashion_mnist_views3_gamma_wd.cfg \
 	  --methods=grafit,coarse_ce,instance --workdir=runs/quality_v3g_wd02 --name=quality_v3g_wd
