@@ -65,9 +65,9 @@ def test_quality_run_names_the_run_and_checks_its_overrides(tmp_path):
     from bench.runs import quality_run
 
     args, workdir = quality_run("configs/fashion_mnist.cfg", str(tmp_path), "grafit", 2,
-                                ["--num_views=3"])
+                                ["--num_views=4"])
     assert args == ["--flagfile=configs/fashion_mnist.cfg", "--method=grafit", "--seed=2",
-                    "--num_views=3"]
+                    "--num_views=4"]
     assert workdir == str(tmp_path / "grafit_seed2")
     # A run trained with the override is accepted with it and refused without it.
     resolved = subprocess.run([sys.executable, "train.py", *args, "--workdir=x", "--dry_run"],
@@ -78,12 +78,12 @@ def test_quality_run_names_the_run_and_checks_its_overrides(tmp_path):
     (run / "metrics.json").write_text("{}")
     assert check_reusable(args, workdir).endswith("metrics.json")
     plain, _ = quality_run("configs/fashion_mnist.cfg", str(tmp_path), "grafit", 2)
-    with pytest.raises(SystemExit, match="num_views: 3 -> 2"):
+    with pytest.raises(SystemExit, match="num_views: 4 -> 3"):
         check_reusable(plain, workdir)
     # What the scoring benches call: the same lookup and check in one.
     from bench.runs import finished_quality_run
 
     assert finished_quality_run("configs/fashion_mnist.cfg", str(tmp_path), "grafit", 2,
-                                ["--num_views=3"]) == workdir
-    with pytest.raises(SystemExit, match="num_views: 3 -> 2"):
+                                ["--num_views=4"]) == workdir
+    with pytest.raises(SystemExit, match="num_views: 4 -> 3"):
         finished_quality_run("configs/fashion_mnist.cfg", str(tmp_path), "grafit", 2)
