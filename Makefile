@@ -59,7 +59,7 @@ bench-serve: venv data
 
 # The default's tables in BENCHMARKS.md: every method on seed 0 with raw pixels, then
 # every method over three seeds (seed 0 reused), then the pictures. Twelve runs, about
-# 4.5 hours on 2 cores, two side by side (grafit alone: 20-26 minutes).
+# 4.5 hours on 2 cores, two side by side (grafit alone: 20-32 minutes, by the hour).
 bench-quality: venv data
 	$(PY) bench/quality.py --config=configs/fashion_mnist.cfg \
 	  --methods=grafit,coarse_ce,instance,fine_ce
