@@ -108,20 +108,28 @@ def evaluate(embedder, source, config):
 
 
 class PeriodicEvaluation(keras.callbacks.Callback):
-    """Runs the evaluation every `every` epochs and appends to `logs/eval.csv`."""
+    """Runs the evaluation every `every` epochs and appends to `logs/eval.csv`.
+
+    `seconds` adds up the wall time spent evaluating, which `model.fit`'s time
+    includes: the trainer reports it apart, so that training time means training.
+    """
 
     def __init__(self, embedder, source, config, every, path, write=True):
         super().__init__()
         self.embedder, self.source, self.config = embedder, source, config
         self.every, self.path, self.write = every, path, write
+        self.seconds = 0.0
 
     def on_epoch_end(self, epoch, logs=None):
         if not self.every or (epoch + 1) % self.every or epoch + 1 == self.config.epochs:
             return  # The last epoch is evaluated by train_and_evaluate itself.
+        started = time.time()
         metrics = dict(epoch=epoch + 1, **evaluate(self.embedder, self.source, self.config))
         if self.write:
             append_csv(self.path, metrics)
-        print(f"\neval epoch {epoch + 1}: " + ", ".join(
+        seconds = time.time() - started
+        self.seconds += seconds
+        print(f"\neval epoch {epoch + 1} ({seconds:.0f} s): " + ", ".join(
             f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"), flush=True)
 
 
@@ -199,11 +207,12 @@ def run(config, workdir):
     elif config.uses_memory:
         prefill_memory(model, source, config)
 
+    periodic = PeriodicEvaluation(embedder, source, config, config.eval_every,
+                                  os.path.join(logs, "eval.csv"), write=chief)
     callbacks = [
         checkpointing.Checkpointer(ckpt_dir, spe, config.checkpoint_every, enabled=chief),
         keras.callbacks.TerminateOnNaN(),
-        PeriodicEvaluation(embedder, source, config, config.eval_every,
-                           os.path.join(logs, "eval.csv"), write=chief),
+        periodic,
     ]
     if model.subclusters is not None:
         # First, so that the epoch's checkpoint holds the clustering the next epoch uses.
@@ -238,7 +247,10 @@ def run(config, workdir):
         num_replicas=replicas,
         train_examples=len(source.train),
         eval_examples=len(source.test),
+        # train_seconds: the wall time of model.fit, its periodic evaluations
+        # (eval_seconds of it) included; the final evaluation is in neither.
         train_seconds=train_seconds,
+        eval_seconds=periodic.seconds,
         train_images_per_second=(final_step - start_step) * config.batch_size
         / max(train_seconds, 1e-9),
         resumed_from_step=start_step,

@@ -17,7 +17,7 @@ from tests.conftest import REPO
 
 CONTRACT = ["fine_knn_top1", "fine_knn_weighted_top1", "fine_recall_at_1", "fine_recall_at_2",
             "fine_recall_at_5", "fine_recall_at_10", "coarse_knn_top1", "method", "epochs",
-            "train_seconds", "train_images_per_second"]
+            "train_seconds", "eval_seconds", "train_images_per_second"]
 
 
 def test_workdir_contract(tiny_workdir, tiny_config, fashion_dir):
@@ -200,3 +200,20 @@ def test_one_trace_embeds_every_batch_of_both_splits():
     want = model.predict(source.train.images.astype(np.float32), verbose=0)
     np.testing.assert_allclose(train, want, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(test, train, rtol=1e-6)  # Here test is the training split.
+
+
+def test_periodic_evaluation_is_timed_apart_and_leaves_training_alone(tiny_config, tmp_path):
+    """`--eval_every` only observes: the same run without it ends with the same
+    weights and scores, and the time its evaluations took is reported apart."""
+    from grafit_tf import trainer
+
+    config = tiny_config.replace(epochs=2, max_train_examples=256, max_eval_examples=128)
+    watched = trainer.run(config.replace(eval_every=1), str(tmp_path / "watched"))
+    plain = trainer.run(config, str(tmp_path / "plain"))
+    assert [row["epoch"] for row in watched.metrics["history"]] == [1.0]
+    assert plain.metrics["history"] == [] and plain.metrics["eval_seconds"] == 0.0
+    assert 0 < watched.metrics["eval_seconds"] < watched.metrics["train_seconds"]
+    for a, b in zip(watched.model.backbone.get_weights(), plain.model.backbone.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for key in ("fine_knn_top1", "fine_recall_at_1", "coarse_knn_top1"):
+        assert watched.metrics[key] == plain.metrics[key], key
