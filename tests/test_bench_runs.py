@@ -38,11 +38,17 @@ def test_refuses_a_run_of_other_settings(finished_run):
 def test_resolved_config_follows_nested_flagfiles_and_overrides():
     from bench.runs import resolved_config
 
-    config = resolved_config(["--flagfile=configs/fashion_mnist_coarse2.cfg", "--epochs=3"])
-    # coarse2.cfg includes the default config, then changes three settings of it.
+    # Two levels: coarse2_lambda1.cfg includes two_views.cfg, then changes three settings.
+    config = resolved_config(["--flagfile=configs/fashion_mnist_coarse2_lambda1.cfg",
+                              "--epochs=3"])
     assert config.coarse_map.endswith("fashion_mnist_coarse2.json")
     assert (config.batch_size, config.memory, config.crop_scale_min) == (256, "full", 0.8)
-    assert config.epochs == 3
+    assert (config.num_views, config.weight_decay, config.epochs) == (2, 0.05, 3)
+    # coarse2.cfg is the default with only the coarse map changed.
+    default = resolved_config(["--flagfile=configs/fashion_mnist.cfg"])
+    coarse2 = resolved_config(["--flagfile=configs/fashion_mnist_coarse2.cfg"])
+    assert coarse2.differences(default.to_dict()) == [
+        f"coarse_map: {default.coarse_map!r} -> {coarse2.coarse_map!r}"]
 
 
 def test_check_reusable_needs_a_finished_run(finished_run, tmp_path):
