@@ -99,7 +99,7 @@ bench-per-class: venv data
 	$(PY) bench/per_class.py --config=configs/fashion_mnist_two_views.cfg \
 	  --methods=grafit,coarse_ce --workdir=runs/quality_two_views
 
-# The same bench on the second coarse grouping (2 classes; about 40 minutes).
+# The same bench on the second coarse grouping (2 classes; about 45 minutes).
 bench-coarse2: venv data
 	$(PY) bench/quality.py --config=configs/fashion_mnist_coarse2.cfg \
 	  --methods=grafit,coarse_ce --workdir=runs/quality_coarse2 --name=quality_coarse2
