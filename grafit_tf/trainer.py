@@ -111,7 +111,8 @@ class PeriodicEvaluation(keras.callbacks.Callback):
     """Runs the evaluation every `every` epochs and appends to `logs/eval.csv`.
 
     `seconds` adds up the wall time spent evaluating, which `model.fit`'s time
-    includes: the trainer reports it apart, so that training time means training.
+    (`train_seconds`) includes: the trainer reports it as `eval_seconds`, so that
+    the training's own time can be told apart.
     """
 
     def __init__(self, embedder, source, config, every, path, write=True):
