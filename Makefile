@@ -9,14 +9,16 @@ PYTEST_ARGS ?=
 # Extra train.py flags for the demo, e.g. TRAIN_ARGS="--epochs=1 --max_train_examples=2000".
 TRAIN_ARGS ?=
 
-.PHONY: venv data test demo bench-quality bench-two-views bench-views3-gamma bench-coarse2 bench-ablation bench-ablation-full bench-postprocess bench-retrieval-features bench-per-class bench-serve clean
+.PHONY: venv data test demo bench-quality bench-coarse2 bench-coarse-ce-wd bench-speed bench-serve clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+# The pinned stack, then grafit_tf itself, editable (its dependencies are the pinned ones).
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 # Fashion-MNIST ships in Debian's package dataset-fashion-mnist.
@@ -54,100 +56,46 @@ demo: venv data
 	  --output=$(WORKDIR)/serve --gallery=$(WORKDIR)/png/gallery \
 	  --save_gallery=$(WORKDIR)/gallery.npz --labels_from_dirs --progress=false
 
-bench-serve: venv data
-	$(PY) bench/serve_throughput.py --workdir=$(WORKDIR)
+# The benches run from the repository root as modules (python -m bench.<name>), so that
+# `bench` and `grafit_tf` import without any sys.path edit.
 
-# The default's tables in BENCHMARKS.md: every method on seed 0 with raw pixels, then
-# every method over three seeds (seed 0 reused), then the pictures. Twelve runs, about
-# 4.5 hours on 2 cores, two side by side (grafit alone: 20-32 minutes, by the hour).
+# The default's tables in BENCHMARKS.md (quality, quality_seeds; bench/results/quality*.json
+# and the two quality_*.png pictures): every method on seed 0 with raw pixels, then every
+# method over three seeds (seed 0 reused). Twelve runs of 30-75 minutes on 2 CPU cores.
 bench-quality: venv data
-	$(PY) bench/quality.py --config=configs/fashion_mnist.cfg \
+	$(PY) -m bench.quality --config=configs/fashion_mnist.cfg \
 	  --methods=grafit,coarse_ce,instance,fine_ce
-	$(PY) bench/quality.py --config=configs/fashion_mnist.cfg \
+	$(PY) -m bench.quality --config=configs/fashion_mnist.cfg \
 	  --methods=grafit,coarse_ce,instance,fine_ce --seeds=3 --name=quality_seeds \
 	  --raw_pixels=false
-	$(PY) bench/plots.py --workdir=runs/quality --name=quality
+	$(PY) -m bench.plots --workdir=runs/quality --name=quality
 
-# The same tables for the fourth default config (two views, no gamma, weight decay 0.05;
-# configs/fashion_mnist_two_views.cfg), which most of BENCHMARKS.md was measured with.
-bench-two-views: venv data
-	$(PY) bench/quality.py --config=configs/fashion_mnist_two_views.cfg \
-	  --methods=grafit,coarse_ce,instance,fine_ce --workdir=runs/quality_two_views \
-	  --name=quality_two_views
-	$(PY) bench/quality.py --config=configs/fashion_mnist_two_views.cfg \
-	  --methods=grafit,coarse_ce,instance,fine_ce --seeds=3 --workdir=runs/quality_two_views \
-	  --name=quality_two_views_seeds --raw_pixels=false
-	$(PY) bench/plots.py --workdir=runs/quality_two_views --name=quality_two_views
-
-# The finished runs of bench-two-views (three seeds of every method; trains none), scored
-# with each --embedding_transform: none, center, whiten (about 10 minutes).
-bench-postprocess: venv data
-	$(PY) bench/postprocess.py --config=configs/fashion_mnist_two_views.cfg \
-	  --methods=grafit,coarse_ce,instance,fine_ce --seeds=3 --workdir=runs/quality_two_views
-
-# Which feature of bench-two-views' seed-0 grafit and coarse_ce runs to retrieve with:
-# each stage, hypercolumns, the EMA target trunk, flipping (trains none; about 15 minutes).
-bench-retrieval-features: venv data
-	$(PY) bench/retrieval_features.py --config=configs/fashion_mnist_two_views.cfg \
-	  --methods=grafit,coarse_ce \
-	  --features=trunk,target_trunk,trunk_flip,stage_0,stage_1,stages_1_2,stages_0_1_2 \
-	  --workdir=runs/quality_two_views
-
-# Fine kNN top-1 of each fine class for bench-two-views' seed-0 grafit and coarse_ce runs
-# and raw pixels (trains none; a few minutes).
-bench-per-class: venv data
-	$(PY) bench/per_class.py --config=configs/fashion_mnist_two_views.cfg \
-	  --methods=grafit,coarse_ce --workdir=runs/quality_two_views
-
-# The same bench on the second coarse grouping (2 classes; about 45 minutes).
+# The default config on the second coarse grouping (2 classes): grafit and coarse_ce on
+# seed 0 and raw pixels, table quality_coarse2 (about 45 minutes on 2 CPU cores).
 bench-coarse2: venv data
-	$(PY) bench/quality.py --config=configs/fashion_mnist_coarse2.cfg \
+	$(PY) -m bench.quality --config=configs/fashion_mnist_coarse2.cfg \
 	  --methods=grafit,coarse_ce --workdir=runs/quality_coarse2 --name=quality_coarse2
 
-# The same bench with three views and a random gamma (configs/fashion_mnist_views3_gamma.cfg):
-# every method on seed 0, then every method over three seeds (seed 0 is reused;
-# about 1.5 hours each on a fast 2-core machine, an estimate), then which of grafit's
-# layers retrieves best over those three seeds (trains none; about 10 minutes).
-bench-views3-gamma: venv data
-	$(PY) bench/quality.py --config=configs/fashion_mnist_views3_gamma.cfg \
-	  --methods=grafit,coarse_ce,instance,fine_ce --workdir=runs/quality_v3g --name=quality_v3g
-	$(PY) bench/quality.py --config=configs/fashion_mnist_views3_gamma.cfg \
-	  --methods=grafit,coarse_ce,instance,fine_ce --seeds=3 --workdir=runs/quality_v3g \
-	  --name=quality_v3g_seeds --raw_pixels=false
-	$(PY) bench/retrieval_features.py --config=configs/fashion_mnist_views3_gamma.cfg \
-	  --workdir=runs/quality_v3g --methods=grafit --seeds=3 \
-	  --features=trunk,knn_head,projector,predictor --name=retrieval_heads_v3g
+# The coarse classifier at weight decay 0.01 instead of the default's 0.2, over three
+# seeds: table quality_coarse_ce_wd001_seeds (three runs of 30-45 minutes on 2 CPU cores).
+bench-coarse-ce-wd: venv data
+	$(PY) -m bench.quality --config=configs/fashion_mnist.cfg --methods=coarse_ce \
+	  --override=--weight_decay=0.01 --seeds=3 --workdir=runs/quality_coarse_ce_wd001 \
+	  --name=quality_coarse_ce_wd001_seeds --raw_pixels=false
 
-# The 2-epoch ablations (about 5 minutes a row on idle cores), each pinning the default
-# it started from: the first default config (the path to the second); the second (crop
-# 0.8, InfoNCE, lambda 1: loss weight, temperatures, memory kind and size, instance
-# queue, views, retrieval layer); the third (lambda 0.5, queue memory: jitter, learning
-# rate, batch size, and the coarse classifier under the same settings); the fourth (two
-# views, batch 128, configs/fashion_mnist_two_views.cfg: temperatures, and two options
-# beyond the paper: same-coarse InfoNCE negatives and local crops).
-bench-ablation: venv data
-	$(PY) bench/ablation.py --config=configs/fashion_mnist_two_views.cfg --epochs=2 \
-	  --base=--crop_scale_min=0.35 --base=--instance_loss=byol --base=--lambda_inst=1.0 --base=--batch_size=256 --base=--memory=full \
-	  --variants=default,lambda_0,tau_0.1,instance_infonce,crop_1.0,crop_0.8,crop_0.8_tau_0.1,crop_0.8_infonce,grafit_maskcon
-	$(PY) bench/ablation.py --config=configs/fashion_mnist_two_views.cfg --epochs=2 \
-	  --base=--lambda_inst=1.0 --base=--batch_size=256 --base=--memory=full --workdir=runs/ablation_current \
-	  --name=ablation_current --variants=default,lambda_0.5,lambda_2,tau_0.1,instance_tau_0.2,instance_queue_4096,instance_queue_16384,memory_queue_8192,views_3,embedding_knn_head
-	$(PY) bench/ablation.py --config=configs/fashion_mnist_two_views.cfg --epochs=2 \
-	  --base=--batch_size=256 --workdir=runs/ablation_third --name=ablation_third --variants=default,jitter_0,jitter_0.6,jitter_0.8,learning_rate_4e-3,batch_128,coarse_ce,coarse_ce_jitter_0
-	$(PY) bench/ablation.py --config=configs/fashion_mnist_two_views.cfg --epochs=2 \
-	  --workdir=runs/ablation_fourth --name=ablation_fourth --variants=default,tau_0.03,instance_tau_0.05,negatives_same_coarse,local_crops_2
+# Timings, tables epoch_time (one epoch of coarse_ce and of grafit with 2 and 3 views) and
+# replicas (1 vs 2 logical-CPU replicas on 10,240 images): about 15 minutes; run it with
+# nothing else on the cores.
+bench-speed: venv data
+	$(PY) -m bench.epoch_time --config=configs/fashion_mnist.cfg \
+	  --runs=coarse_ce:1,grafit:2,grafit:3
+	$(PY) -m bench.replicas --config=configs/fashion_mnist.cfg --replicas=1,2
 
-# Full-length (10-epoch) runs of the instance-loss weight, the queue memory and batch 128
-# (20-27 minutes a row on idle cores; the first two rows are the grafit runs of
-# bench-quality for the second and third default configs, the last one bench-two-views'),
-# then of the two options beyond the paper around the fourth default (whose row is
-# bench-two-views' grafit run).
-bench-ablation-full: venv data
-	$(PY) bench/ablation.py --config=configs/fashion_mnist_two_views.cfg --epochs=10 \
-	  --base=--lambda_inst=1.0 --base=--batch_size=256 --base=--memory=full --workdir=runs/lambda_full --name=ablation_full \
-	  --variants=default,lambda_0.5,lambda_0.25,lambda_0.5_queue_8192,lambda_0.5_queue_8192_batch_128
-	$(PY) bench/ablation.py --config=configs/fashion_mnist_two_views.cfg --epochs=10 \
-	  --workdir=runs/full_fourth --name=ablation_full_fourth --variants=default,negatives_same_coarse,local_crops_2
+# Serving throughput of the finished run in $(WORKDIR) (make demo first): serve.py over
+# the 10,000 test PNGs and embedding-only onnxruntime vs Keras; writes
+# bench/results/serve.json (a few minutes).
+bench-serve: venv data
+	$(PY) -m bench.serve_throughput --workdir=$(WORKDIR) --data_dir=$(FASHION_MNIST)
 
 clean:
 	rm -rf runs

@@ -1,6 +1,8 @@
 """Pictures of a `bench/quality.py` run.
 
-    python bench/plots.py --workdir=runs/quality --name=quality
+    python -m bench.plots --workdir=runs/quality --name=quality
+
+(from the repository root, as a module: see bench/runs.py).
 
 - `bench/results/<name>_fine_top1_per_epoch.png`: fine kNN top-1 per evaluated
   epoch for every method (from each run's metrics.json history + final value).
@@ -10,7 +12,6 @@
 
 import json
 import os
-import sys
 
 import matplotlib
 
@@ -19,8 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from bench.runs import ROOT  # noqa: E402
 
 flags.DEFINE_string("workdir", "runs/quality", "Root of bench/quality.py's work directories.")
 flags.DEFINE_string("name", "quality", "Prefix of the PNG files under bench/results/.")

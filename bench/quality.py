@@ -1,6 +1,8 @@
 """Fine-grained quality of every method, trained side by side with one config.
 
-    python bench/quality.py --methods=grafit,coarse_ce,instance,fine_ce --seeds=1
+    python -m bench.quality --methods=grafit,coarse_ce,instance,fine_ce --seeds=1
+
+(from the repository root, as a module: see bench/runs.py).
 
 Each method runs `train.py --flagfile=CONFIG --method=M --seed=S` in its own
 process (same backbone, epochs, augmentation and seed), then the table of
@@ -8,19 +10,12 @@ process (same backbone, epochs, augmentation and seed), then the table of
 `bench/results/<name>.json` and, between markers, into `BENCHMARKS.md`.
 """
 
-import os
-import sys
-
 import numpy as np
 from absl import app, flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from bench import raw_pixels  # noqa: E402
-from bench.runs import over_seeds, quality_run, resolved_config, train_or_reuse  # noqa: E402
-from bench.sections import publish  # noqa: E402
-from grafit_tf import evaluation  # noqa: E402
+from bench import raw_pixels
+from bench.runs import over_seeds, publish, quality_run, resolved_config, train_or_reuse
+from grafit_tf import evaluation
 
 flags.DEFINE_string("config", "configs/fashion_mnist.cfg", "Flagfile shared by every method.")
 flags.DEFINE_list("methods", ["grafit", "coarse_ce", "instance", "fine_ce"], "Methods to train.")

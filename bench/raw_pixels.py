@@ -1,19 +1,24 @@
 """Cosine kNN on raw pixels: the floor every learned embedding must beat."""
 
-from grafit_tf import embedding_transform, evaluation
+import numpy as np
+
+from grafit_tf import evaluation
 from grafit_tf.data import sources
 
 
 def pixels(source):
     """Flattened, L2-normalised pixels of the training and test splits:
     `([N, H*W*C], [Q, H*W*C])` float32."""
-    return tuple(embedding_transform.normalise(split.images.reshape(len(split), -1))
-                 for split in (source.train, source.test))
+    out = []
+    for split in (source.train, source.test):
+        x = split.images.reshape(len(split), -1).astype(np.float32)
+        out.append(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
+    return tuple(out)
 
 
 def raw_pixel_metrics(config):
-    """The evaluation protocol on `pixels`, with the config's `--embedding_transform`
-    fitted on the training pixels, as the learned rows' map is on their embeddings.
+    """The evaluation protocol on `pixels`, as the learned rows are scored on their
+    L2-normalised embeddings.
 
     Args:
         config: a `Config`; only its data and evaluation settings are read.
@@ -22,8 +27,7 @@ def raw_pixel_metrics(config):
         The metrics dict of `evaluation.knn_metrics`.
     """
     source = sources.load(config)
-    train, test = embedding_transform.fit_apply(
-        *pixels(source), config.embedding_transform, config.whiten_shrinkage)
+    train, test = pixels(source)
     return evaluation.knn_metrics(
         train, source.train.fine, source.train.coarse,
         test, source.test.fine, source.test.coarse,

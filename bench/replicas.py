@@ -1,6 +1,8 @@
 """Training throughput with 1 replica vs N logical-CPU replicas (MirroredStrategy).
 
-    python bench/replicas.py --replicas=1,2
+    python -m bench.replicas --replicas=1,2
+
+(from the repository root, as a module: see bench/runs.py).
 
 Each setting runs `train.py` on the same subset and config in its own process
 and reads `train_images_per_second` from `metrics.json`. On a CPU the logical
@@ -17,10 +19,7 @@ import tempfile
 
 from absl import app, flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from bench.sections import publish  # noqa: E402
+from bench.runs import ROOT, publish
 
 flags.DEFINE_list("replicas", ["1", "2"], "Replica counts to compare.")
 flags.DEFINE_string("config", "configs/fashion_mnist.cfg", "Flagfile of the runs.")

@@ -1,4 +1,11 @@
-"""Trains one `train.py` run for a bench, or reuses a finished one of the same settings."""
+"""What the benches share: training one `train.py` run (or reusing a finished one of the
+same settings), the mean over seeds, and publishing a table (bench/results/<name>.json
+and a marked section of BENCHMARKS.md).
+
+The benches are modules of the `bench` package, run from the repository root as
+`python -m bench.<name> ...` (e.g. `python -m bench.quality`), so that `bench` and
+`grafit_tf` import without any `sys.path` edit.
+"""
 
 import json
 import os
@@ -7,9 +14,6 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from grafit_tf.config import Config  # noqa: E402
 
 
 def over_seeds(results, keys):
@@ -34,6 +38,8 @@ def over_seeds(results, keys):
 def resolved_config(args):
     """The `Config` that `train.py <args>` trains with, resolved by train.py itself
     (`--dry_run`: flagfiles, nested ones included, then overrides)."""
+    from grafit_tf.config import Config  # Here: publish's callers need no grafit_tf.
+
     out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args,
                           "--workdir=unused", "--dry_run"],
                          check=True, cwd=ROOT, capture_output=True, text=True).stdout
@@ -43,12 +49,8 @@ def resolved_config(args):
 def quality_run(flagfile, root, method, seed, overrides=()):
     """`(args, workdir)` of bench/quality.py's run of `method` with `seed`.
 
-    The one place that names a quality run: the benches that score finished
-    runs (postprocess, per_class, retrieval_features) check and find them with
-    the same flags and directory that bench/quality.py trained them with.
-
     Args:
-        flagfile: the shared config (`--config` of the benches).
+        flagfile: the shared config (`--config` of the bench).
         root: the root of the runs' work directories (`--workdir`).
         method, seed: the run.
         overrides: extra `train.py` flags of every run (`--override`), last, so they win.
@@ -58,19 +60,6 @@ def quality_run(flagfile, root, method, seed, overrides=()):
     """
     args = [f"--flagfile={flagfile}", f"--method={method}", f"--seed={seed}", *overrides]
     return args, os.path.join(root, f"{method}_seed{seed}")
-
-
-def finished_quality_run(flagfile, root, method, seed, overrides=()):
-    """The work directory of bench/quality.py's finished run (`quality_run`), checked
-    by `check_reusable` to have been trained with these settings: what the benches
-    that score finished runs read.
-
-    Raises:
-        SystemExit: no finished run there, or one trained with other settings.
-    """
-    args, workdir = quality_run(flagfile, root, method, seed, overrides)
-    check_reusable(args, workdir)
-    return workdir
 
 
 def check_reusable(args, workdir):
@@ -120,3 +109,64 @@ def train_or_reuse(args, workdir, reuse=True):
         subprocess.run(cmd, check=True, cwd=ROOT)
     with open(metrics_path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def update_section(path, name, body):
+    """Replaces the text between `<!-- name:begin -->` and `<!-- name:end -->` of the
+    Markdown file `path`, leaving the rest as it is.
+
+    Appends the section when the markers are absent.
+    """
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = open(path, encoding="utf-8").read() if os.path.isfile(path) else "# Benchmarks\n"
+    block = f"{begin}\n{body}{end}"
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + f"\n\n{block}\n"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def invocation(argv=None):
+    """The command line that ran this bench, as a reader would retype it from the
+    repository root.
+
+    Args:
+        argv: the script path and its arguments; `sys.argv` when None (under
+            `python -m bench.quality`, `sys.argv[0]` is the module's file path).
+
+    Returns:
+        `python -m <module> <shell-quoted arguments>` for a file in the repository
+        (`bench/quality.py` -> `bench.quality`), else `python <path> <arguments>`.
+    """
+    argv = sys.argv if argv is None else argv
+    script = os.path.relpath(os.path.abspath(argv[0]), ROOT)
+    if script.endswith(".py") and not script.startswith(os.pardir):
+        program = ["-m", script[:-len(".py")].replace(os.sep, ".")]
+    else:
+        program = [script]
+    return " ".join(["python", *program, *(shlex.quote(a) for a in argv[1:])])
+
+
+def publish(name, rows, body, update=True, extra=None, command=None):
+    """A bench's result: `body` + command / date / machine footer, printed, saved as
+    `bench/results/<name>.json` (command, date, the `extra` dict's keys and rows) and, if
+    `update`, written into BENCHMARKS.md's `name` section. Returns the section text.
+
+    `command`: the command line to credit; this process's own (`invocation()`) when None.
+    """
+    import datetime
+    import platform
+
+    command = invocation() if command is None else command
+    section = (f"{body}\n\nCommand: `{command}`  \nDate: {datetime.date.today().isoformat()}. "
+               f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), no GPU.\n")
+    print(section)
+    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
+    with open(os.path.join(ROOT, "bench", "results", f"{name}.json"), "w") as f:
+        json.dump({"command": command, "date": datetime.date.today().isoformat(),
+                   **(extra or {}), "rows": rows}, f, indent=2)
+    if update:
+        update_section(os.path.join(ROOT, "BENCHMARKS.md"), name, section)
+    return section

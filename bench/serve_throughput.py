@@ -1,6 +1,8 @@
 """Serving throughput: serve.py on the Fashion-MNIST test PNGs, and onnxruntime vs Keras.
 
-    python bench/serve_throughput.py --workdir=/tmp/serve_bench_run
+    python -m bench.serve_throughput --workdir=/tmp/serve_bench_run
+
+(from the repository root, as a module: see bench/runs.py).
 
 Measures, on the exported model of a finished training run (exported first if
 `W/export/embedder.onnx` is missing):
@@ -31,10 +33,8 @@ import time
 
 from absl import app, flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from bench.sections import invocation  # noqa: E402
+from bench.runs import ROOT as REPO
+from bench.runs import invocation
 
 flags.DEFINE_string("workdir", None, "Finished training run (embedder.keras, config.json; "
                     "export/embedder.onnx is written when missing).")

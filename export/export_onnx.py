@@ -1,6 +1,6 @@
 """Exports a trained embedder to a SavedModel and to ONNX, and checks parity.
 
-    python export/export_onnx.py --workdir=runs/grafit
+    python export/export_onnx.py --workdir=runs/grafit [--embedding_transform=whiten]
 
 Writes `W/export/saved_model/`, `W/export/embedder.onnx` and
 `W/export/parity.json` (see `grafit_tf.export`). Exits non-zero with one line
@@ -12,9 +12,6 @@ import sys
 
 from absl import app, flags, logging
 
-# Run as a script from anywhere: the package sits in the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 flags.DEFINE_string("workdir", None, "Work directory of a finished training run "
                     "(holds embedder.keras and config.json); the exports go to WORKDIR/export/.")
 flags.DEFINE_integer("parity_images", 256, "Training images of the parity check (at least 64).")
@@ -23,6 +20,13 @@ flags.DEFINE_float("tolerance", 1e-4, "Largest accepted max |difference| between
 flags.DEFINE_string("data_dir", "", "Training data folder for the parity images when it moved "
                     "since training (default: data_dir of config.json).")
 flags.DEFINE_integer("opset", 17, "ONNX opset of the conversion.")
+flags.DEFINE_string("embedding_transform", "none",
+                    "Fixed map the exported embedder ends in, fitted on the training images' "
+                    "embeddings (no labels): none (as in the paper), center (subtract their "
+                    "mean) or whiten (PCA whitening); the result is L2-normalised again.")
+flags.DEFINE_float("whiten_shrinkage", 0.1, "--embedding_transform=whiten: added to each "
+                   "eigenvalue, as a fraction of their mean, so the smallest directions are "
+                   "not blown up.")
 flags.mark_flag_as_required("workdir")
 
 
@@ -43,7 +47,8 @@ def main(argv):
     try:
         report = export.export(FLAGS.workdir, num_parity_images=FLAGS.parity_images,
                                tolerance=FLAGS.tolerance, data_dir=FLAGS.data_dir or None,
-                               opset=FLAGS.opset)
+                               opset=FLAGS.opset, transform=FLAGS.embedding_transform,
+                               whiten_shrinkage=FLAGS.whiten_shrinkage)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,8 +13,6 @@ import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 flags.DEFINE_string("data_dir", "/usr/share/datasets/fashion-mnist",
                     "Folder of the Fashion-MNIST IDX .gz files.")
 flags.DEFINE_enum("split", "test", ["train", "test"], "Which split to write.")

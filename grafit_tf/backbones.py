@@ -118,13 +118,7 @@ def _regnety8gf_body(input_shape):
 
 
 def build(config, input_shape, mean, std, use_bn=True, sync_bn=False):
-    """The trunk named by `config.backbone`.
-
-    With local crops (`--local_crops`, small_resnet and resnet18 only) the trunk
-    takes images of any height and width: global views and smaller local crops.
-    """
-    if config.num_local_views:
-        input_shape = (None, None, input_shape[-1])
+    """The trunk named by `config.backbone`: images `input_shape` -> `[N, F]`."""
     if config.backbone == "small_resnet":
         return small_resnet(input_shape, mean, std, config.width, use_bn=use_bn, sync_bn=sync_bn)
     if config.backbone == "resnet18":

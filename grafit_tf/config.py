@@ -1,145 +1,168 @@
 """The frozen training configuration.
 
-Flags live in the entry points (`train.py`); the library only ever sees a
-`Config`. `Config.validate()` checks everything that can be checked before any
-data is read, and raises `UserError` with one line saying what to change.
+Flags live in the entry points (`train.py` defines one per field, with the
+field's help text and default); the library only ever sees a `Config`.
+`Config.validate()` checks everything that can be checked before training
+starts, and raises `UserError` with one line saying what to change.
 """
 
 import dataclasses
 import json
+import math
 
-from grafit_tf.embedding_transform import TRANSFORMS as EMBEDDING_TRANSFORMS
 from grafit_tf.errors import UserError
 
 METHODS = ("grafit", "coarse_ce", "instance", "fine_ce", "grafit_maskcon", "finetune")
-INSTANCE_LOSSES = ("byol", "infonce")
-INSTANCE_NEGATIVES = ("all", "same_coarse")
-INSTANCE_TARGETS = ("own", "coarse_soft")
-INSTANCE_POSITIVES = ("own", "coarse_nn")
-EMA_SCHEDULES = ("cosine", "constant")
-NCA_KEYS = ("online", "target")
 DATASETS = ("fashion_mnist", "image_folder",
-            # TensorFlow Datasets (issue 6): coarse-to-fine, then fine labels only (transfer).
+            # TensorFlow Datasets: coarse-to-fine, then fine labels only (transfer).
             "cifar100", "stanford_online_products", "i_naturalist2018", "cars196",
             "food101", "oxford_flowers102", "caltech_birds2011")
-EVAL_PROTOCOLS = ("default", "maskcon")
-BACKBONES = ("small_resnet", "resnet18", "resnet50", "regnety8gf")
-OPTIMIZERS = ("adamw", "sgd")
-MEMORIES = ("full", "queue")
-EMBEDDINGS = ("trunk", "knn_head")
-DISTRIBUTE = ("auto", "none", "mirrored", "multi_worker")
-PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
-AUGMENTS = ("auto", "grayscale_small", "rgb")
-# Random erasing's smallest box, as a fraction of the image (Zhong et al.'s); the
-# largest is --erase_scale_max.
-ERASE_SCALE_MIN = 0.02
-
 
 # Settings that do not change what a run learns or how it is scored: a work
 # directory may be resumed, or its results reused, with other values of these.
 OPERATIONAL = ("verbose", "checkpoint_every", "eval_every", "worker_timeout", "data_dir",
-               "tfds_data_dir", "download")
+               "tfds_data_dir")
+
+
+def setting(default, help, choices=None, low=None, high=None, above=None, below=None):
+    """A `Config` field with its help text and the values it accepts.
+
+    Args:
+        default: the default value.
+        help: the flag's help text.
+        choices: the allowed values of a string setting.
+        low, high: inclusive bounds of a number; above, below: exclusive ones.
+    """
+    return dataclasses.field(default=default, metadata=dict(
+        help=help, choices=choices, low=low, high=high, above=above, below=below))
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything that defines one training run. See `train.py` for help texts."""
+    """Everything that defines one training run."""
 
-    # Data.
-    dataset: str = "fashion_mnist"
-    data_dir: str = "/usr/share/datasets/fashion-mnist"
-    coarse_map: str = ""
-    max_train_examples: int = 0
-    max_eval_examples: int = 0
-    image_size: int = 0
-    augment: str = "auto"
-    crop_scale_min: float = 0.35
-    jitter_strength: float = 0.4
-    gamma_jitter: float = 0.0
-    erase_prob: float = 0.0
-    erase_scale_max: float = 0.33
-    num_views: int = 2
-    local_crops: int = 0
-    local_crop_size: int = 14
-    local_crop_scale_min: float = 0.25
-    local_crop_scale_max: float = 0.5
+    # --- Data ---------------------------------------------------------------
+    dataset: str = setting(
+        "fashion_mnist", "Dataset: fashion_mnist (IDX files), image_folder "
+        "(root/{train,test}/...), or a prepared TFDS one: cifar100, stanford_online_products, "
+        "i_naturalist2018, cars196, food101, oxford_flowers102, caltech_birds2011.",
+        choices=DATASETS)
+    data_dir: str = setting("/usr/share/datasets/fashion-mnist",
+                            "Folder of the dataset (IDX .gz files, or the image_folder root).")
+    coarse_map: str = setting("", "JSON file fine name -> coarse name replacing the "
+                                  "dataset's coarse labels.")
+    max_train_examples: int = setting(0, "Use only the first N training images (0: all).",
+                                      low=0)
+    max_eval_examples: int = setting(0, "Evaluate on only the first N test images (0: all).",
+                                     low=0)
+    image_size: int = setting(0, "Side of the model input for image_folder and TFDS data "
+                                 "(0: 224; CIFAR: 32).", low=0, high=4096)
+    tfds_data_dir: str = setting("", "TensorFlow Datasets folder (empty: $TFDS_DATA_DIR or "
+                                     "~/tensorflow_datasets). Nothing is downloaded.")
+    shuffle_buffer: int = setting(10000, "Shuffle buffer (images) of streamed TFDS datasets, "
+                                         "which lack random access; bigger mixes better and "
+                                         "holds more encoded images in RAM.", low=1)
 
-    # Model.
-    method: str = "grafit"
-    backbone: str = "small_resnet"
-    width: int = 32
-    weights: str = ""
-    knn_dim: int = 128
-    proj_hidden: int = 512
-    head_layers: int = 1
-    proj_dim: int = 128
-    embedding: str = "trunk"
-    embedding_transform: str = "none"
-    whiten_shrinkage: float = 0.1
+    # --- Augmentation (the recipe follows the images: grayscale_small for 1-channel
+    # images of at most 64 px, else rgb) -------------------------------------
+    crop_scale_min: float = setting(0.35, "Smallest area fraction kept by the random resized "
+                                          "crop.", above=0.0, high=1.0)
+    jitter_strength: float = setting(0.4, "Strength of the brightness / contrast (RGB: and "
+                                          "saturation) jitter applied with probability 0.8 "
+                                          "(0: none).", low=0.0, high=1.0)
+    gamma_jitter: float = setting(0.0, "Random gamma after the jitter, with probability 0.8: "
+                                       "pixels x (0..255) become 255 * (x / 255) ** g, log g "
+                                       "uniform in [-S, S] (0: off; not in the Grafit paper).",
+                                  low=0.0, high=2.0)
+    rand_augment: bool = setting(False, "Add core Keras RandAugment (2 ops, factor 0.5) to the "
+                                        "rgb recipe, as the paper's recipe for full-size "
+                                        "images does.")
+    num_views: int = setting(2, "Augmented views per image per step (>= 2, except for the "
+                                "cross-entropy methods).", low=1, high=16)
 
-    # Losses.
-    tau: float = 0.05
-    memory: str = "full"
-    memory_momentum: float = 0.5
-    nca_keys: str = "online"
-    queue_size: int = 8192
-    lambda_inst: float = 1.0
-    instance_loss: str = "byol"
-    instance_tau: float = 0.1
-    instance_decoupled: bool = False
-    instance_queue: int = 0
-    instance_negatives: str = "all"
-    instance_targets: str = "own"
-    instance_positives: str = "own"
-    support_size: int = 8192
-    nn_start_epochs: float = 0.0
-    soft_target_weight: float = 0.5
-    soft_target_tau: float = 0.05
-    maskcon_weight: float = 0.5
-    koleo_weight: float = 0.0
-    prototypes_per_coarse: int = 0
-    prototype_weight: float = 0.5
-    prototype_tau: float = 0.1
-    sinkhorn_epsilon: float = 0.05
-    aug_pred_weight: float = 0.0
-    subclusters_per_coarse: int = 0
-    subcluster_weight: float = 0.5
-    subcluster_tau: float = 0.1
-    subcluster_start_epochs: int = 2
-    ema_decay: float = 0.99
-    ema_schedule: str = "cosine"
-    label_smoothing: float = 0.0
+    # --- Model ----------------------------------------------------------------
+    method: str = setting("grafit", "grafit, or a baseline: coarse_ce, instance, fine_ce "
+                                    "(oracle), grafit_maskcon (MaskCon's MoCo-style reading "
+                                    "of Grafit); finetune: transfer, cross-entropy on fine "
+                                    "labels (see --init_from).", choices=METHODS)
+    backbone: str = setting("small_resnet", "Trunk: small_resnet or resnet18 (3x3 stem, for "
+                                            "<= 64 px), resnet50 or regnety8gf.",
+                            choices=("small_resnet", "resnet18", "resnet50", "regnety8gf"))
+    width: int = setting(32, "Stem width of small_resnet (stages double it).", low=1, high=1024)
+    weights: str = setting("", "Local .weights.h5 to initialise a resnet50 / regnety8gf trunk.")
+    init_from: str = setting("", "Start the trunk from a Grafit work directory (its "
+                                 "embedder.keras, else its latest checkpoint); same --backbone "
+                                 "and --width.")
+    knn_dim: int = setting(128, "Width of the kNN-loss embedding head.", low=1, high=65536)
+    proj_hidden: int = setting(512, "Hidden width of the heads (kNN head, projector, "
+                                    "predictor).", low=1, high=65536)
+    proj_dim: int = setting(128, "Output width of the projector and predictor.", low=1,
+                            high=65536)
 
-    # Optimisation.
-    epochs: int = 10
-    batch_size: int = 256
-    optimizer: str = "adamw"
-    learning_rate: float = 2e-3
-    weight_decay: float = 0.05
-    momentum: float = 0.9
-    warmup_epochs: float = 1.0
-    seed: int = 0
+    # --- Losses ---------------------------------------------------------------
+    tau: float = setting(0.05, "Temperature of the kNN (NCA) loss.", above=0.0, high=10.0)
+    memory: str = setting("full", "Memory of the kNN loss: full (a slot per image) or queue "
+                                  "(FIFO).", choices=("full", "queue"))
+    memory_momentum: float = setting(0.5, "mu in m_i <- normalise(mu m_i + (1 - mu) z_i) "
+                                          "(full memory).", low=0.0, below=1.0)
+    queue_size: int = setting(8192, "Length of the FIFO queue (--memory=queue, "
+                                    "grafit_maskcon).", low=1)
+    lambda_inst: float = setting(1.0, "Weight of the instance loss in grafit.", low=0.0,
+                                 high=100.0)
+    instance_loss: str = setting("byol", "Instance loss: byol (predictor + EMA target) or "
+                                         "infonce (in-batch negatives against the EMA "
+                                         "target's keys).", choices=("byol", "infonce"))
+    instance_tau: float = setting(0.1, "Temperature of --instance_loss=infonce and of "
+                                       "grafit_maskcon.", above=0.0, high=10.0)
+    ema_decay: float = setting(0.99, "Base EMA decay of the target network (raised to 1 by a "
+                                     "cosine schedule, as BYOL; constant for grafit_maskcon).",
+                               low=0.0, high=1.0)
+    label_smoothing: float = setting(0.0, "Label smoothing of the cross-entropy methods.",
+                                     low=0.0, below=1.0)
 
-    # Runtime.
-    distribute: str = "auto"
-    cpu_replicas: int = 0
-    sync_batch_norm: bool = True
-    mixed_precision: str = "none"
-    worker_timeout: float = 120.0
-    jit_compile: bool = False
-    checkpoint_every: int = 0
-    eval_every: int = 0
-    eval_k: int = 20
-    eval_temperature: float = 0.07
-    verbose: int = 1
+    # --- Optimisation ---------------------------------------------------------
+    epochs: int = setting(10, "Training epochs.", low=1, high=100000)
+    batch_size: int = setting(256, "Global batch size (split over replicas).", low=2)
+    optimizer: str = setting("adamw", "adamw, or sgd (momentum 0.9, nesterov).",
+                             choices=("adamw", "sgd"))
+    learning_rate: float = setting(2e-3, "Peak learning rate, after warm-up; cosine decay "
+                                         "to 0.", above=0.0, high=100.0)
+    weight_decay: float = setting(0.05, "Decoupled weight decay (not on biases and norms).",
+                                  low=0.0, high=100.0)
+    warmup_epochs: float = setting(1.0, "Linear warm-up length in epochs (at most --epochs).",
+                                   low=0.0)
+    seed: int = setting(0, "Seed of initialisation, data order and augmentation.", low=0,
+                        high=2**31 - 1)
 
-    # Datasets and transfer (issue 6).
-    tfds_data_dir: str = ""
-    download: bool = False
-    shuffle_buffer: int = 10000
-    rand_augment: bool = False
-    init_from: str = ""
-    eval_protocol: str = "default"
+    # --- Runtime --------------------------------------------------------------
+    distribute: str = setting("auto", "auto (MirroredStrategy if > 1 GPU), none, mirrored, or "
+                                      "multi_worker (MultiWorkerMirroredStrategy configured by "
+                                      "TF_CONFIG).",
+                              choices=("auto", "none", "mirrored", "multi_worker"))
+    cpu_replicas: int = setting(0, "Split the CPU into N logical devices (replicas for "
+                                   "--distribute=mirrored; 0: no split).", low=0, high=64)
+    mixed_precision: str = setting("none", "none, mixed_float16 or mixed_bfloat16 (losses and "
+                                           "memory stay float32).",
+                                   choices=("none", "mixed_float16", "mixed_bfloat16"))
+    worker_timeout: float = setting(120.0, "Seconds to wait for every TF_CONFIG worker "
+                                           "address to answer.", above=0.0)
+    jit_compile: bool = setting(False, "XLA-compile the train step (explicit; never Keras's "
+                                       "'auto').")
+    checkpoint_every: int = setting(0, "Also checkpoint every N steps (0: only at epoch ends).",
+                                    low=0)
+    verbose: int = setting(1, "Keras progress: 0 silent, 1 progress bar, 2 one line per epoch.",
+                           low=0, high=2)
+
+    # --- Evaluation -----------------------------------------------------------
+    eval_every: int = setting(0, "Evaluate every N epochs during training (0: only at the "
+                                 "end).", low=0)
+    eval_k: int = setting(20, "Neighbours in the weighted kNN vote.", low=1, high=10000)
+    eval_temperature: float = setting(0.07, "Temperature of the weighted kNN vote.", above=0.0,
+                                      high=10.0)
+    eval_protocol: str = setting("default", "default (see README), or maskcon: Recall@K "
+                                            "test-vs-test on resized whole test images (no "
+                                            "centre crop), as MaskCon reports it.",
+                                 choices=("default", "maskcon"))
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -172,22 +195,6 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     @property
-    def uses_memory(self):
-        return self.method in ("grafit", "grafit_maskcon")
-
-    @property
-    def num_local_views(self):
-        """Local crops per image this run trains on: only an instance loss reads them."""
-        instance = self.method == "instance" or (self.method == "grafit" and self.lambda_inst > 0)
-        return self.local_crops if instance else 0
-
-    @property
-    def uses_aug_prediction(self):
-        """The AugSelf term is on (`--aug_pred_weight`); the pipeline then reports each
-        view's draws."""
-        return self.aug_pred_weight > 0
-
-    @property
     def label_level(self):
         """Which labels the method trains on: 'coarse', 'fine' or None."""
         if self.method in ("fine_ce", "finetune"):
@@ -196,172 +203,64 @@ class Config:
             return None
         return "coarse"
 
-    def validate(self):
-        """Raises `UserError` on the first inconsistent setting."""
-        _one_of("dataset", self.dataset, DATASETS)
-        _one_of("method", self.method, METHODS)
-        _one_of("backbone", self.backbone, BACKBONES)
-        _one_of("optimizer", self.optimizer, OPTIMIZERS)
-        _one_of("memory", self.memory, MEMORIES)
-        _one_of("embedding", self.embedding, EMBEDDINGS)
-        _one_of("embedding_transform", self.embedding_transform, EMBEDDING_TRANSFORMS)
-        if self.whiten_shrinkage < 0:
-            raise UserError(f"--whiten_shrinkage={self.whiten_shrinkage}: must be >= 0.")
-        _one_of("distribute", self.distribute, DISTRIBUTE)
-        _one_of("augment", self.augment, AUGMENTS)
-        _one_of("mixed_precision", self.mixed_precision, PRECISIONS)
-        _one_of("instance_loss", self.instance_loss, INSTANCE_LOSSES)
-        if self.epochs < 1:
-            raise UserError(f"--epochs={self.epochs}: train for at least 1 epoch.")
-        if self.head_layers < 1:
-            raise UserError(f"--head_layers={self.head_layers}: the heads need at least 1 "
-                            "hidden layer.")
-        if self.batch_size < 2:
-            raise UserError(f"--batch_size={self.batch_size}: use at least 2.")
+    def validate(self, source=None, replicas=1):
+        """Raises `UserError` on the first setting that cannot work.
+
+        Args:
+            source: the loaded dataset (a `types.Source`; None: not loaded yet,
+                and the checks that need it are skipped).
+            replicas: replicas of the strategy the run trains under.
+        """
+        for field in dataclasses.fields(self):
+            _check_field(field, getattr(self, field.name))
         single_view_ok = self.method in ("coarse_ce", "fine_ce", "finetune")
-        if self.num_views < 1 or (self.num_views < 2 and not single_view_ok):
+        if self.num_views < 2 and not single_view_ok:
             raise UserError(
                 f"--num_views={self.num_views}: --method={self.method} needs at least 2 views "
-                "(only the cross-entropy methods coarse_ce, fine_ce and finetune train on 1)."
-            )
-        if not 0.0 < self.tau <= 10.0:
-            raise UserError(f"--tau={self.tau}: the temperature must be in (0, 10].")
-        if not 0.0 <= self.memory_momentum < 1.0:
-            raise UserError(
-                f"--memory_momentum={self.memory_momentum}: must be in [0, 1)."
-            )
-        if not 0.0 <= self.ema_decay <= 1.0:
-            raise UserError(f"--ema_decay={self.ema_decay}: must be in [0, 1].")
-        _one_of("ema_schedule", self.ema_schedule, EMA_SCHEDULES)
-        _one_of("nca_keys", self.nca_keys, NCA_KEYS)
-        if self.method == "grafit" and self.nca_keys == "target" and self.lambda_inst <= 0:
-            # The keys come from the instance branch's EMA target trunk.
-            raise UserError("--nca_keys=target writes the EMA target network's embeddings "
-                            "into the kNN-loss memory: it needs the instance branch's "
-                            "target, --lambda_inst > 0.")
+                "(only the cross-entropy methods coarse_ce, fine_ce and finetune train on 1).")
         uses_queue = self.memory == "queue" or self.method == "grafit_maskcon"
         if uses_queue and self.queue_size < self.batch_size:
             raise UserError(
                 f"--queue_size={self.queue_size} is smaller than one global batch "
-                f"(--batch_size={self.batch_size}): use --queue_size >= --batch_size."
-            )
-        if not 0.0 <= self.jitter_strength <= 1.0:
-            raise UserError(f"--jitter_strength={self.jitter_strength}: must be in [0, 1].")
-        if not 0.0 <= self.gamma_jitter <= 2.0:
-            raise UserError(f"--gamma_jitter={self.gamma_jitter}: must be in [0, 2] (the "
-                            "half-width of the range of log gamma).")
-        if not 0.0 <= self.erase_prob <= 1.0:
-            raise UserError(f"--erase_prob={self.erase_prob}: must be in [0, 1].")
-        if not ERASE_SCALE_MIN <= self.erase_scale_max <= 1.0:
-            raise UserError(f"--erase_scale_max={self.erase_scale_max}: must be in "
-                            f"[{ERASE_SCALE_MIN}, 1] (the smallest box erased).")
-        if self.instance_queue < 0:
-            raise UserError(f"--instance_queue={self.instance_queue}: use 0 (in-batch "
-                            "negatives only) or a positive queue length.")
-        if self.instance_queue and self.instance_loss != "infonce":
-            raise UserError("--instance_queue adds negatives to the InfoNCE instance loss: "
-                            "use it with --instance_loss=infonce.")
-        _one_of("instance_negatives", self.instance_negatives, INSTANCE_NEGATIVES)
-        # Only grafit reads it (the self-supervised `instance` never sees a label).
-        if self.method == "grafit" and self.instance_negatives == "same_coarse" and (
-                self.instance_loss != "infonce" or self.instance_queue):
-            raise UserError(
-                "--instance_negatives=same_coarse restricts the in-batch negatives of "
-                "--instance_loss=infonce: use it with infonce and no --instance_queue.")
-        _one_of("instance_targets", self.instance_targets, INSTANCE_TARGETS)
-        if self.method == "grafit" and self.instance_targets == "coarse_soft" and (
-                self.instance_loss != "infonce"):
-            raise UserError("--instance_targets=coarse_soft spreads the target of "
-                            "--instance_loss=infonce: use it with infonce.")
-        if self.instance_decoupled and self.instance_loss != "infonce":
-            raise UserError("--instance_decoupled changes the denominator of "
-                            "--instance_loss=infonce: use it with infonce.")
-        if self.method == "grafit" and self.instance_decoupled and (
-                self.instance_targets != "own"):
-            raise UserError("--instance_decoupled takes the own key as the only positive: "
-                            "use it with --instance_targets=own.")
-        _one_of("instance_positives", self.instance_positives, INSTANCE_POSITIVES)
-        if self.method == "grafit" and self.instance_positives == "coarse_nn" and (
-                self.instance_loss != "infonce" or self.instance_targets != "own"):
-            raise UserError("--instance_positives=coarse_nn replaces the keys of "
-                            "--instance_loss=infonce: use it with infonce and "
-                            "--instance_targets=own.")
-        if not 0.0 <= self.nn_start_epochs < self.epochs:
-            raise UserError(f"--nn_start_epochs={self.nn_start_epochs}: must be in "
-                            f"[0, --epochs={self.epochs}).")
-        if self.instance_positives == "coarse_nn" and self.support_size < self.batch_size:
-            raise UserError(f"--support_size={self.support_size} is smaller than one global "
-                            f"batch (--batch_size={self.batch_size}).")
-        if not 0.0 <= self.soft_target_weight <= 1.0 or self.soft_target_tau <= 0.0:
-            raise UserError(f"--soft_target_weight={self.soft_target_weight}, "
-                            f"--soft_target_tau={self.soft_target_tau}: need a weight in "
-                            "[0, 1] and a positive temperature.")
-        if self.koleo_weight < 0:
-            raise UserError(f"--koleo_weight={self.koleo_weight}: must be >= 0 (0: off).")
-        if self.prototypes_per_coarse < 0:
-            raise UserError(f"--prototypes_per_coarse={self.prototypes_per_coarse}: must be "
-                            ">= 0 (0: off).")
-        if self.prototypes_per_coarse and (self.method != "grafit" or self.lambda_inst <= 0):
-            # The codes need coarse labels and the instance branch's target network.
-            raise UserError("--prototypes_per_coarse works on grafit's instance branch: use "
-                            "it with --method=grafit and --lambda_inst > 0.")
-        if self.prototype_weight < 0 or self.prototype_tau <= 0 or self.sinkhorn_epsilon <= 0:
-            raise UserError(f"--prototype_weight={self.prototype_weight}, --prototype_tau="
-                            f"{self.prototype_tau}, --sinkhorn_epsilon={self.sinkhorn_epsilon}: "
-                            "need a weight >= 0 and positive temperatures.")
-        if self.aug_pred_weight < 0:
-            raise UserError(f"--aug_pred_weight={self.aug_pred_weight}: must be >= 0 (0: off).")
-        if self.aug_pred_weight and self.method not in ("grafit", "instance"):
-            # It needs two views of each image, which only the instance-loss methods have.
-            raise UserError("--aug_pred_weight compares two views of an image: use it with "
-                            "--method=grafit or instance.")
-        if self.subclusters_per_coarse < 0:
-            raise UserError(f"--subclusters_per_coarse={self.subclusters_per_coarse}: must be "
-                            ">= 0 (0: off).")
-        if self.subclusters_per_coarse and self.method != "grafit":
-            raise UserError("--subclusters_per_coarse splits grafit's coarse classes: use it "
-                            "with --method=grafit.")
-        if self.subcluster_weight < 0 or self.subcluster_tau <= 0:
-            raise UserError(f"--subcluster_weight={self.subcluster_weight}, --subcluster_tau="
-                            f"{self.subcluster_tau}: need a weight >= 0 and a positive "
-                            "temperature.")
-        if self.subclusters_per_coarse and not 1 <= self.subcluster_start_epochs < self.epochs:
-            raise UserError(f"--subcluster_start_epochs={self.subcluster_start_epochs}: must "
-                            f"be in [1, --epochs={self.epochs}) (the first clustering ends "
-                            "that epoch).")
-        if 0 < self.instance_queue < self.num_views * self.batch_size:
-            raise UserError(
-                f"--instance_queue={self.instance_queue} is shorter than one step's keys "
-                f"(--num_views * --batch_size = {self.num_views * self.batch_size}).")
-        if self.local_crops < 0 or self.local_crop_size < 4:
-            raise UserError(f"--local_crops={self.local_crops}, --local_crop_size="
-                            f"{self.local_crop_size}: use >= 0 crops of >= 4 pixels.")
-        if not 0.0 < self.local_crop_scale_min <= self.local_crop_scale_max <= 1.0:
-            raise UserError("--local_crop_scale_min / _max: need 0 < min <= max <= 1.")
-        if self.local_crops and self.backbone not in ("small_resnet", "resnet18"):
-            raise UserError("--local_crops needs a trunk that takes any image size: "
-                            "--backbone=small_resnet or resnet18.")
-        if self.max_train_examples < 0 or self.max_eval_examples < 0:
-            raise UserError("--max_train_examples and --max_eval_examples must be >= 0.")
-        if self.embedding == "knn_head" and self.method != "grafit":
-            raise UserError(
-                "--embedding=knn_head exists only for --method=grafit; use --embedding=trunk."
-            )
-        # Datasets and transfer (issue 6).
-        _one_of("eval_protocol", self.eval_protocol, EVAL_PROTOCOLS)
-        if self.shuffle_buffer < 1:
-            raise UserError(f"--shuffle_buffer={self.shuffle_buffer}: use at least 1.")
-        if self.image_size < 0:
-            raise UserError(f"--image_size={self.image_size}: use 0 (the dataset's) or > 0.")
+                f"(--batch_size={self.batch_size}): use --queue_size >= --batch_size.")
+        if self.warmup_epochs > self.epochs:
+            raise UserError(f"--warmup_epochs={self.warmup_epochs} is longer than the training "
+                            f"(--epochs={self.epochs}): use at most --epochs.")
         if self.init_from and self.weights:
             raise UserError("--init_from and --weights both initialise the trunk; give one.")
         if self.weights and self.backbone in ("small_resnet", "resnet18"):
             raise UserError(f"--weights is for resnet50 / regnety8gf; --backbone={self.backbone} "
                             "trains from scratch (use --init_from=W to start from a run).")
+        if self.batch_size % replicas:
+            raise UserError(
+                f"--batch_size={self.batch_size} does not divide by the {replicas} replicas; "
+                f"use a multiple of {replicas}.")
+        if source is None:
+            return
+        if len(source.train) < self.batch_size:
+            raise UserError(
+                f"the training split holds {len(source.train)} images, fewer than one batch "
+                f"(--batch_size={self.batch_size}); lower --batch_size or raise "
+                "--max_train_examples.")
+        if self.rand_augment and source.image_shape[-1] != 3:
+            raise UserError("--rand_augment needs RGB images; drop it for grayscale data.")
 
 
-def _one_of(name, value, allowed):
-    if value not in allowed:
-        raise UserError(
-            f"--{name}={value!r} is not known; choose one of: {', '.join(allowed)}."
-        )
+def _check_field(field, value):
+    """One field against its `setting` metadata: its choices, or its range."""
+    meta = field.metadata
+    if meta.get("choices") is not None:
+        if value not in meta["choices"]:
+            raise UserError(f"--{field.name}={value!r} is not known; choose one of: "
+                            f"{', '.join(meta['choices'])}.")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    low, high, above, below = (meta.get(k) for k in ("low", "high", "above", "below"))
+    ok = math.isfinite(value)  # NaN fails every comparison below too.
+    ok = ok and (low is None or value >= low) and (high is None or value <= high)
+    ok = ok and (above is None or value > above) and (below is None or value < below)
+    if not ok:
+        lo = f"[{low}" if low is not None else f"({above}" if above is not None else "(-inf"
+        hi = f"{high}]" if high is not None else f"{below})" if below is not None else "inf)"
+        raise UserError(f"--{field.name}={value}: must be in {lo}, {hi}.")

@@ -1,6 +1,7 @@
 """Post-training transform of the retrieval embedding (NumPy only; not in the paper).
 
-`--embedding_transform` adds a fixed affine map between the L2-normalised
+The export's `--embedding_transform` (`export/export_onnx.py`; any method's run)
+adds a fixed affine map between the L2-normalised
 embedding and a second L2 normalisation:
 
     e = normalise((normalise(f(x)) - mean) @ projection)

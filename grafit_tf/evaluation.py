@@ -1,4 +1,4 @@
-"""The evaluation protocol (NumPy only; see `conventions.md`).
+"""The evaluation protocol (NumPy only; README.md, "Training", says what each figure is).
 
 - fine kNN top-1 (k=1) and weighted kNN top-1 (k=20, weights exp(sim/0.07)) of
   the test split against the training split as gallery;

@@ -13,6 +13,10 @@ writes `workdir/export/`:
 - `parity.json`: max |Keras - SavedModel| and max |Keras - onnxruntime| over
   real training images; `ParityError` when either exceeds the tolerance.
 
+With `transform` (`--embedding_transform=center|whiten`), the exported embedder
+ends in a fixed affine map fitted on the training images' embeddings, no labels
+(`grafit_tf.embedding_transform`); every method's run can be exported with one.
+
 Images of resize method 'resize_center_crop' are resized to float values by
 the evaluation pipeline; the exported function takes uint8, so the parity
 images are that pipeline's output rounded to uint8 and all three runtimes see
@@ -25,9 +29,15 @@ import logging
 import os
 import shutil
 
+import keras
 import numpy as np
+import tensorflow as tf
 
 import grafit_tf
+from grafit_tf import embedding_transform, heads, workdir
+from grafit_tf.config import Config
+from grafit_tf.data import pipeline, sources
+from grafit_tf.embedding import embed, embedding_fn
 from grafit_tf.errors import UserError
 
 OPSET = 17
@@ -38,43 +48,35 @@ OUTPUT_NAME = "embeddings"
 BATCH_DIM = "batch"
 # metadata_props keys of embedder.onnx; serve.py reads them back.
 METADATA_KEYS = ("input_height", "input_width", "input_channels", "input_dtype",
-                 "embedding_dim", "resize", "training_config", "grafit_tf_version")
+                 "embedding_dim", "resize", "embedding_transform", "training_config",
+                 "grafit_tf_version")
 
 
 class ParityError(Exception):
     """The exported models disagree with the Keras embedder beyond the tolerance."""
 
 
-def read_workdir(workdir):
-    """Loads the embedder and the training config of a work directory.
+def transformed_embedder(embedder, config, kind, shrinkage=0.1, data_dir=None):
+    """`embedder` ending in the `kind` map fitted on the run's training images.
+
+    Args:
+        embedder: the run's `embedder.keras` (trunk + L2 normalisation).
+        config: the training config dict (`config.json`), for its data.
+        kind: `center` or `whiten` (`embedding_transform.TRANSFORMS`).
+        shrinkage: the whitening's shrinkage.
+        data_dir: overrides the config's `data_dir`.
 
     Returns:
-        `(embedder keras.Model, config dict)`.
-
-    Raises:
-        UserError: a file is missing or unreadable.
+        A new embedder: trunk, L2 normalisation, the fitted map, L2 normalisation.
     """
-    model_path = os.path.join(workdir, "embedder.keras")
-    config_path = os.path.join(workdir, "config.json")
-    for path in (model_path, config_path):
-        if not os.path.isfile(path):
-            raise UserError(
-                f"{path} not found: --workdir must be a finished training run "
-                "(python train.py ... --workdir=W writes embedder.keras and config.json).")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except ValueError as e:
-        raise UserError(f"{config_path}: not valid JSON ({e}).") from None
-    if "data" not in config or "image_shape" not in config["data"]:
-        raise UserError(f"{config_path}: no data.image_shape; was it written by train.py?")
-    import keras  # Deferred: the checks above are instant.
-
-    try:
-        embedder = keras.saving.load_model(model_path)
-    except Exception as e:  # Keras raises many types for a damaged archive.
-        raise UserError(f"{model_path}: cannot load the Keras model ({_one_line(e)}).") from None
-    return embedder, config
+    values = dict(config, data_dir=data_dir or config["data_dir"])
+    source = sources.load(Config.from_dict(values))
+    features = embed(embedding_fn(embedder, source), source.train, source)  # Unit norm.
+    mean, projection = embedding_transform.fit(features, kind, shrinkage)
+    out = heads.embedder(workdir.trunk_of(embedder), transform=True)
+    out.get_layer(heads.TRANSFORM_LAYER).set_weights(
+        embedding_transform.dense_weights(mean, projection))
+    return out
 
 
 def serving_function(embedder, image_shape):
@@ -83,8 +85,6 @@ def serving_function(embedder, image_shape):
     Returns:
         `(tf.function, input TensorSpec)`.
     """
-    import tensorflow as tf
-
     spec = tf.TensorSpec([None, *image_shape], tf.uint8, name=INPUT_NAME)
 
     @tf.function(input_signature=[spec])
@@ -97,8 +97,6 @@ def serving_function(embedder, image_shape):
 
 def save_saved_model(embedder, serve, spec, path):
     """Writes the SavedModel with `serve` as `serving_default`, replacing `path`."""
-    import keras
-
     archive = keras.export.ExportArchive()
     archive.track(embedder)
     archive.add_endpoint("serving_default", serve, input_signature=[spec])
@@ -117,7 +115,6 @@ def to_onnx(serve, spec, opset=OPSET):
         `onnx.ModelProto` with input `images` `[batch, H, W, C]` uint8 and output
         `embeddings` `[batch, D]` float32.
     """
-    import tensorflow as tf
     import tf2onnx
 
     concrete = serve.get_concrete_function(spec)
@@ -136,7 +133,7 @@ def to_onnx(serve, spec, opset=OPSET):
     return model
 
 
-def metadata(config, embedding_dim):
+def metadata(config, embedding_dim, transform="none"):
     """The metadata_props of embedder.onnx, all strings."""
     height, width, channels = config["data"]["image_shape"]
     return {
@@ -146,6 +143,7 @@ def metadata(config, embedding_dim):
         "input_dtype": "uint8",
         "embedding_dim": str(embedding_dim),
         "resize": config["data"].get("resize", "none"),
+        "embedding_transform": transform,
         "training_config": json.dumps(config, sort_keys=True),
         "grafit_tf_version": grafit_tf.__version__,
     }
@@ -162,9 +160,6 @@ def parity_images(config, count, data_dir=None):
     Returns:
         `[count, H, W, C]` uint8 (fewer if the training split is smaller).
     """
-    from grafit_tf.config import Config
-    from grafit_tf.data import pipeline, sources
-
     values = dict(config, max_train_examples=count, max_eval_examples=1)
     if data_dir:
         values["data_dir"] = data_dir
@@ -185,7 +180,6 @@ def parity(embedder, saved_model_dir, onnx_path, images, batch_size=256):
         dict with `keras_vs_saved_model` and `keras_vs_onnxruntime` (floats).
     """
     import onnxruntime as ort
-    import tensorflow as tf
 
     loaded = tf.saved_model.load(saved_model_dir).signatures["serving_default"]
     session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
@@ -200,18 +194,21 @@ def parity(embedder, saved_model_dir, onnx_path, images, batch_size=256):
     return {"keras_vs_saved_model": worst_saved, "keras_vs_onnxruntime": worst_onnx}
 
 
-def export(workdir, num_parity_images=256, tolerance=TOLERANCE, data_dir=None, opset=OPSET,
-           images=None):
-    """Writes `workdir/export/{saved_model, embedder.onnx, parity.json}`.
+def export(run_dir, num_parity_images=256, tolerance=TOLERANCE, data_dir=None, opset=OPSET,
+           images=None, transform="none", whiten_shrinkage=0.1):
+    """Writes `run_dir/export/{saved_model, embedder.onnx, parity.json}`.
 
     Args:
-        workdir: a finished training run.
+        run_dir: the work directory of a finished training run.
         num_parity_images: training images of the parity check (>= 64).
         tolerance: largest accepted max |difference| of the embeddings.
         data_dir: where the training data is now, if not the config's `data_dir`.
         opset: ONNX opset.
         images: optional `[N, H, W, C]` uint8 parity images instead of the
             training data (N >= 64).
+        transform: `embedding_transform.TRANSFORMS`: none, or the map fitted on
+            the training images' embeddings that the exported embedder ends in.
+        whiten_shrinkage: the shrinkage of `transform="whiten"`.
 
     Returns:
         The parity report (also in `parity.json`), with the output paths.
@@ -223,11 +220,19 @@ def export(workdir, num_parity_images=256, tolerance=TOLERANCE, data_dir=None, o
     if num_parity_images < MIN_PARITY_IMAGES:
         raise UserError(f"--parity_images={num_parity_images}: use at least "
                         f"{MIN_PARITY_IMAGES} images.")
-    embedder, config = read_workdir(workdir)
+    if transform not in embedding_transform.TRANSFORMS:
+        raise UserError(f"--embedding_transform={transform!r} is not known; choose one of: "
+                        f"{', '.join(embedding_transform.TRANSFORMS)}.")
+    if not whiten_shrinkage >= 0:
+        raise UserError(f"--whiten_shrinkage={whiten_shrinkage}: must be >= 0.")
+    config = workdir.read_config(run_dir)
+    embedder = workdir.load_embedder(run_dir)
     image_shape = tuple(int(v) for v in config["data"]["image_shape"])
     if tuple(embedder.input_shape[1:]) != image_shape:
-        raise UserError(f"{workdir}: embedder.keras takes {embedder.input_shape[1:]} but "
+        raise UserError(f"{run_dir}: embedder.keras takes {embedder.input_shape[1:]} but "
                         f"config.json says image_shape {list(image_shape)}.")
+    if transform != "none":
+        embedder = transformed_embedder(embedder, config, transform, whiten_shrinkage, data_dir)
     if images is None:
         images = parity_images(config, num_parity_images, data_dir)
     images = np.asarray(images)
@@ -237,7 +242,7 @@ def export(workdir, num_parity_images=256, tolerance=TOLERANCE, data_dir=None, o
 
     import onnx
 
-    out_dir = os.path.join(workdir, "export")
+    out_dir = os.path.join(run_dir, "export")
     os.makedirs(out_dir, exist_ok=True)
     saved_model_dir = os.path.join(out_dir, "saved_model")
     onnx_path = os.path.join(out_dir, "embedder.onnx")
@@ -246,14 +251,15 @@ def export(workdir, num_parity_images=256, tolerance=TOLERANCE, data_dir=None, o
     save_saved_model(embedder, serve, spec, saved_model_dir)
     model = to_onnx(serve, spec, opset)
     embedding_dim = int(embedder.output_shape[-1])
-    onnx.helper.set_model_props(model, metadata(config, embedding_dim))
+    onnx.helper.set_model_props(model, metadata(config, embedding_dim, transform))
     model.doc_string = "grafit_tf embedder: uint8 images [N, H, W, C] -> L2-normalised [N, D]."
     onnx.checker.check_model(model, full_check=True)
     _write_atomic(onnx_path, model.SerializeToString())
 
     report = dict(parity(embedder, saved_model_dir, onnx_path, images),
                   images=int(len(images)), tolerance=tolerance,
-                  image_shape=list(image_shape), embedding_dim=embedding_dim, opset=opset)
+                  image_shape=list(image_shape), embedding_dim=embedding_dim, opset=opset,
+                  embedding_transform=transform)
     report["passed"] = max(report["keras_vs_saved_model"],
                            report["keras_vs_onnxruntime"]) <= tolerance
     _write_atomic(os.path.join(out_dir, "parity.json"),
@@ -297,8 +303,3 @@ def _quiet(*names):
     finally:
         for l, level in zip(loggers, levels):
             l.setLevel(level)
-
-
-def _one_line(error):
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

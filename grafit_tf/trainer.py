@@ -11,100 +11,36 @@ import time
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 import grafit_tf
-from grafit_tf import builders, checkpointing, embedding_transform, evaluation, heads, subclusters
+from grafit_tf import builders, checkpointing, evaluation, heads, workdir as workdir_lib
 from grafit_tf.data import pipeline, sources
 from grafit_tf.distribute import is_chief, make_strategy
-from grafit_tf.errors import UserError
-
-
-def check_batch(config, source, replicas):
-    """Stops early on batch / memory sizes that cannot work."""
-    if config.batch_size % replicas:
-        raise UserError(
-            f"--batch_size={config.batch_size} does not divide by the {replicas} replicas; "
-            f"use a multiple of {replicas}."
-        )
-    if len(source.train) < config.batch_size:
-        what = "the memory (one slot per training image)" if config.uses_memory else "the data"
-        raise UserError(
-            f"{what} holds {len(source.train)} images, fewer than one batch "
-            f"(--batch_size={config.batch_size}); lower --batch_size or raise "
-            "--max_train_examples."
-        )
-
-
-def check_resumable(config, workdir):
-    """Refuses to resume a checkpointed run with other settings than it started with.
-
-    Resuming would silently mix two configurations in one model (and overwrite
-    `config.json`, hiding the first).
-    """
-    path = os.path.join(workdir, "config.json")
-    if checkpointing.latest(os.path.join(workdir, "checkpoints")) is None or not os.path.isfile(
-            path):
-        return
-    with open(path, encoding="utf-8") as f:
-        changed = config.differences(json.load(f))
-    if changed:
-        raise UserError(
-            f"--workdir={workdir} holds a run started with other settings ("
-            + "; ".join(changed) + "): use another --workdir, or delete this one to start over.")
-
-
-def embedding_fn(embedder, source):
-    """`embedder` as a function `[B, H, W, C]` float32 -> `[B, D]` float32, traced once.
-
-    The batch size is left open, so one trace serves every batch of both splits,
-    the last, smaller one included: for a large trunk, tracing costs more than
-    embedding a small split does.
-    """
-    spec = tf.TensorSpec([None, *source.image_shape], tf.float32)
-    return tf.function(lambda x: tf.cast(embedder(x, training=False), tf.float32),
-                       input_signature=[spec])
-
-
-def embed(fn, split, source, batch_size=512):
-    """Embeddings `[N, D]` float32 of a split, in order, evaluation preprocessing.
-
-    `fn`: from `embedding_fn` (reused across splits, it is traced only once). Runs
-    outside any strategy on this process's own copy of the weights, so every worker
-    gets the same full result in dataset order (a distributed `predict` would shard
-    the data across workers).
-    """
-    ds = pipeline.eval_dataset(split, source, batch_size)
-    return np.concatenate([fn(batch).numpy() for batch in ds]).astype(np.float32)
+from grafit_tf.embedding import embed, embedding_fn
 
 
 def evaluate(embedder, source, config):
-    """The protocol of `grafit_tf.evaluation` on the test split.
-
-    With `--embedding_transform`, first fits the embedder's map on the training
-    split's embeddings (images only) and sets it, so the embedder that is saved
-    and exported is the one that was scored.
-    """
+    """The protocol of `grafit_tf.evaluation` on the test split."""
     fn = embedding_fn(embedder, source)  # One trace for both splits.
-    if config.embedding_transform == "none":
-        train_emb = embed(fn, source.train, source)
-    else:
-        layer = embedder.get_layer(heads.TRANSFORM_LAYER)
-        dim = layer.kernel.shape[0]
-        layer.set_weights([np.eye(dim, dtype=np.float32), np.zeros(dim, np.float32)])
-        features = embed(fn, source.train, source)  # The identity map: normalise(f(x)).
-        mean, projection = embedding_transform.fit(features, config.embedding_transform,
-                                                   config.whiten_shrinkage)
-        # Variables, not constants, in the trace: `fn` sees the new map.
-        layer.set_weights(embedding_transform.dense_weights(mean, projection))
-        # The same map in NumPy: cheaper than embedding the training split again.
-        train_emb = embedding_transform.apply(features, mean, projection)
+    train_emb = embed(fn, source.train, source)
     test_emb = embed(fn, source.test, source)
     return evaluation.knn_metrics(
         train_emb, source.train.fine, source.train.coarse,
         test_emb, source.test.fine, source.test.coarse,
         k=config.eval_k, temperature=config.eval_temperature,
         num_fine=source.hierarchy.num_fine)
+
+
+def classification_top1(model, source, batch_size=256):
+    """Top-1 accuracy of `model.classifier(model.backbone(x))` on the test split
+    (`--method=finetune`'s score).
+
+    Returns:
+        float in [0, 1].
+    """
+    classify = keras.Sequential([model.backbone, model.classifier])
+    logits = embed(embedding_fn(classify, source), source.test, source, batch_size)  # [N, K]
+    return float(np.mean(logits.argmax(axis=1) == source.test.fine))
 
 
 class PeriodicEvaluation(keras.callbacks.Callback):
@@ -142,12 +78,12 @@ def append_csv(path, row):
         f.write(",".join(str(v) for v in row.values()) + "\n")
 
 
-def prefill_memory(model, source, config):
+def prefill_memory(model, source):
     """Fills the memory with real embeddings of the (un-augmented) training images."""
     if model.objective.maskcon:  # The queue holds keys: the key encoder's embeddings.
-        head = heads.embedder(model.target_backbone, model.target_projector, model.image_shape)
+        head = heads.embedder(model.target_backbone, model.target_projector)
     else:
-        head = heads.embedder(model.backbone, model.knn_head, model.image_shape)
+        head = heads.embedder(model.backbone, model.knn_head)
     split = source.train if model.memory.kind == "full" else source.train.take(model.memory.size)
     z = embed(embedding_fn(head, source), split, source)
     labels = source.train.coarse[: len(z)]
@@ -176,11 +112,11 @@ def run(config, workdir):
     source = sources.load(config)
     strategy = make_strategy(config.distribute, config.cpu_replicas, config.worker_timeout)
     replicas = strategy.num_replicas_in_sync
-    check_batch(config, source, replicas)
+    config.validate(source, replicas)
     chief = is_chief(strategy)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     logs = os.path.join(workdir, "logs")
-    check_resumable(config, workdir)
+    workdir_lib.check_resumable(config, workdir)
     if chief:
         os.makedirs(logs, exist_ok=True)
         checkpointing.write_json(os.path.join(workdir, "config.json"), dict(
@@ -194,19 +130,24 @@ def run(config, workdir):
     keras.mixed_precision.set_global_policy(
         "float32" if config.mixed_precision == "none" else config.mixed_precision)
     with strategy.scope():
-        model = builders.build_model(config, source, total_steps,
-                                     sync_bn=config.sync_batch_norm and replicas > 1)
+        init = None
+        if config.init_from:
+            init = lambda trunk: workdir_lib.init_trunk(trunk, config.init_from)  # noqa: E731
+        # Batch norm is synchronised across replicas: per-replica statistics of a
+        # small per-GPU batch would make 2 GPUs train another model than 1.
+        model = builders.build_model(config, source, total_steps, sync_bn=replicas > 1,
+                                     init_trunk=init)
         # jit_compile is always explicit: Keras's "auto" differs between CPU,
         # one GPU and a strategy.
         model.compile(optimizer=builders.build_optimizer(config, total_steps, spe),
                       jit_compile=bool(config.jit_compile))
         model.optimizer.build(model.trainable_variables)
-        embedder = builders.build_embedder(model, config.embedding_transform)
+        embedder = heads.embedder(model.backbone)
     start_step = checkpointing.restore(model, ckpt_dir)
     if start_step:
         print(f"Resuming from step {start_step} of {total_steps} ({ckpt_dir}).", flush=True)
-    elif config.uses_memory:
-        prefill_memory(model, source, config)
+    elif model.memory is not None:
+        prefill_memory(model, source)
 
     periodic = PeriodicEvaluation(embedder, source, config, config.eval_every,
                                   os.path.join(logs, "eval.csv"), write=chief)
@@ -215,10 +156,6 @@ def run(config, workdir):
         keras.callbacks.TerminateOnNaN(),
         periodic,
     ]
-    if model.subclusters is not None:
-        # First, so that the epoch's checkpoint holds the clustering the next epoch uses.
-        callbacks.insert(0, subclusters.Reclustering(model.subclusters,
-                                                     config.subcluster_start_epochs))
     if chief:
         callbacks += [keras.callbacks.CSVLogger(os.path.join(logs, "train.csv"), append=True),
                       keras.callbacks.TensorBoard(logs, write_graph=False)]
@@ -237,10 +174,8 @@ def run(config, workdir):
         raise RuntimeError("training stopped early (a NaN loss?); see logs/train.csv")
 
     metrics = evaluate(embedder, source, config)
-    if config.method == "finetune":  # Issue 6: transfer is scored by the classifier's top-1.
-        from grafit_tf import transfer
-
-        metrics["fine_top1"] = transfer.classification_top1(model, source)
+    if config.method == "finetune":  # Transfer is scored by the classifier's top-1.
+        metrics["fine_top1"] = classification_top1(model, source)
         print(f"fine top-1 (classifier): {100 * metrics['fine_top1']:.2f}%", flush=True)
     metrics.update(
         method=config.method,

@@ -1,5 +1,6 @@
 """Shared fixtures. The Fashion-MNIST files are real (Debian's dataset-fashion-mnist)."""
 
+import csv
 import os
 import sys
 
@@ -39,7 +40,34 @@ def tiny_workdir(tiny_config, tmp_path_factory):
     return workdir
 
 
-# --- Export and serving (issue 3) -------------------------------------------
+# --- Export and serving -------------------------------------------
+
+
+def read_csv(path):
+    """`(header, rows)` of a CSV file that serving wrote."""
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], rows[1:]
+
+
+@pytest.fixture(scope="session")
+def fashion_pngs(fashion_dir, tmp_path_factory):
+    """Real Fashion-MNIST PNG folders.
+
+    A gallery (train, 6 per class), queries (test, 3 per class) and the first
+    test images as arrays.
+    """
+    from grafit_tf.data import png_folders
+
+    root = tmp_path_factory.mktemp("fashion_png")
+    train_x, train_y = png_folders.read_fashion_mnist(fashion_dir, "train")
+    test_x, test_y = png_folders.read_fashion_mnist(fashion_dir, "test")
+    png_folders.write_png_folders(train_x, train_y, str(root / "gallery"),
+                                  indices=png_folders.select(train_y, 6))
+    png_folders.write_png_folders(test_x, test_y, str(root / "queries"),
+                                  indices=png_folders.select(test_y, 3))
+    return {"gallery": str(root / "gallery"), "queries": str(root / "queries"),
+            "test_images": test_x[:40]}
 
 
 @pytest.fixture(scope="session")
@@ -52,14 +80,18 @@ def tiny_export(tiny_workdir):
 
 @pytest.fixture(scope="session")
 def rgb_workdir(tmp_path_factory):
-    """A work directory with an (untrained) RGB embedder, resize 'resize_center_crop',
-    ending in a (random) `--embedding_transform` map.
+    """A work directory with an (untrained) RGB embedder, resize 'resize_center_crop'
+    (`rgb_export` exports it with an embedding transform).
 
     Its data is a small image_folder dataset of smooth RGB pictures of varied
-    sizes (64 training images, enough for the export's parity check).
+    sizes (64 training images, enough for the export's parity check), the training
+    ones in varied tints: the embeddings the transform is fitted on then spread
+    beyond the pixel rounding that serving adds (an untrained trunk maps similar
+    pictures to nearly one point, which a whitening would blow up).
     """
     import json
 
+    import keras
     import numpy as np
     from PIL import Image
 
@@ -77,10 +109,13 @@ def rgb_workdir(tmp_path_factory):
             folder = data / split / f"coarse{i % 2}" / f"fine{i % 4}"
             folder.mkdir(parents=True, exist_ok=True)
             h, w = (int(v) for v in rng.integers(24, 90, 2))
-            Image.fromarray(rgb_picture(rng, h, w)).save(folder / f"{i:03d}.png")
-    config = Config(dataset="image_folder", data_dir=str(data), image_size=32, width=4,
-                    embedding_transform="whiten")
+            picture = rgb_picture(rng, h, w)
+            if split == "train":
+                picture = (picture * rng.uniform(0.2, 1.0, 3)).astype(np.uint8)
+            Image.fromarray(picture).save(folder / f"{i:03d}.png")
+    config = Config(dataset="image_folder", data_dir=str(data), image_size=32, width=4)
     source = sources.load(config)
+    keras.utils.set_random_seed(0)  # The same trunk in every session.
     trunk = backbones.small_resnet(source.image_shape, source.mean, source.std, width=4)
     # Non-trivial batch-norm statistics, so that the embedding depends on the input.
     for layer in trunk.layers:
@@ -88,13 +123,7 @@ def rgb_workdir(tmp_path_factory):
             mean, var = layer.moving_mean, layer.moving_variance
             mean.assign(rng.normal(0, 0.5, mean.shape).astype(np.float32))
             var.assign(rng.uniform(0.5, 2.0, var.shape).astype(np.float32))
-    # With --embedding_transform's frozen map (random here), so the export covers it.
-    embedder = heads.embedder(trunk, transform=True)
-    transform = embedder.get_layer(heads.TRANSFORM_LAYER)
-    dim = transform.kernel.shape[0]
-    transform.set_weights([rng.normal(0, 1, (dim, dim)).astype(np.float32),
-                           rng.normal(0, 0.1, dim).astype(np.float32)])
-    embedder.save(str(root / "embedder.keras"))
+    heads.embedder(trunk).save(str(root / "embedder.keras"))
     with open(root / "config.json", "w", encoding="utf-8") as f:
         json.dump(dict(config.to_dict(), version=grafit_tf.__version__,
                        data=sources.describe(source)), f)
@@ -103,10 +132,11 @@ def rgb_workdir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def rgb_export(rgb_workdir):
-    """`rgb_workdir` exported once."""
+    """`rgb_workdir` exported once, with `--embedding_transform=whiten` (fitted on its 64
+    training images), so that the export and serving cover the transform layer."""
     from grafit_tf import export
 
-    return export.export(rgb_workdir, num_parity_images=64)
+    return export.export(rgb_workdir, num_parity_images=64, transform="whiten")
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,6 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -26,7 +25,8 @@ import keras  # noqa: E402
 from grafit_tf import builders  # noqa: E402
 from grafit_tf.config import Config  # noqa: E402
 from grafit_tf.data import pipeline  # noqa: E402
-from tests.synthetic import synthetic_source  # noqa: E402
+# Run as a script, this file's folder (tests/) is sys.path[0]: its helpers import flat.
+from synthetic import synthetic_source  # noqa: E402
 
 
 def step(model, strategy, batch):
@@ -55,14 +55,11 @@ def strategies():
     return STRATEGIES
 
 
-def run(method, batch_norm=False, subclusters=False):
-    """`batch_norm`: trunk and heads with synchronised batch norm. `subclusters`: with
-    the sub-cluster term, clustered before the step; its feature bank is then the
-    memory compared."""
+def run(method, batch_norm=False):
+    """`batch_norm`: trunk and heads with synchronised batch norm."""
     config = Config(method=method, batch_size=16, queue_size=32, width=4, proj_hidden=16, knn_dim=8,
                     proj_dim=8, optimizer="sgd", learning_rate=0.01, warmup_epochs=0,
-                    weight_decay=0.0, epochs=2 if subclusters else 1, seed=3,
-                    subclusters_per_coarse=2 if subclusters else 0, subcluster_start_epochs=1)
+                    weight_decay=0.0, epochs=1, seed=3)
     source = synthetic_source()
     batch = next(iter(pipeline.train_dataset_fn(source, config)(None)))
     batch = {k: v.numpy() for k, v in batch.items()}
@@ -75,16 +72,12 @@ def run(method, batch_norm=False, subclusters=False):
                                          sync_bn=batch_norm)
             model.compile(optimizer=builders.build_optimizer(config, 10, 4))
             model.optimizer.build(model.trainable_variables)
-        if initial is not None:
-            model.set_weights(initial)
-        bank = model.memory
-        if subclusters:  # The same bank on both sides: the same clustering.
-            model.subclusters.recluster(0)
-            bank = model.subclusters.bank
-        if initial is None:  # After the clustering: `weights_changed` is the step's.
+        if initial is None:
             initial = model.get_weights()
+        else:
+            model.set_weights(initial)
         loss = step(model, strategy, batch)
-        memory = bank.embeddings.value if bank is not None else None
+        memory = model.memory.embeddings.value if model.memory is not None else None
         copies = ([v.numpy() for v in memory.values] if hasattr(memory, "values")
                   else [memory.numpy()] if memory is not None else [])
         results[name] = dict(loss=loss, weights=model.get_weights(), memory=copies,
@@ -103,7 +96,9 @@ def run(method, batch_norm=False, subclusters=False):
 
 
 if __name__ == "__main__":
-    # "grafit+bn" runs grafit with synchronised batch norm, "grafit+sub" with sub-clusters.
+    # "grafit+bn" runs grafit with synchronised batch norm.
     methods = sys.argv[2:] or ["grafit", "coarse_ce", "instance", "fine_ce"]
-    print(json.dumps({m: run(m.split("+")[0], batch_norm=m.endswith("+bn"),
-                             subclusters=m.endswith("+sub")) for m in methods}))
+    for m in methods:
+        if m.partition("+")[2] not in ("", "bn"):
+            sys.exit(f"unknown variant {m!r}: METHOD or METHOD+bn")
+    print(json.dumps({m: run(m.split("+")[0], batch_norm=m.endswith("+bn")) for m in methods}))

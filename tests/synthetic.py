@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from grafit_tf.data import hierarchy, sources
+from grafit_tf.data import hierarchy, types
 
 
 def synthetic_source(n=64):
@@ -10,6 +10,6 @@ def synthetic_source(n=64):
     rng = np.random.default_rng(0)
     fine = np.arange(n, dtype=np.int32) % 4
     hier = hierarchy.from_mapping(["a", "b", "c", "d"], {"a": "x", "b": "x", "c": "y", "d": "y"})
-    split = sources.Split(images=rng.integers(0, 256, (n, 12, 12, 1), dtype=np.uint8),
-                          fine=fine, coarse=hier.coarse_of(fine))
-    return sources.Source("synthetic", split, split, hier, (12, 12, 1), (127.0,), (70.0,))
+    split = types.Split(images=rng.integers(0, 256, (n, 12, 12, 1), dtype=np.uint8),
+                        fine=fine, coarse=hier.coarse_of(fine))
+    return types.Source("synthetic", split, split, hier, (12, 12, 1), (127.0,), (70.0,))

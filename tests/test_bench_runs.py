@@ -1,11 +1,14 @@
-"""bench/runs.py: a finished run is reused only if it has the command's settings."""
+"""bench/runs.py: a finished run is reused only if it has the command's settings; a bench
+rewrites only its own section of BENCHMARKS.md and records its command."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
+from bench import runs
 from bench.runs import check_reusable, train_or_reuse
 from tests.conftest import REPO
 
@@ -38,17 +41,14 @@ def test_refuses_a_run_of_other_settings(finished_run):
 def test_resolved_config_follows_nested_flagfiles_and_overrides():
     from bench.runs import resolved_config
 
-    # Two levels: coarse2_lambda1.cfg includes two_views.cfg, then changes three settings.
-    config = resolved_config(["--flagfile=configs/fashion_mnist_coarse2_lambda1.cfg",
-                              "--epochs=3"])
-    assert config.coarse_map.endswith("fashion_mnist_coarse2.json")
-    assert (config.batch_size, config.memory, config.crop_scale_min) == (256, "full", 0.8)
-    assert (config.num_views, config.weight_decay, config.epochs) == (2, 0.05, 3)
-    # coarse2.cfg is the default with only the coarse map changed.
+    # coarse2.cfg includes the default, then changes the coarse map; --epochs comes last.
     default = resolved_config(["--flagfile=configs/fashion_mnist.cfg"])
     coarse2 = resolved_config(["--flagfile=configs/fashion_mnist_coarse2.cfg"])
+    assert coarse2.coarse_map.endswith("fashion_mnist_coarse2.json")
     assert coarse2.differences(default.to_dict()) == [
         f"coarse_map: {default.coarse_map!r} -> {coarse2.coarse_map!r}"]
+    assert resolved_config(["--flagfile=configs/fashion_mnist_coarse2.cfg",
+                            "--epochs=3"]).replace(epochs=default.epochs) == coarse2
 
 
 def test_check_reusable_needs_a_finished_run(finished_run, tmp_path):
@@ -67,7 +67,7 @@ def test_over_seeds_gives_mean_and_population_std():
 
 
 def test_quality_run_names_the_run_and_checks_its_overrides(tmp_path):
-    """The scoring benches find bench/quality.py's runs with its flags, overrides last."""
+    """bench/quality.py names its runs with its flags, overrides last."""
     from bench.runs import quality_run
 
     args, workdir = quality_run("configs/fashion_mnist.cfg", str(tmp_path), "grafit", 2,
@@ -86,10 +86,33 @@ def test_quality_run_names_the_run_and_checks_its_overrides(tmp_path):
     plain, _ = quality_run("configs/fashion_mnist.cfg", str(tmp_path), "grafit", 2)
     with pytest.raises(SystemExit, match="num_views: 4 -> 3"):
         check_reusable(plain, workdir)
-    # What the scoring benches call: the same lookup and check in one.
-    from bench.runs import finished_quality_run
 
-    assert finished_quality_run("configs/fashion_mnist.cfg", str(tmp_path), "grafit", 2,
-                                ["--num_views=4"]) == workdir
-    with pytest.raises(SystemExit, match="num_views: 4 -> 3"):
-        finished_quality_run("configs/fashion_mnist.cfg", str(tmp_path), "grafit", 2)
+
+def test_update_section_replaces_only_its_block(tmp_path):
+    path = tmp_path / "B.md"
+    path.write_text("# B\n\nbefore\n<!-- t:begin -->\nold\n<!-- t:end -->\nafter\n")
+    runs.update_section(str(path), "t", "new\n")
+    assert path.read_text() == "# B\n\nbefore\n<!-- t:begin -->\nnew\n<!-- t:end -->\nafter\n"
+    runs.update_section(str(path), "u", "other\n")  # No markers yet: appended.
+    assert path.read_text().endswith("after\n\n<!-- u:begin -->\nother\n<!-- u:end -->\n")
+    assert "new\n" in path.read_text()
+
+
+def test_invocation_names_the_module_and_shell_quotes():
+    # `python -m bench.quality ...` puts the module's file path in sys.argv[0].
+    argv = [os.path.join(REPO, "bench", "quality.py"), "--seeds=3", "--override=--tau=0.1 x"]
+    assert runs.invocation(argv) == "python -m bench.quality --seeds=3 '--override=--tau=0.1 x'"
+    outside = os.path.join(os.path.dirname(REPO), "elsewhere.py")
+    assert runs.invocation([outside, "--a"]) == f"python {os.path.relpath(outside, REPO)} --a"
+
+
+def test_publish_writes_results_json_without_touching_benchmarks(monkeypatch, tmp_path):
+    fake_root = tmp_path / "repo"  # publish writes under the repository root.
+    monkeypatch.setattr(runs, "ROOT", str(fake_root))
+    text = runs.publish("demo", [{"m": 1}], "| m |", update=False,
+                        extra={"config": "c.cfg"}, command="python -m bench.x")
+    saved = json.loads((fake_root / "bench" / "results" / "demo.json").read_text())
+    assert saved["command"] == "python -m bench.x" and saved["rows"] == [{"m": 1}]
+    assert saved["config"] == "c.cfg"
+    assert text.startswith("| m |") and "Command: `python -m bench.x`" in text
+    assert not (fake_root / "BENCHMARKS.md").exists()

@@ -1,36 +1,40 @@
-"""`builders.objective`: what `train_step` optimises, derived from a `Config`."""
+"""`builders`: the `Objective` derived from a `Config`, and the model's assembly."""
 
 import dataclasses
+
+import numpy as np
 
 from grafit_tf import builders
 from grafit_tf.config import Config
 from grafit_tf.model import Objective
+from tests.synthetic import synthetic_source
 
-# Objective fields that are not copied from the Config of the same name.
-DERIVED = {"method", "total_steps", "nn_start_step", "instance_negatives", "instance_targets",
-           "instance_positives"}
+# Objective fields that are not copied from the Config field of the same name.
+DERIVED = {"method", "total_steps"}
+
+
+def changed_value(field, default):
+    """A valid value of a Config field other than its default."""
+    meta = field.metadata
+    if meta["choices"]:
+        return next(c for c in meta["choices"] if c != default)
+    if isinstance(default, bool):
+        return not default
+    top = meta["high"] if meta["high"] is not None else meta["below"]
+    return default + 3 if top is None else (default + top) / 2
 
 
 def changed_config(method):
-    """A Config whose every Objective-shared field differs from its default."""
+    """A (valid) Config whose every Objective-shared field differs from its default."""
+    config_fields = {f.name: f for f in dataclasses.fields(Config)}
     values = {}
     for f in dataclasses.fields(Objective):
-        if f.name in DERIVED or not hasattr(Config, f.name):
+        if f.name in DERIVED or f.name not in config_fields:
             continue
-        default = getattr(Config, f.name)
-        if isinstance(default, bool):
-            values[f.name] = not default
-        elif isinstance(default, (int, float)):
-            values[f.name] = default + 3
-        elif f.name == "instance_loss":
-            values[f.name] = "infonce" if default == "byol" else "byol"
-        elif f.name == "ema_schedule":
-            values[f.name] = "constant" if default == "cosine" else "cosine"
-        elif f.name == "nca_keys":
-            values[f.name] = "target" if default == "online" else "online"
-    return Config(method=method, epochs=4, instance_negatives="same_coarse",
-                  instance_targets="coarse_soft", instance_positives="coarse_nn",
-                  nn_start_epochs=1.0, **values), values
+        values[f.name] = changed_value(config_fields[f.name], getattr(Config(), f.name))
+    config = Config(method=method, epochs=4, **values)
+    config.validate()
+    return config, values
 
 
 def test_every_shared_field_is_copied():
@@ -40,24 +44,47 @@ def test_every_shared_field_is_copied():
     for name, value in values.items():
         assert getattr(obj, name) == value, name
     assert obj.method == "grafit" and obj.total_steps == 400
-    assert obj.nn_start_step == 100  # 1 of 4 epochs
-    assert (obj.instance_negatives, obj.instance_targets, obj.instance_positives) == (
-        "same_coarse", "coarse_soft", "coarse_nn")
 
 
 def test_every_objective_field_comes_from_the_config_or_is_derived():
     shared = {f.name for f in dataclasses.fields(Objective)} - DERIVED
-    missing = {name for name in shared if not hasattr(Config, name)}
+    names = {f.name for f in dataclasses.fields(Config)}
+    missing = shared - names
     assert not missing, f"Objective fields the Config cannot set: {missing}"
-
-
-def test_labels_reach_the_instance_loss_in_grafit_only():
-    config, _ = changed_config("instance")
-    obj = builders.objective(config, total_steps=400)
-    assert (obj.instance_negatives, obj.instance_targets, obj.instance_positives) == (
-        "all", "own", "own")
 
 
 def test_finetune_trains_as_fine_ce_and_total_steps_is_positive():
     obj = builders.objective(Config(method="finetune"), total_steps=0)
     assert obj.method == "fine_ce" and obj.cross_entropy and obj.total_steps == 1
+
+
+def test_init_trunk_loads_the_trunk_before_the_target_copies_it():
+    config = Config(batch_size=8, width=4, proj_hidden=16, knn_dim=8, proj_dim=8, epochs=1,
+                    warmup_epochs=0)
+    seen = []
+
+    def init_trunk(trunk):
+        seen.append(trunk)
+        for w in trunk.weights:
+            w.assign(np.full(w.shape, 0.25, w.dtype))
+
+    model = builders.build_model(config, synthetic_source(), total_steps=4,
+                                 init_trunk=init_trunk)
+    assert seen == [model.backbone]
+    assert all(np.all(w.numpy() == 0.25) for w in model.backbone.weights)
+    # The EMA target starts as a copy of the loaded trunk, not of the random one.
+    for online, target in zip(model.backbone.weights, model.target_backbone.weights):
+        np.testing.assert_array_equal(online.numpy(), target.numpy())
+
+
+def test_optimizer_warms_up_then_decays_to_zero():
+    config = Config(learning_rate=0.1, warmup_epochs=1, epochs=4)
+    opt = builders.build_optimizer(config, total_steps=40, steps_per_epoch=10)
+    got = []
+    for step in (0, 5, 10, 25, 40):
+        opt.iterations.assign(step)
+        got.append(float(opt.learning_rate))
+    # 10 warm-up steps to 0.1, then a cosine over the 30 others (half-way: 0.05).
+    np.testing.assert_allclose(got, [0.0, 0.05, 0.1, 0.05, 0.0], atol=1e-6)
+    sgd = builders.build_optimizer(config.replace(optimizer="sgd"), 40, 10)
+    assert sgd.momentum == 0.9 and sgd.nesterov

@@ -14,10 +14,9 @@ from tests.conftest import REPO
 
 # One method per mechanism that replicas must agree on: the kNN memory and the instance
 # loss (grafit), the cross-entropy head (coarse_ce; fine_ce is it with other labels),
-# the queue and key encoder (grafit_maskcon), synchronised batch norm (grafit+bn), the
-# sub-cluster term and its feature bank (grafit+sub, whose bank is the memory compared).
+# the queue and key encoder (grafit_maskcon), synchronised batch norm (grafit+bn).
 # `instance` is grafit's instance loss alone; each method costs the suite 15-20 s.
-METHODS = ["grafit", "coarse_ce", "grafit_maskcon", "grafit+bn", "grafit+sub"]
+METHODS = ["grafit", "coarse_ce", "grafit_maskcon", "grafit+bn"]
 
 
 # Four replicas, not also two: the gathering order over more than two shards is the

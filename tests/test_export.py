@@ -41,6 +41,7 @@ def test_onnx_model_interface_and_metadata(tiny_export, tiny_workdir):
     assert meta["input_height"] == "28" and meta["input_width"] == "28"
     assert meta["input_channels"] == "1" and meta["resize"] == "none"
     assert int(meta["embedding_dim"]) == tiny_export["embedding_dim"]
+    assert meta["embedding_transform"] == "none" == tiny_export["embedding_transform"]
     assert json.loads(meta["training_config"]) == config
     import grafit_tf
 
@@ -69,6 +70,62 @@ def test_rgb_resize_center_crop_export(rgb_export):
 
     meta = {p.key: p.value for p in onnx.load(rgb_export["onnx"]).metadata_props}
     assert meta["resize"] == "resize_center_crop" and meta["input_channels"] == "3"
+    # Exported with the whitening fitted on its 64 training images.
+    assert meta["embedding_transform"] == "whiten" == rgb_export["embedding_transform"]
+
+
+def copy_run(workdir, to):
+    """The files `export` reads, so that an export does not replace `tiny_export`'s."""
+    for name in ("embedder.keras", "config.json"):
+        shutil.copy(os.path.join(workdir, name), to / name)
+    return str(to)
+
+
+@pytest.mark.parametrize("kind", ["center", "whiten"])
+def test_export_ends_in_the_transform_fitted_on_the_training_images(kind, tiny_workdir,
+                                                                    tmp_path):
+    """The exported embedder is normalise((normalise(f(x)) - mean) @ projection), the map
+    `embedding_transform.fit` gives on the embeddings of the run's training images."""
+    import onnx
+    import onnxruntime as ort
+
+    from grafit_tf import embedding_transform, workdir
+    from grafit_tf.config import Config
+    from grafit_tf.data import sources
+    from grafit_tf.embedding import embed, embedding_fn
+
+    report = export.export(copy_run(tiny_workdir, tmp_path), num_parity_images=64,
+                           transform=kind, whiten_shrinkage=0.2)
+    assert report["passed"] and report["embedding_transform"] == kind
+    with open(tmp_path / "export" / "parity.json", encoding="utf-8") as f:
+        assert json.load(f)["embedding_transform"] == kind
+    meta = {p.key: p.value for p in onnx.load(report["onnx"]).metadata_props}
+    assert meta["embedding_transform"] == kind
+    # The map by hand, on the plain embedder's embeddings of the training split.
+    source = sources.load(Config.from_dict(workdir.read_config(tiny_workdir)))
+    fn = embedding_fn(workdir.load_embedder(tiny_workdir), source)
+    mean, projection = embedding_transform.fit(embed(fn, source.train, source), kind, 0.2)
+    images = source.test.images[:100]
+    want = embedding_transform.apply(embed(fn, source.test.take(100), source), mean,
+                                     projection)
+    session = ort.InferenceSession(report["onnx"], providers=["CPUExecutionProvider"])
+    got = session.run(["embeddings"], {"images": images})[0]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    # Not the identity: the transform changes the embedding.
+    plain = embed(fn, source.test.take(100), source)
+    assert np.abs(got - plain).max() > 0.05
+
+
+def test_cli_exports_with_a_transform(tiny_workdir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "export", "export_onnx.py"),
+         f"--workdir={copy_run(tiny_workdir, tmp_path)}", "--embedding_transform=whiten",
+         "--parity_images=64"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK" in result.stdout
+    with open(tmp_path / "export" / "parity.json", encoding="utf-8") as f:
+        stored = json.load(f)
+    assert stored["passed"] and stored["embedding_transform"] == "whiten"
 
 
 def test_parity_failure_raises_and_is_recorded(tiny_workdir, tmp_path):
@@ -81,11 +138,18 @@ def test_parity_failure_raises_and_is_recorded(tiny_workdir, tmp_path):
         assert json.load(f)["passed"] is False
 
 
-def test_user_errors(tmp_path):
+def test_user_errors(tiny_workdir, tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        export.export(str(tmp_path))
+    shutil.copy(os.path.join(tiny_workdir, "config.json"), tmp_path / "config.json")
     with pytest.raises(UserError, match="embedder.keras not found"):
         export.export(str(tmp_path))
     with pytest.raises(UserError, match="at least 64"):
         export.export(str(tmp_path), num_parity_images=10)
+    with pytest.raises(UserError, match="--embedding_transform='pca' is not known"):
+        export.export(str(tmp_path), transform="pca")
+    with pytest.raises(UserError, match="--whiten_shrinkage=-0.1"):
+        export.export(str(tmp_path), transform="whiten", whiten_shrinkage=-0.1)
 
 
 def test_cli_missing_workdir_is_one_line(tmp_path):
@@ -94,4 +158,4 @@ def test_cli_missing_workdir_is_one_line(tmp_path):
          f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-    assert len(lines) == 1 and "embedder.keras not found" in lines[0]
+    assert len(lines) == 1 and "no config.json" in lines[0]

@@ -1,4 +1,4 @@
-"""faiss's exact inner-product index gives the NumPy search's results (issue 6)."""
+"""faiss's exact inner-product index gives the NumPy search's results."""
 
 import numpy as np
 import pytest

@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from grafit_tf import augment
 from grafit_tf.config import Config
-from grafit_tf.data import hierarchy, pipeline, sources
-from grafit_tf.errors import UserError
+from grafit_tf.data import hierarchy, pipeline, types
 
 
 def make_source(n=40, size=10):
@@ -14,8 +15,8 @@ def make_source(n=40, size=10):
                        axis=1).reshape(n, size, size, 1)
     fine = np.arange(n, dtype=np.int32) % 4
     hier = hierarchy.from_mapping(["a", "b", "c", "d"], {"a": "x", "b": "y", "c": "x", "d": "y"})
-    split = sources.Split(images=images, fine=fine, coarse=hier.coarse_of(fine))
-    return sources.Source("t", split, split, hier, (size, size, 1), (0.0,), (1.0,))
+    split = types.Split(images=images, fine=fine, coarse=hier.coarse_of(fine))
+    return types.Source("t", split, split, hier, (size, size, 1), (0.0,), (1.0,))
 
 
 def batches(fn, ctx=None, count=None):
@@ -46,43 +47,6 @@ def test_shapes_and_label_pairing():
     centre = b["views"][:, :, 5, 5, 0]
     assert np.all(np.abs(centre - 5.0 * b["index"][:, None]) <= 0.45 * 255)
     assert not np.allclose(b["views"][:, 0], b["views"][:, 1])
-
-
-def test_local_crops_come_with_the_same_global_views():
-    source = make_source()
-    local = CONFIG.replace(local_crops=3, local_crop_size=6)
-    a = batches(pipeline.train_dataset_fn(source, CONFIG), count=2)
-    b = batches(pipeline.train_dataset_fn(source, local), count=2)
-    assert "local_views" not in a[0]
-    assert b[0]["local_views"].shape == (8, 3, 6, 6, 1)
-    for x, y in zip(a, b):  # Adding local crops leaves the global views as they were.
-        np.testing.assert_array_equal(x["views"], y["views"])
-    centre = b[0]["local_views"][:, :, 3, 3, 0]  # Crops of the right image, all different.
-    assert np.all(np.abs(centre - 5.0 * b[0]["index"][:, None]) <= 0.45 * 255)
-    assert not np.allclose(b[0]["local_views"][:, 0], b[0]["local_views"][:, 1])
-    # Methods without an instance loss get none.
-    for method in ("coarse_ce", "fine_ce"):
-        c = batches(pipeline.train_dataset_fn(source, local.replace(method=method)), count=1)
-        assert "local_views" not in c[0]
-    assert local.replace(lambda_inst=0.0).num_local_views == 0
-    assert local.replace(method="instance").num_local_views == 3
-
-
-def test_aug_prediction_adds_each_views_draws_to_the_same_views():
-    source = make_source()
-    aware = CONFIG.replace(aug_pred_weight=1.0)
-    a = batches(pipeline.train_dataset_fn(source, CONFIG), count=2)
-    b = batches(pipeline.train_dataset_fn(source, aware), count=2)
-    assert "aug_params" not in a[0]
-    assert b[0]["aug_params"].shape == (8, 2, 6) and b[0]["aug_params"].dtype == np.float32
-    for x, y in zip(a, b):  # The views are those of a run without the term.
-        np.testing.assert_array_equal(x["views"], y["views"])
-    params = b[0]["aug_params"]
-    area = params[..., 2] * params[..., 3]  # Box height x width: --crop_scale_min=0.9.
-    assert np.all((area >= 0.85) & (area <= 1.0))
-    assert not np.allclose(params[:, 0], params[:, 1])  # Each view its own draws.
-    with pytest.raises(UserError, match="aug_pred_weight"):
-        pipeline.view_fn(aware.replace(augment="rgb"), (10, 10, 3))
 
 
 def test_fine_labels_only_for_the_oracle():
@@ -141,21 +105,31 @@ def test_eval_dataset_is_in_order_and_unaugmented():
     np.testing.assert_array_equal(x, source.test.images.astype(np.float32))
 
 
-def test_random_erasing_changes_one_box_of_each_view_and_nothing_else():
-    source = make_source()
-    plain = batches(pipeline.train_dataset_fn(source, CONFIG), count=1)[0]["views"]
-    erased = batches(pipeline.train_dataset_fn(source, CONFIG.replace(erase_prob=1.0)),
-                     count=1)[0]["views"]
-    for a, b in zip(plain.reshape(-1, 10, 10, 1), erased.reshape(-1, 10, 10, 1)):
-        changed = (a != b)[..., 0]
-        rows, cols = np.nonzero(changed)
-        assert rows.size  # Every view erased (probability 1)...
-        box = changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-        # ...in one box; noise may repeat a pixel's value, so most, not all, of it differs.
-        assert box.mean() > 0.9 and changed.sum() == box.sum()
-    # The erasing leaves the draws --aug_pred_weight regresses as they were.
-    aware = CONFIG.replace(aug_pred_weight=1.0)
-    a = batches(pipeline.train_dataset_fn(source, aware), count=1)[0]
-    b = batches(pipeline.train_dataset_fn(source, aware.replace(erase_prob=1.0)), count=1)[0]
-    np.testing.assert_array_equal(a["aug_params"], b["aug_params"])
-    np.testing.assert_array_equal(b["views"], erased)
+def test_view_recipe_follows_the_image_shape():
+    """grayscale_small for one-channel images of any size, rgb for colour ones, each
+    with the config's crop, jitter and gamma."""
+    config = CONFIG.replace(crop_scale_min=0.6, jitter_strength=0.3, gamma_jitter=0.5)
+    rng = np.random.default_rng(2)
+    for shape in [(10, 10, 1), (64, 48, 1), (96, 80, 1), (16, 20, 3), (80, 80, 3)]:
+        x = tf.constant(rng.uniform(0, 255, shape), tf.float32)
+        view = pipeline.view_fn(config, shape)
+        for i in range(4):
+            seed = tf.constant([i, 9])
+            if shape[-1] == 1:
+                want = augment.grayscale_small(x, seed, 0.6, 0.3, 0.5)
+            else:
+                want = augment.rgb(x, seed, shape[:2], 0.6, 0.3, 0.5)
+            np.testing.assert_array_equal(view(x, seed), want)
+            assert view(x, seed).shape == shape
+
+
+def test_rand_augment_comes_after_the_rgb_recipe():
+    config = CONFIG.replace(rand_augment=True)
+    x = tf.constant(np.random.default_rng(3).uniform(0, 255, (16, 16, 3)), tf.float32)
+    view = pipeline.view_fn(config, (16, 16, 3))
+    rand_augment = augment.make_rand_augment(config.seed)
+    for i in range(4):
+        seed = tf.constant([i, 1])
+        want = rand_augment(augment.rgb(x, seed, (16, 16), config.crop_scale_min,
+                                        config.jitter_strength), augment.fold(seed, 5))
+        np.testing.assert_array_equal(view(x, seed), want)

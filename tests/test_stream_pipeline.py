@@ -1,10 +1,10 @@
-"""Streamed splits (issue 6): no random access, yet deterministic, sharded and resumable."""
+"""Streamed splits: no random access, yet deterministic, sharded and resumable."""
 
 import numpy as np
 import tensorflow as tf
 
 from grafit_tf.config import Config
-from grafit_tf.data import hierarchy, pipeline, sources
+from grafit_tf.data import hierarchy, pipeline, types
 
 N = 24
 
@@ -17,10 +17,10 @@ def stream_source(eval_resize=""):
     fine = np.arange(N, dtype=np.int32) % 6
     hier = hierarchy.from_mapping([f"f{i}" for i in range(6)],
                                   {f"f{i}": f"c{i % 2}" for i in range(6)})
-    split = sources.Split(
-        stream=sources.Stream(lambda: tf.data.Dataset.from_tensor_slices(encoded)),
+    split = types.Split(
+        stream=types.Stream(lambda: tf.data.Dataset.from_tensor_slices(encoded)),
         fine=fine, coarse=hier.coarse_of(fine))
-    return sources.Source(name="s", train=split, test=split, hierarchy=hier,
+    return types.Source(name="s", train=split, test=split, hierarchy=hier,
                           image_shape=(16, 16, 3), mean=(0.0,) * 3, std=(1.0,) * 3,
                           resize="resize_center_crop", eval_resize=eval_resize)
 
@@ -49,7 +49,7 @@ def test_stream_views_are_the_image_of_their_index(monkeypatch):
 
 def test_stream_training_is_deterministic_sharded_and_resumable():
     source = stream_source()
-    config = Config(batch_size=8, epochs=2, shuffle_buffer=10, augment="rgb")
+    config = Config(batch_size=8, epochs=2, shuffle_buffer=10)  # RGB images: the rgb recipe.
     run = batches(source, config)
     assert len(run) == 2 * (N // 8)
     for b in run:

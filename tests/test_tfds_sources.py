@@ -1,4 +1,4 @@
-"""TFDS datasets (issue 6) on `tfds.testing.mock_data`: fake examples with each
+"""TFDS datasets on `tfds.testing.mock_data`: fake examples with each
 builder's real feature structure, from the metadata shipped in the package. Nothing
 is downloaded; the absent-dataset path is checked without the mock."""
 
@@ -140,7 +140,7 @@ def test_absent_dataset_fails_at_once_with_the_command(tmp_path):
     for name in ("food101", "cifar100"):
         with pytest.raises(UserError, match=f"tfds build {name} --data_dir=") as e:
             sources.load(Config(dataset=name, tfds_data_dir=str(tmp_path)))
-        assert "--download" in str(e.value) and "\n" not in str(e.value)
+        assert "never downloads" in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("name", tfds_sources.DATASETS)

@@ -18,8 +18,6 @@ import functools
 import tensorflow as tf
 
 from grafit_tf import augment
-from grafit_tf.config import ERASE_SCALE_MIN
-from grafit_tf.errors import UserError
 
 
 def steps_per_epoch(num_examples, global_batch):
@@ -66,26 +64,16 @@ class ImageReader:
 def view_fn(config, image_shape):
     """The augmentation of one view: `(image [H,W,C], seed [2]) -> [H',W',C]`.
 
-    With `--aug_pred_weight`, `(image, seed) -> (view, params [P])` instead: the
-    view and the draws that made it (`augment.grayscale_small_with_params`).
-    `--erase_prob`'s random erasing comes after it, batched (`train_dataset_fn`).
+    The recipe follows the images: `augment.grayscale_small` for one-channel
+    images, `augment.rgb` (to `image_shape`, then with `--rand_augment`
+    RandAugment) for colour ones.
     """
-    recipe = _recipe(config, image_shape)
-    if config.uses_aug_prediction:
-        if recipe != "grayscale_small":
-            raise UserError("--aug_pred_weight predicts the draws of the grayscale_small "
-                            "recipe (small grayscale images); drop it for this data.")
-        return lambda image, seed: augment.grayscale_small_with_params(
-            image, seed, config.crop_scale_min, config.jitter_strength,
-            gamma=config.gamma_jitter)
-    if recipe == "grayscale_small":
+    if image_shape[-1] == 1:
         return lambda image, seed: augment.grayscale_small(image, seed, config.crop_scale_min,
                                                            config.jitter_strength,
                                                            gamma=config.gamma_jitter)
     size = tuple(image_shape[:2])
     if config.rand_augment:
-        if image_shape[-1] != 3:
-            raise UserError("--rand_augment needs RGB images; drop it for grayscale data.")
         rand_augment = augment.make_rand_augment(config.seed)
         # The layer needs a static channel count, which the colour ops lose.
         return lambda image, seed: rand_augment(tf.ensure_shape(
@@ -97,40 +85,12 @@ def view_fn(config, image_shape):
                                            config.jitter_strength, gamma=config.gamma_jitter)
 
 
-def _recipe(config, image_shape):
-    if config.augment != "auto":
-        return config.augment
-    return "grayscale_small" if image_shape[-1] == 1 and image_shape[0] <= 64 else "rgb"
-
-
-def local_view_fn(config, image_shape):
-    """One local crop (`--local_crops`): `(image, seed [2]) -> [s, s, C]`, s = local_crop_size.
-
-    The view recipe (flip, jitter) on a smaller random area, resized to a smaller
-    side; no RandAugment.
-    """
-    size = (config.local_crop_size, config.local_crop_size)
-    scale = (config.local_crop_scale_min, config.local_crop_scale_max)
-    if _recipe(config, image_shape) == "grayscale_small":
-        return lambda image, seed: augment.grayscale_small(
-            image, seed, scale[0], config.jitter_strength, size=size, crop_scale_max=scale[1],
-            gamma=config.gamma_jitter)
-    return lambda image, seed: augment.rgb(image, seed, size, scale[0], config.jitter_strength,
-                                           crop_scale_max=scale[1], gamma=config.gamma_jitter)
-
-
-# The fold of an image's seed that random erasing draws from; views use 0, 1, ...
-_ERASE_FOLD = 1 << 20
-
-
 def train_dataset_fn(source, config, start_step=0):
     """Returns `fn(input_context) -> tf.data.Dataset` for `distribute_datasets_from_function`.
 
     The dataset yields per-replica batches of `b = global_batch / replicas`:
     `{"views": [b, V, H, W, C] float32, "index": [b] int32, "label": [b] int32}`,
-    from global step `start_step` to the end of training, plus `"local_views":
-    [b, L, s, s, C]` when the run uses `L = config.num_local_views` local crops, and
-    `"aug_params": [b, V, P]` float32 with `--aug_pred_weight`.
+    from global step `start_step` to the end of training.
     `label` is the coarse label, or the fine label for the `fine_ce` oracle only.
     """
     split = source.train
@@ -152,7 +112,6 @@ def train_dataset_fn(source, config, start_step=0):
         shard = global_batch // pipelines
         reader = None if split.stream is not None else ImageReader(split, source.image_shape)
         one_view = view_fn(config, source.image_shape)
-        local_view = local_view_fn(config, source.image_shape)
         label_table = tf.constant(labels, tf.int32)
 
         def epoch_steps(epoch):
@@ -178,33 +137,12 @@ def train_dataset_fn(source, config, start_step=0):
             skip = skip_steps if epoch == start_epoch else 0
             return ds.skip(skip).unbatch().map(lambda i, data: (tf.constant(epoch), i, data))
 
-        def erase_batch(batch):
-            # Random erasing comes after the other ops, as in Zhong et al.; global views only.
-            batch = dict(batch)
-            batch["views"] = augment.erase_boxes(
-                batch["views"], batch.pop("erase_draws"), batch.pop("erase_noise"),
-                config.erase_prob, scale=(ERASE_SCALE_MIN, config.erase_scale_max))
-            return batch
-
         def example(epoch, index, data=None):
             image = reader(index) if data is None else decode(data, source.image_shape[-1])
             base = augment.fold(augment.fold(tf.constant([config.seed, 0]), epoch), index)
             views = [one_view(image, augment.fold(base, v)) for v in range(config.num_views)]
-            out = {"index": index, "label": tf.gather(label_table, index)}
-            if config.uses_aug_prediction:
-                views, params = zip(*views)
-                out["aug_params"] = tf.stack(params)
-            out["views"] = tf.stack(views)
-            if config.erase_prob:
-                # Drawn per image from a fold no view uses; applied per batch (erase_batch).
-                out["erase_draws"], out["erase_noise"] = augment.erasing_draws(
-                    augment.fold(base, _ERASE_FOLD), config.num_views, tf.shape(views[0]))
-            if config.num_local_views:
-                # Seeds after the global views': those stay what they were without local crops.
-                out["local_views"] = tf.stack([
-                    local_view(image, augment.fold(base, config.num_views + v))
-                    for v in range(config.num_local_views)])
-            return out
+            return {"index": index, "label": tf.gather(label_table, index),
+                    "views": tf.stack(views)}
 
         if reader is not None:
             ds = tf.data.Dataset.range(start_epoch, config.epochs).flat_map(epoch_steps)
@@ -213,8 +151,6 @@ def train_dataset_fn(source, config, start_step=0):
                 stream_epoch(e) for e in range(start_epoch, config.epochs)])
         ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.batch(per_replica, drop_remainder=True)
-        if config.erase_prob:
-            ds = ds.map(erase_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         options = tf.data.Options()
         options.deterministic = True
         options.experimental_distribute.auto_shard_policy = (

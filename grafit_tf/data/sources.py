@@ -11,7 +11,9 @@ import os
 import numpy as np
 
 from grafit_tf.data import hierarchy as hierarchy_lib
+from grafit_tf.data import tfds_sources
 from grafit_tf.data.idx import read_idx
+from grafit_tf.data.types import IMAGENET_STATS, Source, Split
 from grafit_tf.errors import UserError
 
 FASHION_MNIST_CLASSES = (
@@ -25,91 +27,6 @@ FASHION_MNIST_FILES = {
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 # Per-channel mean / std in 0..255 units, baked into the model's input layer.
 FASHION_MNIST_STATS = ((72.94,), (90.02,))
-IMAGENET_STATS = ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
-
-
-@dataclasses.dataclass(frozen=True)
-class Stream:
-    """A split read in a fixed order from a `tf.data` source (TFDS), images encoded.
-
-    There is no random access: the pipeline numbers the elements as they come
-    (element i is example i, the index of the labels and of the memory slots)
-    and shuffles them with a buffer.
-
-    Attributes:
-        open_fn: `() -> tf.data.Dataset` of encoded images (`[]` tf.string,
-            JPEG or PNG), always in the same order.
-        limit: read only the first `limit` elements (0: all).
-    """
-
-    open_fn: object
-    limit: int = 0
-
-    def dataset(self):
-        ds = self.open_fn()
-        return ds.take(self.limit) if self.limit else ds
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-    """One split. Exactly one of `images`, `paths` and `stream` is set.
-
-    Attributes:
-        images: `[N, H, W, C]` uint8, for datasets held in memory.
-        paths: `[N]` str, image files decoded by the pipeline.
-        stream: a `Stream` of N encoded images (large TFDS datasets).
-        fine: `[N]` int32 fine labels.
-        coarse: `[N]` int32 coarse labels.
-    """
-
-    images: np.ndarray = None
-    paths: np.ndarray = None
-    fine: np.ndarray = None
-    coarse: np.ndarray = None
-    stream: Stream = None
-
-    def __len__(self):
-        return len(self.fine)
-
-    def take(self, n):
-        """The first `n` examples (all when n <= 0 or n >= len)."""
-        if n <= 0 or n >= len(self):
-            return self
-        return Split(
-            images=None if self.images is None else self.images[:n],
-            paths=None if self.paths is None else self.paths[:n],
-            fine=self.fine[:n],
-            coarse=self.coarse[:n],
-            stream=None if self.stream is None else dataclasses.replace(self.stream, limit=n),
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    """A dataset ready for the pipeline.
-
-    Attributes:
-        name: dataset name.
-        train, test: the splits.
-        hierarchy: fine/coarse classes.
-        image_shape: `(H, W, C)` the model sees.
-        mean, std: per-channel normalisation in 0..255 units.
-        resize: how evaluation images are brought to `image_shape`
-            ('none' when they already have it); what serving repeats.
-        eval_resize: overrides `resize` for evaluation only ('' : same);
-            'resize' (whole image, aspect ratio not kept) for
-            `--eval_protocol=maskcon`.
-    """
-
-    name: str
-    train: Split
-    test: Split
-    hierarchy: hierarchy_lib.Hierarchy
-    image_shape: tuple
-    mean: tuple
-    std: tuple
-    resize: str = "none"
-    eval_resize: str = ""
 
 
 def load(config):
@@ -119,13 +36,10 @@ def load(config):
     elif config.dataset == "image_folder":
         source = _image_folder(config)
     else:
-        # Issue 6. Imported here: TensorFlow Datasets is heavy, and it imports this module.
-        from grafit_tf.data import tfds_sources
-
         source = tfds_sources.load(config)
     train = source.train.take(config.max_train_examples)
     test = source.test.take(config.max_eval_examples)
-    # MaskCon's protocol (issue 6) evaluates resized whole images, no centre crop.
+    # MaskCon's protocol evaluates resized whole images, no centre crop.
     eval_resize = "resize" if config.eval_protocol == "maskcon" else source.eval_resize
     return dataclasses.replace(source, train=train, test=test, eval_resize=eval_resize)
 

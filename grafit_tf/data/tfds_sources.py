@@ -1,13 +1,13 @@
-"""TensorFlow Datasets with coarse/fine hierarchies, read into a `sources.Source`.
+"""TensorFlow Datasets with coarse/fine hierarchies, read into a `types.Source`.
 
 Every dataset is read with `tfds.load(..., data_dir=--tfds_data_dir,
-download=--download)`; download is off by default, so an absent dataset stops
+download=False)`: nothing is downloaded at run time, and an absent dataset stops
 the run at once with a `UserError` saying how to prepare it.
 
 Two ways to hold a split:
 - CIFAR-100 (50,000 images of 32x32x3, 150 MB) is materialised as uint8 in
   memory: exact random access, like Fashion-MNIST.
-- Every other dataset is a `sources.Stream` of encoded images (TFDS's own
+- Every other dataset is a `types.Stream` of encoded images (TFDS's own
   JPEG / PNG bytes, decoded by the pipeline in parallel). TFDS's TFRecord files
   have no random access, so element i of the fixed read order *is* example i:
   the labels (read once, at load time, in that order) and the memory slots
@@ -36,7 +36,7 @@ import os
 import numpy as np
 
 from grafit_tf.data import hierarchy as hierarchy_lib
-from grafit_tf.data import sources
+from grafit_tf.data.types import IMAGENET_STATS, Source, Split, Stream
 from grafit_tf.errors import UserError
 
 # Per-channel mean / std of CIFAR-100's training images, in 0..255 units.
@@ -80,7 +80,7 @@ DATASETS = tuple(SPECS)
 
 
 def load(config):
-    """The `sources.Source` of `config.dataset`. Raises `UserError` if not prepared."""
+    """The `types.Source` of `config.dataset`. Raises `UserError` if not prepared."""
     if config.dataset not in SPECS:
         raise UserError(
             f"--dataset={config.dataset!r} is not known; choose one of: "
@@ -99,16 +99,15 @@ def load(config):
         splits = {s: _streamed(name, split, spec, config)
                   for s, split in (("train", spec.train), ("test", spec.test))}
     hier = _hierarchy(config, name, spec, features, fine_names, splits)
-    out = {s: sources.Split(images=images, stream=stream, fine=fine,
-                            coarse=hier.coarse_of(fine))
+    out = {s: Split(images=images, stream=stream, fine=fine, coarse=hier.coarse_of(fine))
            for s, (images, stream, fine, _) in splits.items()}
     size = config.image_size or spec.size
-    stats = CIFAR100_STATS if name == "cifar100" else sources.IMAGENET_STATS
+    stats = CIFAR100_STATS if name == "cifar100" else IMAGENET_STATS
     # CIFAR-100 at its own 32 px needs no resize; any other size uses the
     # resize + centre crop that serving knows too.
     native = spec.in_memory and tuple(out["train"].images.shape[1:3]) == (size, size)
     resize = "none" if native else "resize_center_crop"
-    return sources.Source(
+    return Source(
         name=name, train=out["train"], test=out["test"], hierarchy=hier,
         image_shape=(size, size, 3), mean=stats[0], std=stats[1], resize=resize,
     )
@@ -118,8 +117,8 @@ def not_prepared_message(name, data_dir):
     where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
     return (
         f"TFDS dataset {name} is not prepared in {where}: run `tfds build {name} "
-        f"--data_dir={where}` (some need a manual download, see the TFDS catalog), "
-        "or pass --download to let train.py download and prepare it."
+        f"--data_dir={where}` beforehand (some need a manual download, see the TFDS "
+        "catalog); train.py never downloads."
     )
 
 
@@ -133,7 +132,7 @@ def _tfds_load(name, split, config, decoders=None):
 
     try:
         return tfds.load(name, split=split, data_dir=config.tfds_data_dir or None,
-                         download=config.download, shuffle_files=False, decoders=decoders)
+                         download=False, shuffle_files=False, decoders=decoders)
     except AssertionError as e:  # TFDS's "could not find data in ..." when absent.
         if "could not find data" in str(e):
             raise UserError(not_prepared_message(name, config.tfds_data_dir)) from None
@@ -182,7 +181,7 @@ def _streamed(name, split, spec, config):
     keys = [spec.fine] + ([spec.coarse] if spec.coarse else [])
     open_dataset = lambda: _tfds_load(name, split, config, _only(keys, encoded_image=True))
     labels = _labels(open_dataset(), keys)
-    stream = sources.Stream(open_fn=lambda: open_dataset().map(lambda ex: ex["image"]))
+    stream = Stream(open_fn=lambda: open_dataset().map(lambda ex: ex["image"]))
     return None, stream, labels[spec.fine], labels.get(spec.coarse)
 
 
