@@ -2,15 +2,37 @@ r"""Embeds a folder of images with the exported ONNX model and labels them by kN
 
     python serve.py --model=W/export/embedder.onnx --images=DIR --output=OUT \
         [--gallery=G | --gallery=G.npz] [--save_gallery=G.npz] [--k=20] [--labels_from_dirs]
+        [--temperature=T] [--allow_failed_parity]
 
 Never imports TensorFlow: onnxruntime, Pillow, NumPy (and faiss-cpu for large
-galleries) only. Exit status: 0 when at least one image was embedded, 1 when
-none was, 2 (one line on stderr, before any work) for a missing or invalid
-model, an empty folder, a gallery of another embedding dimension, or bad flags.
-See `grafit_tf.serving.job` for the outputs.
+galleries) only. Exit status, with one line on stderr whenever it is not 0:
+
+- 0: at least one image was embedded; the outputs are published. Files that
+  could not be embedded (unreadable, not an image, or a model output that is
+  not finite / not unit norm for that image) are rows of errors.csv.
+- 1: no image was embedded (the outputs are published; errors.csv says why), or
+  the run failed after work started (the model returned a batch of the wrong
+  shape, or the kNN vote gave non-finite scores): then nothing is published
+  and an earlier run's outputs stay as they were.
+- 2: bad flags (absl's parsing errors too) or bad input, found before any
+  image is decoded and before anything is written: a missing, invalid or
+  inconsistent model (metadata against graph, output on a probe not a finite
+  unit-norm [N, D]), a model whose export failed its parity check
+  (parity.json; see --allow_failed_parity), a temperature that is not a
+  finite number > 0 (flag or model metadata), a missing or empty folder, an
+  unusable gallery .npz (arrays of the wrong type or shape, not finite, not
+  unit norm, another embedding dimension), an output folder another run is
+  writing into. Also, after embedding it, a gallery folder none of whose
+  images could be embedded (nothing is published).
+- 130 / 143: interrupted by SIGINT (Ctrl-C) / SIGTERM; nothing is published
+  and the decoding workers are stopped.
+
+See `grafit_tf.serving.job` for the outputs and `grafit_tf.serving.outputs`
+for how a run is published.
 """
 
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -29,8 +51,9 @@ flags.DEFINE_string("save_gallery", "", "Save the embedded gallery folder to thi
                     "reuse with --gallery=PATH.npz.")
 flags.DEFINE_integer("k", 20, "Neighbours in the similarity-weighted kNN vote (and listed "
                      "per image in predictions.csv).")
-flags.DEFINE_float("temperature", 0.0, "Temperature T of the vote weights exp(sim / T); "
-                   "0 takes the training config's eval_temperature (0.07).")
+flags.DEFINE_float("temperature", 0.0, "Temperature T > 0 of the vote weights exp(sim / T); "
+                   "0 takes the model's eval_temperature (its training config; 0.07 if "
+                   "absent).")
 flags.DEFINE_bool("labels_from_dirs", False, "Query images sit in IMAGES/<fine label>/: report "
                   "accuracy overall and per class (terminal and summary.json).")
 flags.DEFINE_string("providers", "", "onnxruntime execution providers, comma-separated, best "
@@ -46,6 +69,8 @@ flags.DEFINE_integer("max_image_pixels", images.DEFAULT_MAX_PIXELS, "Decompressi
                      "(default: Pillow's limit).")
 flags.DEFINE_integer("intra_op_threads", 0, "onnxruntime threads per operator (0: its default).")
 flags.DEFINE_bool("progress", True, "Show a progress bar with images per second (stderr).")
+flags.DEFINE_bool("allow_failed_parity", False, "Serve a model whose export failed its "
+                  "parity check (parity.json beside the model says passed=false).")
 for _name in ("model", "images", "output"):
     flags.mark_flag_as_required(_name)
 
@@ -57,7 +82,31 @@ def options_from_flags():
         save_gallery=f.save_gallery, k=f.k, temperature=f.temperature,
         labels_from_dirs=f.labels_from_dirs, providers=f.providers, batch_size=f.batch_size,
         workers=f.workers, knn_backend=f.knn_backend, max_image_pixels=f.max_image_pixels,
-        intra_op_threads=f.intra_op_threads, progress=f.progress)
+        intra_op_threads=f.intra_op_threads, progress=f.progress,
+        allow_failed_parity=f.allow_failed_parity)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: ends the run the way Ctrl-C does (nothing published, workers stopped)."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # Once: let the cleanup finish.
+    raise Terminated()
+
+
+def parse_flags(argv):
+    """absl's parsing, with any flag error as one line and exit status 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        message = " ".join(str(e).split()).rstrip(".")
+        print(f"error: {message}; see python serve.py --helpshort.", file=sys.stderr)
+        sys.exit(2)
+
+
+def _one_line(error):
+    return " ".join(str(error).split())
 
 
 def main(argv):
@@ -67,14 +116,19 @@ def main(argv):
     from grafit_tf.errors import UserError
 
     logging.set_verbosity(logging.WARNING)  # Library INFO chatter off the terminal.
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         summary = job.run(options_from_flags())
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: no output was published (temporary files removed).", file=sys.stderr)
-        return 130
+    except job.RunError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"{what}: no output was published (temporary files removed).", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     if not summary["embedded"]:
         print(f"error: no image under --images={flags.FLAGS.images} could be embedded; "
               f"reasons in {os.path.join(flags.FLAGS.output, 'errors.csv')}.", file=sys.stderr)
@@ -83,4 +137,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -1,38 +1,35 @@
-"""serve.py end to end: bad input, galleries, errors before work, no TensorFlow.
+"""serve.py, the entry point, end to end: bad input, errors before any work, exit status,
+no TensorFlow.
 
-The agreement of serve's embeddings with the training pipeline's is in
-test_serving_agreement.py.
+The serving modules' own tests are tests/test_serving_<module>.py; the agreement of
+serve's embeddings with the training pipeline's is in test_serving_agreement.py.
 """
 
-import csv
 import ctypes
 import io
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
+import uuid
 import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from grafit_tf.data import png_folders
-from grafit_tf.errors import UserError
-from grafit_tf.serving import classify, embed, gallery as gallery_lib, job, pool as pool_lib
+from grafit_tf.serving import gallery as gallery_lib, job, outputs
+from tests.conftest import REPO, read_csv
 from tests.image_files import png_bytes, png_header_only
+from tests.test_serving_embedder import onnx_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVE = os.path.join(REPO, "serve.py")
 
 
 # --- helpers -----------------------------------------------------------------
-
-
-def read_csv(path):
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f))
-    return rows[0], rows[1:]
 
 
 def run_serve(*args, preexec_fn=None):
@@ -40,6 +37,50 @@ def run_serve(*args, preexec_fn=None):
     return subprocess.run([sys.executable, SERVE, "--progress=false", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env=env,
                           preexec_fn=preexec_fn)
+
+
+def synthetic(root, labels=("a", "b", "c"), per_label=4, queries=5):
+    """A small embedder (no training), a labelled gallery folder and a query folder.
+
+    Returns:
+        dict: `model`, `gallery`, `queries` (paths, as str).
+    """
+    rng = np.random.default_rng(0)
+    os.makedirs(root, exist_ok=True)
+    model = onnx_model(os.path.join(root, "embedder.onnx"))
+    for label in labels:
+        os.makedirs(os.path.join(root, "gallery", label))
+        for i in range(per_label):
+            with open(os.path.join(root, "gallery", label, f"{i}.png"), "wb") as f:
+                f.write(png_bytes(rng.integers(0, 256, (28, 28), np.uint8)))
+    os.makedirs(os.path.join(root, "queries"))
+    for i in range(queries):
+        with open(os.path.join(root, "queries", f"{i}.png"), "wb") as f:
+            f.write(png_bytes(rng.integers(0, 256, (28, 28), np.uint8)))
+    return {"model": model, "gallery": os.path.join(root, "gallery"),
+            "queries": os.path.join(root, "queries")}
+
+
+def serve_options(**changes):
+    return job.ServeOptions(**dict(dict(workers=0, progress=False, k=3), **changes))
+
+
+def stderr_lines(result):
+    return [l for l in result.stderr.splitlines() if l.strip()]
+
+
+def saved_gallery(path, dim=16, rows=4, **changes):
+    """Writes a gallery .npz (unit rows), with `changes` replacing any of its arrays."""
+    emb = np.random.default_rng(1).normal(size=(rows, dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    values = dict(embeddings=emb, labels=np.arange(rows, dtype=np.int32) % 2,
+                  label_names=np.asarray(["x", "y"]),
+                  paths=np.asarray([f"{'xy'[i % 2]}/{i}.png" for i in range(rows)]),
+                  model_sha256=np.asarray(""), format_version=np.asarray(1, np.int32))
+    values.update(changes)
+    with open(path, "wb") as f:
+        np.savez(f, **values)
+    return str(path)
 
 
 def error_lines(result):
@@ -67,24 +108,6 @@ def unreadable_support():
         return True, _drop_file_read_override
     except (OSError, subprocess.SubprocessError):
         return False, None
-
-
-@pytest.fixture(scope="session")
-def fashion_pngs(fashion_dir, tmp_path_factory):
-    """Real Fashion-MNIST PNG folders.
-
-    A gallery (train, 6 per class), queries (test, 3 per class) and the first
-    test images as arrays.
-    """
-    root = tmp_path_factory.mktemp("fashion_png")
-    train_x, train_y = png_folders.read_fashion_mnist(fashion_dir, "train")
-    test_x, test_y = png_folders.read_fashion_mnist(fashion_dir, "test")
-    png_folders.write_png_folders(train_x, train_y, str(root / "gallery"),
-                                  indices=png_folders.select(train_y, 6))
-    png_folders.write_png_folders(test_x, test_y, str(root / "queries"),
-                                  indices=png_folders.select(test_y, 3))
-    return {"gallery": str(root / "gallery"), "queries": str(root / "queries"),
-            "test_images": test_x[:40]}
 
 
 def _huge_png():
@@ -231,49 +254,6 @@ def test_every_file_is_accounted_for_once(tiny_export, fashion_pngs, tmp_path):
     assert not [n for n in os.listdir(out) if n.startswith(".")], "temporary files left"
 
 
-def test_gallery_save_and_load(tiny_export, fashion_pngs, tmp_path):
-    saved = str(tmp_path / "gallery.npz")
-    options = job.ServeOptions(model=tiny_export["onnx"], images=fashion_pngs["queries"],
-                               output=str(tmp_path / "first"), gallery=fashion_pngs["gallery"],
-                               save_gallery=saved, k=7, labels_from_dirs=True, workers=0,
-                               progress=False)
-    first = job.run(options, log=lambda *a: None)
-    g = gallery_lib.load(saved)
-    assert len(g) == 60 and g.dim == tiny_export["embedding_dim"]
-    assert g.label_names == tuple(sorted(png_folders.FASHION_MNIST_CLASSES))
-    with np.load(saved, allow_pickle=False) as data:
-        assert data["embeddings"].dtype == np.float32 and data["labels"].dtype == np.int32
-    second = job.run(options.__class__(**dict(options.__dict__, gallery=saved, save_gallery="",
-                                              output=str(tmp_path / "second"))),
-                     log=lambda *a: None)
-    assert first["accuracy"] == second["accuracy"]
-    assert 0.0 <= first["accuracy"]["accuracy"] <= 1.0
-    assert first["accuracy"]["images"] == 30 and len(first["accuracy"]["per_class"]) == 10
-    rows_a = read_csv(tmp_path / "first" / "predictions.csv")
-    rows_b = read_csv(tmp_path / "second" / "predictions.csv")
-    assert rows_a[0] == rows_b[0]
-    for a, b in zip(rows_a[1], rows_b[1]):
-        assert a[:3] == b[:3]  # path, label, predicted.
-        np.testing.assert_allclose(float(a[3]), float(b[3]), atol=1e-5)
-
-
-def test_knn_backends_agree():
-    rng = np.random.default_rng(0)
-    gallery = rng.normal(size=(3000, 32)).astype(np.float32)
-    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
-    queries = rng.normal(size=(200, 32)).astype(np.float32)
-    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    sims_np, idx_np = classify.search(queries, gallery, 20, backend="numpy")
-    sims_fa, idx_fa = classify.search(queries, gallery, 20, backend="faiss")
-    np.testing.assert_array_equal(idx_np, idx_fa)
-    np.testing.assert_allclose(sims_np, sims_fa, atol=1e-5)
-    g = gallery_lib.Gallery(gallery, rng.integers(0, 7, 3000).astype(np.int32),
-                            tuple(f"c{i}" for i in range(7)), tuple(map(str, range(3000))))
-    a = classify.predict(queries, g, 20, 0.07, backend="numpy")
-    b = classify.predict(queries, g, 20, 0.07, backend="faiss")
-    np.testing.assert_array_equal(a.labels, b.labels)
-
-
 @pytest.mark.parametrize("case", ["missing_model", "invalid_model", "empty_dir",
                                   "dim_mismatch", "missing_images"])
 def test_clear_error_before_any_work(case, tiny_export, fashion_pngs, tmp_path):
@@ -292,7 +272,9 @@ def test_clear_error_before_any_work(case, tiny_export, fashion_pngs, tmp_path):
     elif case == "missing_images":
         images, expected = str(tmp_path / "absent"), "no such directory"
     else:
-        bad = gallery_lib.Gallery(np.ones((3, tiny_export["embedding_dim"] + 1), np.float32),
+        unit = np.ones((3, tiny_export["embedding_dim"] + 1), np.float32)
+        unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+        bad = gallery_lib.Gallery(unit,
                                   np.zeros(3, np.int32), ("a",), ("a/1", "a/2", "a/3"))
         gallery_lib.save(bad, str(tmp_path / "bad.npz"))
         extra, expected = [f"--gallery={tmp_path / 'bad.npz'}"], "dimension"
@@ -320,7 +302,6 @@ def test_all_bad_exits_non_zero(tiny_export, tmp_path):
 def test_serving_never_imports_tensorflow(tiny_export, fashion_pngs, tmp_path):
     code = f"""
 import sys
-sys.path.insert(0, {REPO!r})
 import serve
 import grafit_tf.serving
 from grafit_tf.serving import (classify, embed, embedder, gallery, images, job, outputs,
@@ -335,71 +316,262 @@ assert summary["embedded"] == 30, summary
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf2onnx"))
 print("HEAVY", heavy)
 """
+    # From the repository root, like every serve.py run: `import serve` finds the script.
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120, cwd=str(tmp_path))
+                            timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout, result.stdout
 
 
-class _MeanEmbedder:
-    """A stand-in model: the mean pixel as a 1-d embedding."""
-
-    image_shape, resize, dim = (28, 28, 1), "none", 1
-
-    def __call__(self, images):
-        return images.reshape(len(images), -1).mean(axis=1, keepdims=True).astype(np.float32)
+# --- bad input: one line, exit status 2, nothing touched ---------------------
 
 
-def crash_on_marked_file(paths, spec, start=0):
-    """A decoding task that kills its worker process on files named 'crash*'."""
-    if any(os.path.basename(p).startswith("crash") for p in paths):
-        os._exit(3)
-    return pool_lib.decode_chunk(paths, spec, start)
+def _bad_input(case, tmp_path):
+    """`(extra flags, expected part of the error line)` for one kind of bad input."""
+    s = synthetic(str(tmp_path / "data"))
+    base = [f"--model={s['model']}", f"--images={s['queries']}", f"--gallery={s['gallery']}"]
+    model_dir = os.path.dirname(s["model"])
+    if case == "flag_not_an_int":
+        return base + ["--k=abc"], "flag --k=abc"
+    if case == "flag_missing":
+        return [f"--images={s['queries']}"], "--model"
+    if case == "flag_unknown_value":
+        return base + ["--knn_backend=fastest"], "--knn_backend"
+    if case.startswith("temperature_"):
+        value = case.split("_", 1)[1].replace("negative", "-1")
+        return base + [f"--temperature={value}"], f"--temperature={float(value)}"
+    if case.startswith("model_temperature_"):
+        value = {"zero": 0, "negative": -0.5, "nan": float("nan"), "text": "cold"}[
+            case.rsplit("_", 1)[1]]
+        onnx_model(s["model"], config={"eval_temperature": value})
+        return base, f"eval_temperature={value!r}, not a finite number > 0"
+    if case == "parity_failed":
+        with open(os.path.join(model_dir, "parity.json"), "w", encoding="utf-8") as f:
+            json.dump({"passed": False, "keras_vs_onnxruntime": 0.2, "tolerance": 1e-4}, f)
+        return base, f"{os.path.join(model_dir, 'parity.json')} says passed=false"
+    if case == "model_nan":
+        onnx_model(s["model"], output="nan")
+        return base, "its output is not a finite unit-norm [N, D]"
+    if case == "model_metadata_vs_graph":
+        onnx_model(s["model"], image_shape=(32, 32, 1), graph_shape=(28, 28, 1))
+        return base, "its metadata says input 32x32x1 (HxWxC) but its graph input is"
+    gallery = str(tmp_path / "gallery.npz")
+    base[2] = f"--gallery={gallery}"
+    if case == "gallery_format_version_list":
+        saved_gallery(gallery, format_version=np.asarray([1, 2]))
+        return base, "'format_version' is int64 of shape [2], not an integer scalar"
+    if case == "gallery_nan":
+        emb = np.full((4, 16), 0.25, np.float32)
+        emb[2, 3] = np.nan
+        saved_gallery(gallery, embeddings=emb)
+        return base, f"--gallery={gallery}: 1 of its 4 embeddings are not finite"
+    if case == "gallery_not_unit":
+        saved_gallery(gallery, embeddings=np.ones((4, 16), np.float32))
+        return base, "not of unit norm"
+    if case == "gallery_label_count":
+        saved_gallery(gallery, labels=np.zeros(3, np.int32))
+        return base, "inconsistent arrays"
+    assert case == "gallery_dim", case
+    saved_gallery(gallery, dim=8)
+    return base, "dimension 8"
 
 
-def test_a_crashing_decoder_loses_only_its_file(tmp_path):
-    paths = []
-    for i in range(40):
-        name = "crash.png" if i == 17 else f"{i:02d}.png"
-        path = tmp_path / name
-        path.write_bytes(png_bytes(np.full((28, 28), i, np.uint8)))
-        paths.append(str(path))
-    result = embed.embed_files(_MeanEmbedder(), paths, batch_size=8, workers=2,
-                               decode=crash_on_marked_file)
-    assert result.errors == [(17, "decoder crashed (its worker process died)")]
-    assert result.ok == [i for i in range(40) if i != 17]
-    np.testing.assert_allclose(result.embeddings[:, 0], [i for i in range(40) if i != 17])
+BAD_INPUTS = ["flag_not_an_int", "flag_missing", "flag_unknown_value", "temperature_nan",
+              "temperature_inf", "temperature_negative", "model_temperature_zero",
+              "model_temperature_negative", "model_temperature_nan", "model_temperature_text",
+              "parity_failed", "model_nan", "model_metadata_vs_graph",
+              "gallery_format_version_list", "gallery_nan", "gallery_not_unit",
+              "gallery_label_count", "gallery_dim"]
 
 
-def test_user_error_on_bad_flags(tiny_export, fashion_pngs, tmp_path):
-    base = dict(model=tiny_export["onnx"], images=fashion_pngs["queries"],
-                output=str(tmp_path / "out"), progress=False)
-    for changes, message in (({"k": 0}, "--k"), ({"labels_from_dirs": True}, "needs --gallery"),
-                             ({"providers": "nonexistent"}, "not available"),
-                             ({"save_gallery": "x.npz"}, "--save_gallery")):
-        with pytest.raises(UserError, match=message):
-            job.run(job.ServeOptions(**base, **changes), log=lambda *a: None)
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_gets_one_line_and_exit_2(case, tmp_path):
+    args, expected = _bad_input(case, tmp_path)
+    out = tmp_path / "out"
+    result = run_serve(*args, f"--output={out}")
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = stderr_lines(result)
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert expected in lines[0], lines[0]
+    assert not out.exists(), "work started before the error"
 
 
-def test_providers_resolve():
-    from grafit_tf.serving.embedder import resolve_providers
+def test_a_failed_parity_check_can_be_overridden(tmp_path):
+    s = synthetic(str(tmp_path / "data"))
+    with open(os.path.join(os.path.dirname(s["model"]), "parity.json"), "w") as f:
+        json.dump({"passed": False}, f)
+    out = tmp_path / "out"
+    result = run_serve(f"--model={s['model']}", f"--images={s['queries']}", f"--output={out}",
+                       "--allow_failed_parity")
+    assert result.returncode == 0, result.stderr
+    assert "failed the parity check" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["export_parity"] == "failed" and summary["embedded"] == 5
 
-    assert resolve_providers("cpu") == ["CPUExecutionProvider"]
-    assert resolve_providers("")[-1] == "CPUExecutionProvider"
+
+def test_non_finite_scores_are_refused_not_written(tmp_path):
+    s = synthetic(str(tmp_path / "data"))
+    out = tmp_path / "out"
+    args = [f"--model={s['model']}", f"--images={s['queries']}", f"--output={out}",
+            f"--gallery={s['gallery']}", "--k=3", "--progress=false", "--workers=0"]
+    assert run_serve(*args[:-2]).returncode == 0
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    # The vote itself broken (no valid setting reaches NaN any more): serve.py must refuse.
+    code = f"""
+import numpy as np
+from absl import app
+import serve
+from grafit_tf import knn
+knn.weighted_vote = lambda s, l, n, t: (np.zeros(len(s), np.int64),
+                                        np.full((len(s), n), np.nan, np.float32))
+app.run(serve.main, argv=["serve.py"] + {args!r}, flags_parser=serve.parse_flags)
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    lines = stderr_lines(result)
+    assert len(lines) == 1 and "non-finite scores" in lines[0], result.stderr
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before, \
+        "the earlier run's outputs changed"
 
 
-def test_rerun_replaces_outputs_and_skips_its_own_folder(tiny_export, fashion_pngs, tmp_path):
-    import shutil
+# --- killing serve.py --------------------------------------------------------
 
+
+def _marked_processes(marker):
+    """`{pid: status}` of the live processes whose environment holds `marker`."""
+    found = {}
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        for p in psutil.process_iter():
+            try:
+                if p.environ().get("GRAFIT_SERVE_TEST") == marker \
+                        and p.status() != psutil.STATUS_ZOMBIE:
+                    found[p.pid] = " ".join(p.cmdline())
+            except (psutil.Error, OSError):
+                continue
+        return found
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"GRAFIT_SERVE_TEST={marker}".encode() in env and state != b"Z":
+            found[int(pid)] = cmdline
+    return found
+
+
+def _wait_for(condition, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    return condition()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT],
+                         ids=["SIGKILL", "SIGTERM", "SIGINT"])
+def test_killing_serve_leaves_no_process_behind(sig, tmp_path):
+    s = synthetic(str(tmp_path / "data"))
+    images = tmp_path / "many"
+    images.mkdir()
+    y, x = np.mgrid[0:1200, 0:1200]
+    (images / "0000.png").write_bytes(png_bytes(((x * y) % 251).astype(np.uint8)))
+    for i in range(1, 2000):  # Hard links: 2000 slow-to-decode files, one on disk.
+        os.link(images / "0000.png", images / f"{i:04d}.png")
+    out = tmp_path / "out"
+    marker = uuid.uuid4().hex
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", GRAFIT_SERVE_TEST=marker)
+    proc = subprocess.Popen([sys.executable, SERVE, "--progress=false", f"--model={s['model']}",
+                             f"--images={images}", f"--output={out}", "--workers=2",
+                             "--batch_size=16"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        def both_workers():
+            found = [c for c in _marked_processes(marker).values() if "spawn_main" in c]
+            return found if len(found) >= 2 else None
+
+        workers = _wait_for(both_workers, 60)
+        assert workers, (_marked_processes(marker), proc.poll())
+        time.sleep(0.5)
+        assert proc.poll() is None, "serve.py finished before it could be killed"
+        os.kill(proc.pid, sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    left = _wait_for(lambda: not _marked_processes(marker), 10)
+    assert left, f"still alive after {sig!r}: {_marked_processes(marker)}"
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+        # A killed run leaves its staging folder; the next run into the folder removes it.
+        assert [n for n in os.listdir(out) if n.startswith(outputs.STAGING_PREFIX)]
+        job.run(serve_options(model=s["model"], images=s["queries"], output=str(out)),
+                log=lambda *a: None)
+        assert sorted(os.listdir(out)) == ["embeddings.npy", "errors.csv", "index.csv",
+                                           "summary.json"]
+        return
+    expected = (143, "terminated (SIGTERM)") if sig == signal.SIGTERM else (130, "interrupted")
+    assert proc.returncode == expected[0], stderr
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith(expected[1]), stderr
+    assert os.listdir(out) == [], "a run ended by a signal must publish nothing"
+
+
+# --- file names and CSV cells ------------------------------------------------
+
+
+def test_undecodable_and_backslash_names_are_told_apart(tmp_path):
+    s = synthetic(str(tmp_path / "data"))
+    images = os.fsencode(str(tmp_path / "names"))
+    os.makedirs(images)
+    data = png_bytes(np.full((28, 28), 90, np.uint8))
+    for name in (b"a\\xe9.png", b"a\xe9.png", b"b\\c.png"):  # Literal backslash, byte 0xE9.
+        with open(os.path.join(images, name), "wb") as f:
+            f.write(data)
+    out = tmp_path / "out"
+    job.run(serve_options(model=s["model"], images=os.fsdecode(images), output=str(out)),
+            log=lambda *a: None)
+    _, rows = read_csv(out / "index.csv")
+    assert [r[0] for r in rows] == ["a\\\\xe9.png", "a\\xe9.png", "b\\\\c.png"]
+
+
+FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def test_csv_cells_never_start_a_formula(tmp_path):
+    s = synthetic(str(tmp_path / "data"), labels=("=cmd", "+plus", "-minus", "@at", "'quote"))
+    (tmp_path / "data" / "gallery" / "=cmd" / "=oops.txt").write_text("not an image")
     images = tmp_path / "queries"
-    shutil.copytree(fashion_pngs["queries"], images)
-    out = images / "results"  # Inside the query folder: never served itself.
-    base = dict(model=tiny_export["onnx"], images=str(images), output=str(out), workers=0,
-                progress=False)
-    first = job.run(job.ServeOptions(**base, gallery=fashion_pngs["gallery"]),
-                    log=lambda *a: None)
-    assert (out / "predictions.csv").exists() and first["embedded"] == 30
-    second = job.run(job.ServeOptions(**base), log=lambda *a: None)
-    assert second["embedded"] == 30 and second["errors"] == 0
-    assert not (out / "predictions.csv").exists(), "stale predictions of the earlier run"
-    assert not (out / "gallery_errors.csv").exists()
+    shutil.copytree(s["queries"], images)
+    for src, dst in (("0.png", "=1+1.png"), ("1.png", "-2.png"), ("2.png", "@SUM(A1).png")):
+        os.rename(images / src, images / dst)
+    (images / "+bad.txt").write_text("not an image")
+    out = tmp_path / "out"
+    job.run(serve_options(model=s["model"], images=str(images), output=str(out),
+                          gallery=s["gallery"], k=20), log=lambda *a: None)
+    texts = []
+    for name in ("index.csv", "errors.csv", "predictions.csv", "gallery_errors.csv"):
+        header, rows = read_csv(out / name)
+        numeric = [h == "score" or h.startswith("similarity_") for h in header]
+        for row in rows:
+            for cell, is_number in zip(row, numeric):
+                if is_number:
+                    float(cell)  # A number, written as one (negative ones included).
+                    continue
+                assert not cell.startswith(FORMULA), (name, cell)
+                texts.append(outputs.read_cell(cell))
+    assert {"=1+1.png", "-2.png", "@SUM(A1).png", "+bad.txt", "=cmd/=oops.txt", "'quote",
+            "=cmd", "+plus", "-minus", "@at", "'quote/0.png"} <= set(texts)

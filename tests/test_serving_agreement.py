@@ -2,7 +2,7 @@
 
 The reference reads the same files with `grafit_tf.data.pipeline` (the
 `tf.io.decode_image` + `eval_image` path of training's evaluation) and embeds
-them with `embedder.keras` (`trainer.embed`). serve.py decodes with Pillow,
+them with `embedder.keras` (`grafit_tf.embedding.embed`). serve.py decodes with Pillow,
 resizes in NumPy, rounds to uint8 and runs the ONNX export.
 """
 
@@ -29,18 +29,20 @@ def _serve(model, images, output):
     return served, np.load(os.path.join(output, "embeddings.npy"))
 
 
-def _pipeline_embeddings(workdir, source, paths):
-    """Embeddings of files through the training pipeline and the Keras embedder."""
-    import keras
-
-    from grafit_tf import trainer
-    from grafit_tf.data import sources
+def _pipeline_embeddings(run_dir, source, paths, transform="none"):
+    """Embeddings of files through the training pipeline and the Keras embedder (ending
+    in the export's `transform`, fitted as the export fits it)."""
+    from grafit_tf import export, workdir
+    from grafit_tf.data import types
+    from grafit_tf.embedding import embed, embedding_fn
 
     zeros = np.zeros(len(paths), np.int32)
-    split = sources.Split(paths=np.asarray(paths), fine=zeros, coarse=zeros)
+    split = types.Split(paths=np.asarray(paths), fine=zeros, coarse=zeros)
     source = dataclasses.replace(source, train=split, test=split)
-    embedder = keras.saving.load_model(os.path.join(workdir, "embedder.keras"))
-    return trainer.embed(embedder, split, source)
+    embedder = workdir.load_embedder(run_dir)
+    if transform != "none":
+        embedder = export.transformed_embedder(embedder, workdir.read_config(run_dir), transform)
+    return embed(embedding_fn(embedder, source), split, source)
 
 
 def _source_of(workdir):
@@ -84,4 +86,5 @@ def test_rgb_resize_center_crop_agrees_with_training_pipeline(rgb_export, rgb_wo
     paths = [str(folder / p) for p in served]
     source = _source_of(rgb_workdir)
     assert source.resize == "resize_center_crop" and source.image_shape == (32, 32, 3)
-    _assert_agree(embeddings, _pipeline_embeddings(rgb_workdir, source, paths))
+    _assert_agree(embeddings, _pipeline_embeddings(rgb_workdir, source, paths,
+                                                   rgb_export["embedding_transform"]))

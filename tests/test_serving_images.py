@@ -1,4 +1,7 @@
-"""Serving-side image decoding and resizing, against TensorFlow's."""
+"""grafit_tf.serving.images: decoding image files, against TensorFlow's.
+
+The resizing itself (grafit_tf.serving.resize) is tested in test_serving_resize.py.
+"""
 
 import io
 
@@ -6,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grafit_tf.serving import images, resize
+from grafit_tf.serving import images
 from tests.image_files import png_header_only
 
 
@@ -14,44 +17,6 @@ def _tf():
     import tensorflow as tf
 
     return tf
-
-
-def test_bilinear_matches_tf_image_resize():
-    tf = _tf()
-    rng = np.random.default_rng(0)
-    for _ in range(60):
-        h, w, oh, ow = (int(v) for v in rng.integers(1, 70, 4))
-        c = int(rng.choice([1, 3]))
-        x = (rng.random((h, w, c)) * 255).astype(np.float32)
-        want = tf.image.resize(x, (oh, ow), method="bilinear").numpy()
-        np.testing.assert_allclose(resize.bilinear(x, oh, ow), want, rtol=0, atol=1e-4)
-    # Strong down-scaling, as for a large photo brought to 28 x 28.
-    x = rng.integers(0, 256, (900, 700, 1)).astype(np.float32)
-    want = tf.image.resize(x, (28, 28), method="bilinear").numpy()
-    np.testing.assert_allclose(resize.bilinear(x, 28, 28), want, rtol=0, atol=1e-4)
-
-
-def test_resize_center_crop_matches_augment():
-    tf = _tf()
-    from grafit_tf import augment
-
-    rng = np.random.default_rng(1)
-    for _ in range(30):
-        h, w = (int(v) for v in rng.integers(8, 300, 2))
-        size = tuple(int(v) for v in rng.integers(8, 64, 2))
-        x = rng.integers(0, 256, (h, w, 3)).astype(np.float32)
-        want = augment.resize_center_crop(tf.constant(x), size).numpy()
-        got = resize.resize_center_crop(x, size)
-        assert got.shape == want.shape
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
-
-
-def test_crop_or_pad_matches_tf():
-    tf = _tf()
-    x = np.arange(5 * 8 * 2, dtype=np.float32).reshape(5, 8, 2)
-    for th, tw in ((3, 3), (9, 4), (5, 11), (2, 8)):
-        want = tf.image.resize_with_crop_or_pad(x, th, tw).numpy()
-        np.testing.assert_array_equal(resize.crop_or_pad(x, th, tw), want)
 
 
 def _save(path, image, **kwargs):

@@ -10,7 +10,8 @@ Modules, one role each:
 - `embed`: files -> embeddings, in batches, with per-file errors.
 - `gallery`: labelled embeddings; built from a folder, saved to / loaded from `.npz`.
 - `classify`: exact inner-product kNN (faiss or NumPy) and the weighted vote.
-- `outputs`: output files written under temporary names, renamed at the end.
+- `outputs`: output files staged, then published as a whole run (summary.json
+  last, as the completeness marker); formula-safe CSV cells.
 - `report`: accuracy overall and per class.
 - `job`: the whole `serve.py` run.
 

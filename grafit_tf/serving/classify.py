@@ -9,6 +9,7 @@ evaluation uses.
 
 import dataclasses
 import logging
+import math
 
 import numpy as np
 
@@ -75,12 +76,18 @@ def predict(queries, gallery, k=20, temperature=0.07, backend="auto"):
         queries: `[Q, D]` float32, L2-normalised.
         gallery: a `gallery.Gallery`.
         k: neighbours that vote.
-        temperature: T of the weights exp(sim / T).
+        temperature: T of the weights exp(sim / T): a finite number > 0.
         backend: see `search`.
 
     Returns:
         `Predictions`.
+
+    Raises:
+        ValueError: a temperature that is not a finite number > 0 (the vote
+            would be NaN).
     """
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"kNN temperature {temperature!r}: must be a finite number > 0")
     sims, idx = search(queries, gallery.embeddings, k, backend)
     if len(queries) == 0:
         return Predictions(np.zeros(0, np.int64), np.zeros(0, np.float32), sims, idx)

@@ -2,6 +2,10 @@
 
 Decoding runs in a `pool.DecodePool` while this loop feeds onnxruntime, so the
 two overlap. Each file ends either as a row of the embeddings or as an error.
+Every batch the model returns is checked: a row that is not finite or not of
+unit norm makes its file an error ("model output ..."), so no NaN ever
+reaches the outputs; a batch of the wrong shape stops the run
+(`ModelOutputError`).
 """
 
 import dataclasses
@@ -11,6 +15,11 @@ import numpy as np
 
 from grafit_tf.serving import images as images_lib
 from grafit_tf.serving import pool as pool_lib
+from grafit_tf.serving.embedder import row_problems
+
+
+class ModelOutputError(Exception):
+    """The model returned a batch that is not `[N, D]` for N images."""
 
 
 @dataclasses.dataclass
@@ -65,9 +74,20 @@ def embed_files(embedder, paths, batch_size=256, workers=2, max_pixels=None, pro
         done = 0
         while len(images) - done >= batch_size or (final and done < len(images)):
             take = min(batch_size, len(images) - done)
-            rows.append(embedder(images[done:done + take]))
+            out = np.asarray(embedder(images[done:done + take]), np.float32)
+            if out.shape != (take, embedder.dim):
+                raise ModelOutputError(f"the model returned shape {list(out.shape)} for "
+                                       f"{take} images, not [{take}, {embedder.dim}]")
+            problems = row_problems(out)
+            good = [i for i, p in enumerate(problems) if p is None]
+            rows.append(out[good] if len(good) < take else out)
+            for i, p in enumerate(problems):
+                if p is None:
+                    ok.append(pending_ok[done + i])
+                else:
+                    errors.append((pending_ok[done + i], f"model output {p}: the model "
+                                   "cannot embed this image"))
             done += take
-        ok.extend(pending_ok[:done])
         pending = [images[done:]] if done < len(images) else []
         pending_ok = pending_ok[done:]
 

@@ -24,6 +24,8 @@ PROVIDER_ALIASES = {
     "dml": "DmlExecutionProvider",
 }
 RESIZE_METHODS = ("none", "resize_center_crop")
+NORM_TOLERANCE = 1e-3  # Largest accepted | ||embedding|| - 1 |.
+PROBE_IMAGES = 2
 
 
 def resolve_providers(spec=""):
@@ -113,14 +115,27 @@ class OnnxEmbedder:
         self.input_name = inputs[0].name
         self.output_name = outputs[0].name
         meta = self.session.get_modelmeta().custom_metadata_map
-        static = inputs[0].shape[1:]
-        try:
-            self.image_shape = tuple(int(meta[k]) for k in
-                                     ("input_height", "input_width", "input_channels"))
-        except (KeyError, ValueError):
-            if not all(isinstance(d, int) for d in static):
+        static = list(inputs[0].shape[1:])
+        sizes = [meta.get(k) for k in ("input_height", "input_width", "input_channels")]
+        if any(v is not None for v in sizes):
+            try:
+                self.image_shape = tuple(int(v) for v in sizes)
+            except (TypeError, ValueError):
+                raise UserError(f"--model={path}: its metadata input size {sizes} (height, "
+                                "width, channels) is not three integers; re-export it with "
+                                "export/export_onnx.py.") from None
+            graph = ["?" if not isinstance(d, int) else d for d in static]
+            if min(self.image_shape) < 1 or any(
+                    isinstance(d, int) and d != m for d, m in zip(static, self.image_shape)):
+                raise UserError(
+                    f"--model={path}: its metadata says input "
+                    f"{'x'.join(map(str, self.image_shape))} (HxWxC) but its graph input is "
+                    f"[N, {', '.join(map(str, graph))}]; the file was edited or mixed up: "
+                    "re-export it with export/export_onnx.py.")
+        else:
+            if not all(isinstance(d, int) and d > 0 for d in static):
                 raise UserError(f"--model={path}: no input size in the metadata nor in the "
-                                "input shape; export it with export/export_onnx.py.") from None
+                                "input shape; export it with export/export_onnx.py.")
             self.image_shape = tuple(static)
         if self.image_shape[-1] not in (1, 3):
             raise UserError(f"--model={path}: {self.image_shape[-1]} input channels; serving "
@@ -133,11 +148,35 @@ class OnnxEmbedder:
             self.config = json.loads(meta.get("training_config", "{}"))
         except ValueError:
             self.config = {}
-        out_dim = outputs[0].shape[-1] if outputs[0].shape else None
-        self.dim = int(meta.get("embedding_dim", out_dim if isinstance(out_dim, int) else 0))
-        if self.dim <= 0:
-            self.dim = int(self(np.zeros((1, *self.image_shape), np.uint8)).shape[-1])
+        if not isinstance(self.config, dict):
+            self.config = {}
+        self.dim = self._probe(meta.get("embedding_dim"))
         self.sha256 = file_sha256(path)
+
+    def _probe(self, meta_dim):
+        """Runs the model once on two fixed noise images; returns its embedding dimension.
+
+        Raises:
+            UserError: the model fails to run, or its output is not a finite,
+                L2-normalised `[N, D]` (with D the metadata's `embedding_dim`).
+        """
+        rng = np.random.default_rng(0)
+        probe = rng.integers(0, 256, (PROBE_IMAGES, *self.image_shape), dtype=np.uint8)
+        try:
+            out = self(probe)
+        except Exception as e:  # onnxruntime's own error types.
+            size = "x".join(map(str, self.image_shape))
+            raise UserError(f"--model={self.path}: it fails on a {size} input "
+                            f"({_first_line(e)}); re-export it with export/export_onnx.py.") \
+                from None
+        problem = output_problem(out, PROBE_IMAGES)
+        if problem is None and meta_dim is not None and str(meta_dim) != str(out.shape[1]):
+            problem = f"{out.shape[1]}-d, but its metadata says embedding_dim {meta_dim}"
+        if problem is not None:
+            raise UserError(f"--model={self.path}: its output is not a finite unit-norm [N, D] "
+                            f"embedding ({problem}); serving needs the L2-normalised embedder "
+                            "that export/export_onnx.py writes.")
+        return int(out.shape[1])
 
     def __call__(self, images):
         """Embeds a batch.
@@ -150,6 +189,66 @@ class OnnxEmbedder:
         """
         out = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(images)})
         return np.asarray(out[0], np.float32)
+
+
+def export_parity(model_path, allow_failed=False):
+    """The parity verdict of the export `model_path` came from, from `parity.json` beside it.
+
+    `export/export_onnx.py` writes `W/export/parity.json` next to
+    `embedder.onnx`, with `"passed": false` when the ONNX model disagrees with
+    the trained Keras embedder.
+
+    Args:
+        model_path: the `.onnx` file.
+        allow_failed: accept a failed (or unreadable) parity check.
+
+    Returns:
+        'passed', 'absent' (no parity.json beside the model), or 'failed'
+        (only with `allow_failed`).
+
+    Raises:
+        UserError: parity.json says the check failed, or cannot be read,
+            and `allow_failed` is not set.
+    """
+    report = os.path.join(os.path.dirname(os.path.abspath(model_path)), "parity.json")
+    if not os.path.isfile(model_path) or not os.path.lexists(report):
+        # (A missing model is `OnnxEmbedder`'s error to report.)
+        return "absent"
+    try:
+        with open(report, encoding="utf-8") as f:
+            passed = json.load(f).get("passed")
+        problem = None if passed is True else f"says passed={json.dumps(passed)}"
+    except (OSError, ValueError, AttributeError) as e:
+        problem = f"cannot be read ({getattr(e, 'strerror', None) or type(e).__name__})"
+    if problem is None:
+        return "passed"
+    if allow_failed:
+        return "failed"
+    raise UserError(f"--model={model_path}: {report} {problem}: the ONNX export disagrees with "
+                    "the trained model; re-export it (export/export_onnx.py), or pass "
+                    "--allow_failed_parity to serve it anyway.")
+
+
+def row_problems(embeddings):
+    """Per row of `[N, D]` embeddings, why it is unusable (None: finite, unit norm)."""
+    embeddings = np.asarray(embeddings)
+    with np.errstate(all="ignore"):
+        finite = np.isfinite(embeddings).all(axis=1)
+        norms = np.linalg.norm(np.where(np.isfinite(embeddings), embeddings, 0), axis=1)
+    return [None if f and abs(n - 1.0) <= NORM_TOLERANCE
+            else ("not finite (NaN or infinity)" if not f else f"norm {n:.4g}, not 1")
+            for f, n in zip(finite, norms)]
+
+
+def output_problem(out, rows):
+    """Why a model output for `rows` images is not a finite unit-norm `[rows, D]` (or None)."""
+    out = np.asarray(out)
+    if out.ndim != 2 or out.shape[0] != rows or out.shape[1] < 1:
+        return f"shape {list(out.shape)} for {rows} images"
+    if not np.issubdtype(out.dtype, np.floating):
+        return f"dtype {out.dtype}"
+    bad = [p for p in row_problems(out) if p is not None]
+    return f"row {bad[0]}" if bad else None
 
 
 def _first_line(error):

@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from grafit_tf.errors import UserError
+from grafit_tf.serving.embedder import NORM_TOLERANCE
 
 FORMAT_VERSION = 1
 _KEYS = ("embeddings", "labels", "label_names", "paths", "model_sha256", "format_version")
@@ -92,6 +93,53 @@ def save(gallery, path):
         raise
 
 
+def _scalar(path, values, key, kind, what):
+    value = values[key]
+    if value.shape != () or value.dtype.kind not in kind:
+        raise UserError(f"--gallery={path}: '{key}' is {value.dtype} of shape "
+                        f"{list(value.shape)}, not {what}; rebuild the gallery with "
+                        "--save_gallery.")
+    return value[()]
+
+
+def _check_arrays(path, values):
+    """Raises `UserError` unless the arrays of a gallery .npz are of its format and usable."""
+    version = _scalar(path, values, "format_version", "iu", "an integer scalar")
+    if version > FORMAT_VERSION or version < 1:
+        raise UserError(f"--gallery={path}: format version {int(version)} is not one this "
+                        f"grafit_tf reads (1 to {FORMAT_VERSION}); upgrade or rebuild the gallery.")
+    _scalar(path, values, "model_sha256", "U", "a string scalar")
+    emb, labels, names, paths = (values[k] for k in ("embeddings", "labels", "label_names",
+                                                     "paths"))
+    rebuild = "rebuild the gallery with --save_gallery"
+    if emb.ndim != 2 or emb.dtype.kind != "f" or emb.shape[0] == 0 or emb.shape[1] == 0:
+        raise UserError(f"--gallery={path}: embeddings are {emb.dtype} of shape "
+                        f"{list(emb.shape)}, not a non-empty float [G, D]; {rebuild}.")
+    if (labels.dtype.kind not in "iu" or labels.shape != (len(emb),)
+            or names.dtype.kind != "U" or names.ndim != 1 or len(names) == 0
+            or paths.dtype.kind != "U" or paths.shape != (len(emb),)):
+        raise UserError(f"--gallery={path}: inconsistent arrays (embeddings "
+                        f"{list(emb.shape)}, labels {labels.dtype} {list(labels.shape)}, "
+                        f"label_names {names.dtype} {list(names.shape)}, paths {paths.dtype} "
+                        f"{list(paths.shape)}): one integer label and one path (text) per "
+                        f"row, label names as text; {rebuild}.")
+    if labels.min() < 0 or labels.max() >= len(names) or len(set(names.tolist())) != len(names):
+        raise UserError(f"--gallery={path}: labels outside 0..{len(names) - 1} or repeated "
+                        f"label names; {rebuild}.")
+    finite = np.isfinite(emb).all(axis=1)
+    if not finite.all():
+        raise UserError(f"--gallery={path}: {int((~finite).sum())} of its {len(emb)} "
+                        f"embeddings are not finite (NaN or infinity; first: row "
+                        f"{int(np.argmin(finite))}); {rebuild}.")
+    norms = np.linalg.norm(emb.astype(np.float64), axis=1)
+    off = np.abs(norms - 1.0) > NORM_TOLERANCE
+    if off.any():
+        row = int(np.argmax(off))
+        raise UserError(f"--gallery={path}: {int(off.sum())} of its {len(emb)} embeddings "
+                        f"are not of unit norm (row {row}: {norms[row]:.4g}); a gallery holds "
+                        f"L2-normalised embeddings: {rebuild}.")
+
+
 def load(path):
     """Reads a gallery written by `save`.
 
@@ -109,16 +157,12 @@ def load(path):
             values = {k: data[k] for k in _KEYS}
     except UserError:
         raise
-    except (OSError, ValueError) as e:  # Not a zip, or arrays that need pickle.
-        raise UserError(f"--gallery={path}: cannot read it as a gallery .npz ({e}).") from None
-    if int(values["format_version"]) > FORMAT_VERSION:
-        raise UserError(f"--gallery={path}: format version {int(values['format_version'])} "
-                        "is newer than this grafit_tf; upgrade or rebuild the gallery.")
+    except Exception as e:  # Not a zip, a damaged member, arrays that need pickle...
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise UserError(f"--gallery={path}: cannot read it as a gallery .npz ({reason}); "
+                        "write one with --save_gallery.") from None
+    _check_arrays(path, values)
     emb, labels, names = values["embeddings"], values["labels"], values["label_names"]
-    if (emb.ndim != 2 or labels.shape != (len(emb),) or values["paths"].shape != (len(emb),)
-            or len(emb) == 0 or labels.min() < 0 or labels.max() >= len(names)):
-        raise UserError(f"--gallery={path}: inconsistent arrays (embeddings {emb.shape}, "
-                        f"labels {labels.shape}, {len(names)} label names).")
     return Gallery(emb.astype(np.float32), labels.astype(np.int32),
                    tuple(str(n) for n in names), tuple(str(p) for p in values["paths"]),
                    str(values["model_sha256"]))

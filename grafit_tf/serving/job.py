@@ -1,8 +1,11 @@
 """One `serve.py` run: embed a folder, optionally classify it against a gallery.
 
-`run(options)` first checks everything that can fail without work (model,
-folders, gallery dimension) and raises `UserError`; then it embeds, predicts
-and writes into `options.output`:
+`run(options)` first checks everything that can fail without work and raises
+`UserError`: the options, the model (its export's `parity.json`, its metadata
+against its graph, and its output on a probe: finite, unit norm, `[N, D]`),
+the folders, the gallery (its arrays, finite and unit norm, its dimension)
+and the kNN temperature (finite, > 0). Then it embeds, predicts and writes
+into `options.output` (published as a whole, see `outputs`):
 
 - `embeddings.npy` `[N, D]` float32, row i = row i of `index.csv`;
 - `index.csv` (`path`): embedded files, relative to `options.images`;
@@ -10,22 +13,37 @@ and writes into `options.output`:
 - `predictions.csv` with a gallery: per row of `index.csv`, the predicted fine
   label, its vote share, and the top-k neighbours with similarities;
 - `gallery_errors.csv` for a gallery folder: its files that were not embedded;
-- `summary.json`: counts, throughput, providers, and the accuracy with
-  `labels_from_dirs`.
+- `summary.json`: counts, throughput, providers, the export's parity verdict,
+  and the accuracy with `labels_from_dirs`; written last, it marks the folder
+  complete.
+
+A failure once work has started raises `RunError` (or `UserError` for a
+gallery folder none of whose images decodes) and publishes nothing.
 """
 
+import contextlib
 import dataclasses
+import math
 import os
+import signal
 import sys
+import threading
 import time
+
+import numpy as np
 
 import grafit_tf
 from grafit_tf.errors import UserError
 from grafit_tf.serving import classify, embed, gallery as gallery_lib, images, outputs, report, walk
-from grafit_tf.serving.embedder import OnnxEmbedder
+from grafit_tf.serving.embedder import OnnxEmbedder, export_parity
 
 OUTPUT_NAMES = ("embeddings.npy", "index.csv", "errors.csv", "predictions.csv",
                 "gallery_errors.csv", "summary.json")
+DEFAULT_TEMPERATURE = 0.07  # The training config's default eval_temperature.
+
+
+class RunError(Exception):
+    """The run failed after work started; nothing was published. One-line message."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +65,7 @@ class ServeOptions:
     max_image_pixels: int = images.DEFAULT_MAX_PIXELS
     intra_op_threads: int = 0
     progress: bool = True
+    allow_failed_parity: bool = False
 
 
 def check_options(o):
@@ -57,8 +76,9 @@ def check_options(o):
         raise UserError(f"--batch_size={o.batch_size}: use at least 1.")
     if o.workers < 0:
         raise UserError(f"--workers={o.workers}: use 0 (decode in the main process) or more.")
-    if o.temperature < 0:
-        raise UserError(f"--temperature={o.temperature}: must be positive (0: from the model).")
+    if not math.isfinite(o.temperature) or o.temperature < 0:
+        raise UserError(f"--temperature={o.temperature}: must be a finite number > 0 (or 0: "
+                        "the model's eval_temperature).")
     if o.max_image_pixels < 1:
         raise UserError(f"--max_image_pixels={o.max_image_pixels}: must be positive.")
     if o.knn_backend not in classify.BACKENDS:
@@ -147,6 +167,47 @@ def _load_gallery(path, embedder, log):
     return g
 
 
+def resolve_temperature(o, embedder):
+    """The kNN vote's temperature: `--temperature`, else the model's eval_temperature.
+
+    Raises:
+        UserError: the model's value is not a finite number > 0.
+    """
+    if o.temperature:
+        return float(o.temperature)
+    value = embedder.config.get("eval_temperature", DEFAULT_TEMPERATURE)
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and value > 0)
+    if not ok:
+        raise UserError(f"--model={o.model}: its training_config has eval_temperature="
+                        f"{value!r}, not a finite number > 0; pass --temperature=T (training's "
+                        f"default is {DEFAULT_TEMPERATURE}).")
+    return float(value)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT and SIGTERM wait until the block ends; yields the list of those caught.
+
+    The publish is a few renames: finishing it beats leaving it half done.
+    Only the main thread can set handlers; elsewhere nothing is deferred.
+    """
+    caught = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    previous = {}
+    for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+        if sig is not None:
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, lambda number, frame: caught.append(number))
+    try:
+        yield caught
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
 def _prediction_rows(files, ok, preds, g, true_names):
     k = preds.neighbours.shape[1]
     header = ["path"] + (["label"] if true_names is not None else []) + ["predicted", "score"]
@@ -157,9 +218,9 @@ def _prediction_rows(files, ok, preds, g, true_names):
         row = [files[i].relpath]
         if true_names is not None:
             row.append(true_names[r] or "")
-        row += [g.label_names[preds.labels[r]], f"{preds.scores[r]:.6f}"]
+        row += [g.label_names[preds.labels[r]], float(preds.scores[r])]
         for n, s in zip(preds.neighbours[r], preds.similarities[r]):
-            row += [g.paths[n], g.label_names[g.labels[n]], f"{s:.6f}"]
+            row += [g.paths[n], g.label_names[g.labels[n]], float(s)]
         rows.append(row)
     return header, rows
 
@@ -179,8 +240,13 @@ def run(o, log=print):
         UserError: a setting, the model, a folder or the gallery is unusable
             (raised before any image is decoded; the one exception is a
             gallery folder none of whose images decodes).
+        RunError: the run failed once work had started (nothing published).
     """
     check_options(o)
+    parity = export_parity(o.model, o.allow_failed_parity)
+    if parity == "failed":
+        log(f"warning: --model={o.model}: its export failed the parity check (parity.json); "
+            "served anyway (--allow_failed_parity).")
     embedder = OnnxEmbedder(o.model, o.providers, o.intra_op_threads)
     files, problems = _list_folder(o.images, "images", o.output)
     g = gallery_files = None
@@ -191,20 +257,33 @@ def run(o, log=print):
                             "out as GALLERY/<fine label>/<image>.")
     elif o.gallery:
         g = _load_gallery(o.gallery, embedder, log)
-    temperature = o.temperature or float(embedder.config.get("eval_temperature", 0.07))
+    temperature = resolve_temperature(o, embedder) if o.gallery else None
     try:
-        out = outputs.OutputDir(o.output)
+        out = outputs.OutputDir(o.output, OUTPUT_NAMES)
+    except outputs.OutputBusy:
+        raise UserError(f"--output={o.output}: another serve.py run is writing into it; wait "
+                        "for it to end or choose another folder.") from None
     except OSError as e:
-        raise UserError(f"--output={o.output}: cannot create it ({e.strerror}).") from None
+        raise UserError(f"--output={o.output}: cannot create or write in it "
+                        f"({e.strerror or e}).") from None
     log(f"model {o.model}: input {'x'.join(map(str, embedder.image_shape))} "
         f"(resize {embedder.resize}), {embedder.dim}-d embeddings, providers "
         f"{', '.join(embedder.providers)}")
     try:
         summary = _serve(embedder, files, problems, g, gallery_files, temperature, o, out, log)
-        out.commit(stale=OUTPUT_NAMES, last="summary.json")
+        summary["export_parity"] = parity
+        out.write_json("summary.json", summary)
+        with _signals_deferred() as caught:
+            out.commit(stale=OUTPUT_NAMES, last="summary.json")
+    except embed.ModelOutputError as e:
+        out.discard()
+        raise RunError(f"--model={o.model}: {e}; nothing was published.") from None
     except BaseException:
         out.discard()
         raise
+    if caught:
+        log("warning: interrupted while publishing; the run had finished and its outputs "
+            f"in {o.output} are complete.")
     return summary
 
 
@@ -238,6 +317,9 @@ def _serve(embedder, files, problems, g, gallery_files, temperature, o, out, log
     if g is not None:
         queries = result.embeddings
         preds = classify.predict(queries, g, o.k, temperature, o.knn_backend)
+        if not (np.isfinite(preds.scores).all() and np.isfinite(preds.similarities).all()):
+            raise RunError(f"the kNN vote gave non-finite scores (temperature {temperature}); "
+                           "nothing was published: check --temperature and the gallery.")
         true_names = ([gallery_lib.label_of(files[i].relpath) for i in result.ok]
                       if o.labels_from_dirs else None)
         header, rows = _prediction_rows(files, result.ok, preds, g, true_names)
@@ -258,5 +340,4 @@ def _serve(embedder, files, problems, g, gallery_files, temperature, o, out, log
                 log(f"warning: query labels absent from the gallery: "
                     f"{', '.join(acc['labels_not_in_gallery'])}")
     summary["total_seconds"] = time.perf_counter() - started
-    out.write_json("summary.json", summary)
     return summary

@@ -7,12 +7,25 @@ files is mostly Python code, and a decoder that crashes takes down only its
 worker. When a worker dies, the files that were in flight are decoded again
 one at a time in a fresh process, so only the file that kills its decoder is
 recorded as an error ("decoder crashed") and the run goes on.
+
+Workers never outlive the process that started them: each asks Linux to kill
+it when its parent dies (`prctl(PR_SET_PDEATHSIG, SIGKILL)`) and, on every
+platform, a thread in it checks `os.getppid()` twice a second and ends the
+worker once the parent is gone, so a SIGKILL of `serve.py` leaves no decoder
+behind (nor multiprocessing's resource tracker, which exits once no process
+holds its pipe). Workers ignore SIGINT: on Ctrl-C the parent stops them, after
+their current chunk, as it shuts the pool down.
 """
 
 import collections
 import concurrent.futures
 import dataclasses
 import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
 from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
@@ -20,6 +33,32 @@ import numpy as np
 from grafit_tf.serving import images as images_lib
 
 CHUNK_SIZE = 32  # Files per task: amortises inter-process traffic.
+PARENT_POLL_SECONDS = 0.5
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _exit_with_parent(parent_pid):
+    """Worker initializer: the worker ends when process `parent_pid` does."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # The parent handles Ctrl-C.
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            # "Parent" is the thread that started the worker: `map`'s caller,
+            # which outlives the pool (workers start on `submit`, not later).
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # The polling thread below still ends the worker.
+    if os.getppid() != parent_pid:  # The parent died before the prctl.
+        os._exit(1)
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 @dataclasses.dataclass
@@ -90,7 +129,9 @@ class DecodePool:
         self._executor = None
 
     def _new_executor(self, workers):
-        return concurrent.futures.ProcessPoolExecutor(workers, mp_context=self._context)
+        return concurrent.futures.ProcessPoolExecutor(workers, mp_context=self._context,
+                                                      initializer=_exit_with_parent,
+                                                      initargs=(os.getpid(),))
 
     def map(self, paths):
         """Yields a `Chunk` per `chunk_size` files of `paths`, in order."""

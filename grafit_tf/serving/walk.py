@@ -6,7 +6,10 @@ directory) becomes a `Problem` with its reason. Directory symlinks are
 followed unless they point back to an enclosing directory (a loop).
 
 Paths in the outputs are relative to the root and always valid UTF-8: bytes of
-a file name that are not UTF-8 are written as `\\xNN` escapes (`display`).
+a file name that are not UTF-8 are written as `\\xNN` escapes, and a backslash
+in a name is written doubled (`\\\\`), so that the escaping is one-to-one: a file
+literally named `a\\xe9.png` is shown as `a\\\\xe9.png`, one whose name holds
+the byte 0xE9 as `a\\xe9.png` (`display`).
 """
 
 import dataclasses
@@ -37,8 +40,17 @@ class Problem:
 
 
 def display(relpath):
-    """A relative path as valid UTF-8 text; undecodable bytes become `\\xNN`."""
-    return os.fsencode(relpath).decode("utf-8", "backslashreplace")
+    """A relative path as valid UTF-8 text, escaped one-to-one.
+
+    Undecodable bytes become `\\xNN` and a backslash becomes `\\\\` (where the
+    OS separator is `/`; on Windows the backslash is the separator and no name
+    holds one). Byte 0x5C is a backslash wherever it appears in UTF-8, so
+    doubling it before decoding is exact.
+    """
+    raw = os.fsencode(relpath)
+    if os.sep != "\\":
+        raw = raw.replace(b"\\", b"\\\\")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def _kind(mode):

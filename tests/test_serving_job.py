@@ -1,0 +1,33 @@
+"""grafit_tf.serving.job: checking the options, and reruns into the same output folder."""
+
+import pytest
+
+from grafit_tf.errors import UserError
+from grafit_tf.serving import job
+
+
+def test_user_error_on_bad_flags(tiny_export, fashion_pngs, tmp_path):
+    base = dict(model=tiny_export["onnx"], images=fashion_pngs["queries"],
+                output=str(tmp_path / "out"), progress=False)
+    for changes, message in (({"k": 0}, "--k"), ({"labels_from_dirs": True}, "needs --gallery"),
+                             ({"providers": "nonexistent"}, "not available"),
+                             ({"save_gallery": "x.npz"}, "--save_gallery")):
+        with pytest.raises(UserError, match=message):
+            job.run(job.ServeOptions(**base, **changes), log=lambda *a: None)
+
+
+def test_rerun_replaces_outputs_and_skips_its_own_folder(tiny_export, fashion_pngs, tmp_path):
+    import shutil
+
+    images = tmp_path / "queries"
+    shutil.copytree(fashion_pngs["queries"], images)
+    out = images / "results"  # Inside the query folder: never served itself.
+    base = dict(model=tiny_export["onnx"], images=str(images), output=str(out), workers=0,
+                progress=False)
+    first = job.run(job.ServeOptions(**base, gallery=fashion_pngs["gallery"]),
+                    log=lambda *a: None)
+    assert (out / "predictions.csv").exists() and first["embedded"] == 30
+    second = job.run(job.ServeOptions(**base), log=lambda *a: None)
+    assert second["embedded"] == 30 and second["errors"] == 0
+    assert not (out / "predictions.csv").exists(), "stale predictions of the earlier run"
+    assert not (out / "gallery_errors.csv").exists()
