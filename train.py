@@ -3,7 +3,9 @@
     python train.py --flagfile=configs/fashion_mnist.cfg --workdir=runs/grafit
 
 Any flag after the flagfile overrides it, e.g. `--epochs=1 --max_train_examples=2000`.
-Running the same command again resumes from the last checkpoint.
+Running the same command again resumes from the last checkpoint. Exit status: 0
+done; 2 bad flags, settings or data (one line, nothing trained); 1 a run that
+could not finish (a NaN loss, a full disk: one line, the last good checkpoint kept).
 """
 
 import dataclasses
@@ -12,7 +14,7 @@ import sys
 from absl import app, flags
 
 from grafit_tf.config import Config
-from grafit_tf.errors import UserError
+from grafit_tf.errors import RunFailed, UserError
 
 _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
            str: flags.DEFINE_string}
@@ -43,9 +45,17 @@ def main(argv):
         from grafit_tf import trainer  # Imports TensorFlow: after the cheap checks.
 
         trainer.train_and_evaluate(config, flags.FLAGS.workdir)
-    except UserError as e:
+    except UserError as e:  # Bad flags, settings or data: nothing was trained.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # A disk that filled or went read-only during the run.
+        where = e.filename or flags.FLAGS.workdir
+        print(f"error: {where}: {e.strerror or e}; free space or give another --workdir, "
+              "then rerun to resume from the last checkpoint.", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

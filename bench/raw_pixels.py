@@ -31,5 +31,5 @@ def raw_pixel_metrics(config):
     return evaluation.knn_metrics(
         train, source.train.fine, source.train.coarse,
         test, source.test.fine, source.test.coarse,
-        k=config.eval_k, temperature=config.eval_temperature,
+        temperature=config.eval_temperature,
         num_fine=source.hierarchy.num_fine)

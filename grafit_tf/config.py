@@ -59,6 +59,9 @@ class Config:
                                  "(0: 224; CIFAR: 32).", low=0, high=4096)
     tfds_data_dir: str = setting("", "TensorFlow Datasets folder (empty: $TFDS_DATA_DIR or "
                                      "~/tensorflow_datasets). Nothing is downloaded.")
+    skip_bad_images: bool = setting(False, "image_folder: train without the files that do not "
+                                           "decode (listed in WORKDIR/skipped_images.csv) "
+                                           "instead of stopping with their list.")
     shuffle_buffer: int = setting(10000, "Shuffle buffer (images) of streamed TFDS datasets, "
                                          "which lack random access; bigger mixes better and "
                                          "holds more encoded images in RAM.", low=1)
@@ -156,8 +159,8 @@ class Config:
     # --- Evaluation -----------------------------------------------------------
     eval_every: int = setting(0, "Evaluate every N epochs during training (0: only at the "
                                  "end).", low=0)
-    eval_k: int = setting(20, "Neighbours in the weighted kNN vote.", low=1, high=10000)
-    eval_temperature: float = setting(0.07, "Temperature of the weighted kNN vote.", above=0.0,
+    eval_temperature: float = setting(0.07, "Temperature of the weighted kNN vote (k=20); "
+                                            "serve.py's default too.", above=0.0,
                                       high=10.0)
     eval_protocol: str = setting("default", "default (see README), or maskcon: Recall@K "
                                             "test-vs-test on resized whole test images (no "

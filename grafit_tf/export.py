@@ -11,7 +11,9 @@ writes `workdir/export/`:
   axis `batch` dynamic), checked with `onnx.checker`, with metadata properties
   (`METADATA_KEYS`) that let `serve.py` preprocess images without TensorFlow.
 - `parity.json`: max |Keras - SavedModel| and max |Keras - onnxruntime| over
-  real training images; `ParityError` when either exceeds the tolerance.
+  real training images. When either exceeds the tolerance, `ParityError` and
+  nothing is published: the previous export stays, and the failed check is in
+  `parity_failed.json`.
 
 With `transform` (`--embedding_transform=center|whiten`), the exported embedder
 ends in a fixed affine map fitted on the training images' embeddings, no labels
@@ -47,6 +49,7 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
 BATCH_DIM = "batch"
 # metadata_props keys of embedder.onnx; serve.py reads them back.
+STAGING = ".staging."  # Prefix of the folder an export is written and checked in.
 METADATA_KEYS = ("input_height", "input_width", "input_channels", "input_dtype",
                  "embedding_dim", "resize", "embedding_transform", "training_config",
                  "grafit_tf_version")
@@ -96,12 +99,12 @@ def serving_function(embedder, image_shape):
 
 
 def save_saved_model(embedder, serve, spec, path):
-    """Writes the SavedModel with `serve` as `serving_default`, replacing `path`."""
+    """Writes the SavedModel with `serve` as `serving_default` into the new folder `path`."""
     archive = keras.export.ExportArchive()
     archive.track(embedder)
     archive.add_endpoint("serving_default", serve, input_signature=[spec])
     with _quiet("tensorflow"):
-        _replace_dir(path, lambda tmp: archive.write_out(tmp, verbose=False))
+        archive.write_out(path, verbose=False)
 
 
 def to_onnx(serve, spec, opset=OPSET):
@@ -244,50 +247,66 @@ def export(run_dir, num_parity_images=256, tolerance=TOLERANCE, data_dir=None, o
 
     out_dir = os.path.join(run_dir, "export")
     os.makedirs(out_dir, exist_ok=True)
-    saved_model_dir = os.path.join(out_dir, "saved_model")
-    onnx_path = os.path.join(out_dir, "embedder.onnx")
-
-    serve, spec = serving_function(embedder, image_shape)
-    save_saved_model(embedder, serve, spec, saved_model_dir)
-    model = to_onnx(serve, spec, opset)
-    embedding_dim = int(embedder.output_shape[-1])
-    onnx.helper.set_model_props(model, metadata(config, embedding_dim, transform))
-    model.doc_string = "grafit_tf embedder: uint8 images [N, H, W, C] -> L2-normalised [N, D]."
-    onnx.checker.check_model(model, full_check=True)
-    _write_atomic(onnx_path, model.SerializeToString())
-
-    report = dict(parity(embedder, saved_model_dir, onnx_path, images),
-                  images=int(len(images)), tolerance=tolerance,
-                  image_shape=list(image_shape), embedding_dim=embedding_dim, opset=opset,
-                  embedding_transform=transform)
-    report["passed"] = max(report["keras_vs_saved_model"],
-                           report["keras_vs_onnxruntime"]) <= tolerance
-    _write_atomic(os.path.join(out_dir, "parity.json"),
-                  json.dumps(report, indent=2, sort_keys=True).encode())
-    report.update(saved_model=saved_model_dir, onnx=onnx_path)
-    if not report["passed"]:
-        raise ParityError(
-            f"export parity failed on {len(images)} images: max |Keras - SavedModel| = "
-            f"{report['keras_vs_saved_model']:.3g}, max |Keras - onnxruntime| = "
-            f"{report['keras_vs_onnxruntime']:.3g} (tolerance {tolerance:g}); see "
-            f"{os.path.join(out_dir, 'parity.json')}.")
+    for stale in os.listdir(out_dir):  # Left by a killed export.
+        if stale.startswith(STAGING):
+            shutil.rmtree(os.path.join(out_dir, stale), ignore_errors=True)
+    # Everything is written and checked in a staging folder; only an export that passed
+    # parity replaces the published one (a failed one leaves it as it was).
+    stage = os.path.join(out_dir, f"{STAGING}{os.getpid()}")
+    os.makedirs(stage)
+    try:
+        serve, spec = serving_function(embedder, image_shape)
+        save_saved_model(embedder, serve, spec, os.path.join(stage, "saved_model"))
+        model = to_onnx(serve, spec, opset)
+        embedding_dim = int(embedder.output_shape[-1])
+        onnx.helper.set_model_props(model, metadata(config, embedding_dim, transform))
+        model.doc_string = "grafit_tf embedder: uint8 images [N, H, W, C] -> L2-normalised [N, D]."
+        onnx.checker.check_model(model, full_check=True)
+        _write_atomic(os.path.join(stage, "embedder.onnx"), model.SerializeToString())
+        report = dict(parity(embedder, os.path.join(stage, "saved_model"),
+                             os.path.join(stage, "embedder.onnx"), images),
+                      images=int(len(images)), tolerance=tolerance,
+                      image_shape=list(image_shape), embedding_dim=embedding_dim, opset=opset,
+                      embedding_transform=transform)
+        report["passed"] = max(report["keras_vs_saved_model"],
+                               report["keras_vs_onnxruntime"]) <= tolerance
+        text = json.dumps(report, indent=2, sort_keys=True).encode()
+        if not report["passed"]:
+            failed = os.path.join(out_dir, "parity_failed.json")
+            _write_atomic(failed, text)
+            raise ParityError(
+                f"export parity failed on {len(images)} images: max |Keras - SavedModel| = "
+                f"{report['keras_vs_saved_model']:.3g}, max |Keras - onnxruntime| = "
+                f"{report['keras_vs_onnxruntime']:.3g} (tolerance {tolerance:g}); nothing was "
+                f"published (see {failed}).")
+        _write_atomic(os.path.join(stage, "parity.json"), text)
+        _publish(stage, out_dir)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    if os.path.exists(os.path.join(out_dir, "parity_failed.json")):
+        os.remove(os.path.join(out_dir, "parity_failed.json"))
+    report.update(saved_model=os.path.join(out_dir, "saved_model"),
+                  onnx=os.path.join(out_dir, "embedder.onnx"))
     return report
+
+
+def _publish(stage, out_dir):
+    """Moves a checked export from `stage` into `out_dir`: the SavedModel, the ONNX
+    model, then `parity.json`, each replacing the one before (a kill in between leaves
+    every published file a passed export's)."""
+    saved_model = os.path.join(out_dir, "saved_model")
+    if os.path.exists(saved_model):
+        old = os.path.join(stage, "previous_saved_model")
+        os.replace(saved_model, old)
+    os.replace(os.path.join(stage, "saved_model"), saved_model)
+    for name in ("embedder.onnx", "parity.json"):
+        os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
 
 
 def _write_atomic(path, data):
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)
-    os.replace(tmp, path)
-
-
-def _replace_dir(path, write):
-    """Calls `write(tmp_dir)`, then swaps `tmp_dir` in for `path`."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    if os.path.exists(path):
-        shutil.rmtree(path)
     os.replace(tmp, path)
 
 

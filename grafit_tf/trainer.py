@@ -17,6 +17,7 @@ from grafit_tf import builders, checkpointing, evaluation, heads, workdir as wor
 from grafit_tf.data import pipeline, sources
 from grafit_tf.distribute import is_chief, make_strategy
 from grafit_tf.embedding import embed, embedding_fn
+from grafit_tf.errors import RunFailed
 
 
 def evaluate(embedder, source, config):
@@ -27,7 +28,7 @@ def evaluate(embedder, source, config):
     return evaluation.knn_metrics(
         train_emb, source.train.fine, source.train.coarse,
         test_emb, source.test.fine, source.test.coarse,
-        k=config.eval_k, temperature=config.eval_temperature,
+        temperature=config.eval_temperature,
         num_fine=source.hierarchy.num_fine)
 
 
@@ -60,6 +61,8 @@ class PeriodicEvaluation(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if not self.every or (epoch + 1) % self.every or epoch + 1 == self.config.epochs:
             return  # The last epoch is evaluated by train_and_evaluate itself.
+        if self.model.stop_training:
+            return  # A NaN loss stopped training: nothing worth scoring.
         started = time.time()
         metrics = dict(epoch=epoch + 1, **evaluate(self.embedder, self.source, self.config))
         if self.write:
@@ -118,10 +121,13 @@ def run(config, workdir):
     logs = os.path.join(workdir, "logs")
     workdir_lib.check_resumable(config, workdir)
     if chief:
+        workdir_lib.check_writable(workdir)
         os.makedirs(logs, exist_ok=True)
         checkpointing.write_json(os.path.join(workdir, "config.json"), dict(
             config.to_dict(), num_replicas=replicas, version=grafit_tf.__version__,
             data=sources.describe(source)))
+        if source.skipped:
+            sources.write_skipped(source, os.path.join(workdir, "skipped_images.csv"))
 
     spe = pipeline.steps_per_epoch(len(source.train), config.batch_size)
     total_steps = spe * config.epochs
@@ -151,11 +157,9 @@ def run(config, workdir):
 
     periodic = PeriodicEvaluation(embedder, source, config, config.eval_every,
                                   os.path.join(logs, "eval.csv"), write=chief)
-    callbacks = [
-        checkpointing.Checkpointer(ckpt_dir, spe, config.checkpoint_every, enabled=chief),
-        keras.callbacks.TerminateOnNaN(),
-        periodic,
-    ]
+    checkpointer = checkpointing.Checkpointer(ckpt_dir, spe, config.checkpoint_every,
+                                              enabled=chief)
+    callbacks = [checkpointer, keras.callbacks.TerminateOnNaN(), periodic]
     if chief:
         callbacks += [keras.callbacks.CSVLogger(os.path.join(logs, "train.csv"), append=True),
                       keras.callbacks.TensorBoard(logs, write_graph=False)]
@@ -170,8 +174,13 @@ def run(config, workdir):
             break
     train_seconds = time.time() - started
     final_step = int(model.optimizer.iterations.numpy())
-    if final_step < total_steps:
-        raise RuntimeError("training stopped early (a NaN loss?); see logs/train.csv")
+    if final_step < total_steps or checkpointer.skipped:
+        last = checkpointing.latest(ckpt_dir)
+        raise RunFailed(
+            f"the loss or the weights became NaN or infinite by step {final_step} of "
+            f"{total_steps} (logs/train.csv); nothing after step {last['step'] if last else 0} "
+            "was saved. Rerun in a new --workdir with a lower --learning_rate (a rerun here "
+            "resumes from that step with the same settings).")
 
     metrics = evaluate(embedder, source, config)
     if config.method == "finetune":  # Transfer is scored by the classifier's top-1.

@@ -69,6 +69,28 @@ def trunk_of(embedder):
     return nested[0]
 
 
+def check_writable(workdir):
+    """Creates `workdir` if needed and checks a file can be written there, before any
+    training.
+
+    Raises:
+        UserError: it cannot be created, or is read-only or full.
+    """
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 65536)  # Enough to notice a full disk.
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"--workdir={workdir} is not writable ({e.strerror}): give a "
+                        "folder on a writable disk with free space.") from None
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+
+
 def check_resumable(config, workdir):
     """Refuses to resume a checkpointed run with other settings than it started with.
 

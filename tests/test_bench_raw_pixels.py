@@ -19,7 +19,7 @@ def test_raw_pixels_are_scored_as_unit_vectors(fashion_dir):
     want = evaluation.knn_metrics(unit(source.train.images), source.train.fine,
                                   source.train.coarse, unit(source.test.images),
                                   source.test.fine, source.test.coarse,
-                                  k=config.eval_k, temperature=config.eval_temperature,
+                                  temperature=config.eval_temperature,
                                   num_fine=10)
     got = raw_pixel_metrics(config)
     assert got == want

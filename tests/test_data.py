@@ -102,3 +102,50 @@ def test_image_folder_two_levels_needs_a_map(tmp_path):
 def test_image_folder_missing_split(tmp_path):
     with pytest.raises(UserError, match="train"):
         sources.load(Config(dataset="image_folder", data_dir=str(tmp_path)))
+
+
+def _tree(root):
+    """A 3-level image folder: 2 coarse classes, 3 fine classes, 2 images each."""
+    for split in ("train", "test"):
+        for coarse, fines in {"birds": ["crow", "owl"], "cats": ["lion"]}.items():
+            for fine in fines:
+                for i in range(2):
+                    _png(str(root / split / coarse / fine / f"{i}.png"), (i, 2, 3))
+
+
+def test_image_folder_with_a_corrupt_image_stops_at_once_naming_it(tmp_path):
+    _tree(tmp_path)
+    bad = tmp_path / "train" / "birds" / "owl" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # Truncated: the data ends early.
+    with pytest.raises(UserError, match="1 image file") as e:
+        sources.load(Config(dataset="image_folder", data_dir=str(tmp_path), image_size=32))
+    assert str(bad) in str(e.value) and "--skip_bad_images" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_skip_bad_images_trains_without_them_and_says_which(tmp_path):
+    _tree(tmp_path)
+    bad = tmp_path / "test" / "cats" / "lion" / "0.png"
+    bad.write_bytes(b"not an image at all")
+    source = sources.load(Config(dataset="image_folder", data_dir=str(tmp_path), image_size=32,
+                                 skip_bad_images=True))
+    assert len(source.train) == 6 and len(source.test) == 5
+    assert str(bad) not in source.test.paths.tolist()
+    assert [p for p, _ in source.skipped] == [str(bad)]
+    assert sources.describe(source)["skipped_images"] == 1
+    sources.write_skipped(source, str(tmp_path / "skipped.csv"))
+    assert str(bad) in (tmp_path / "skipped.csv").read_text()
+
+
+def test_an_empty_class_folder_is_named(tmp_path):
+    _tree(tmp_path)
+    (tmp_path / "train" / "birds" / "raven").mkdir()
+    with pytest.raises(UserError, match="raven has no images"):
+        sources.load(Config(dataset="image_folder", data_dir=str(tmp_path), image_size=32))
+
+
+def test_hidden_folders_are_not_classes(tmp_path):
+    _tree(tmp_path)
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
+    source = sources.load(Config(dataset="image_folder", data_dir=str(tmp_path), image_size=32))
+    assert source.hierarchy.fine_names == ("crow", "lion", "owl")

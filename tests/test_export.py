@@ -128,14 +128,25 @@ def test_cli_exports_with_a_transform(tiny_workdir, tmp_path):
     assert stored["passed"] and stored["embedding_transform"] == "whiten"
 
 
-def test_parity_failure_raises_and_is_recorded(tiny_workdir, tmp_path):
-    for name in ("embedder.keras", "config.json"):
-        shutil.copy(os.path.join(tiny_workdir, name), tmp_path / name)
+def test_a_failed_export_publishes_nothing_and_keeps_the_previous_one(tiny_workdir, tmp_path):
+    """Parity that fails leaves the published export as it was (the failed check goes to
+    parity_failed.json, staging is cleaned); the next good export clears that record."""
+    copy_run(tiny_workdir, tmp_path)
     images = np.random.default_rng(1).integers(0, 256, (64, 28, 28, 1)).astype(np.uint8)
-    with pytest.raises(export.ParityError, match="parity failed"):
+    export.export(str(tmp_path), images=images)
+    out = tmp_path / "export"
+    before = {name: (out / name).read_bytes() for name in ("embedder.onnx", "parity.json")}
+    with pytest.raises(export.ParityError, match="nothing was published"):
         export.export(str(tmp_path), tolerance=-1.0, images=images)
-    with open(tmp_path / "export" / "parity.json", encoding="utf-8") as f:
+    for name, data in before.items():
+        assert (out / name).read_bytes() == data
+    with open(out / "parity_failed.json", encoding="utf-8") as f:
         assert json.load(f)["passed"] is False
+    assert sorted(os.listdir(out)) == ["embedder.onnx", "parity.json", "parity_failed.json",
+                                       "saved_model"]
+    os.makedirs(out / f"{export.STAGING}999")  # As a killed export leaves it.
+    export.export(str(tmp_path), images=images)
+    assert sorted(os.listdir(out)) == ["embedder.onnx", "parity.json", "saved_model"]
 
 
 def test_user_errors(tiny_workdir, tmp_path):

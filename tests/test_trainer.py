@@ -58,11 +58,12 @@ TINY = ["--epochs=1", "--max_train_examples=256", "--max_eval_examples=128", "--
     (["--distribute=mirrored", "--cpu_replicas=2", "--batch_size=63"], "divide"),
     (["--max_train_examples=100", "--batch_size=128"], "fewer than one batch"),
     (["--rand_augment"], "RGB"),
+    (["--workdir=FILE/w"], "not writable"),
 ])
 def test_bad_input_stops_with_one_line(args, needle, tmp_path, fashion_dir):
     bad_map = tmp_path / "map.json"
     bad_map.write_text(json.dumps({"bag": "bags"}))
-    args = [a.replace("MAP", str(bad_map)) for a in args]
+    args = [a.replace("MAP", str(bad_map)).replace("FILE", str(bad_map)) for a in args]
     proc = run_train(f"--data_dir={fashion_dir}", f"--workdir={tmp_path / 'w'}", *TINY, *args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
@@ -203,3 +204,44 @@ def test_classification_top1_scores_the_classifier_on_the_test_split():
     logits = model.classifier(backbone(source.test.images.astype(np.float32))).numpy()
     assert got == float(np.mean(logits.argmax(axis=1) == source.test.fine))
     assert 0.0 < got < 1.0  # Random weights: neither none nor all right (12 images, 4 classes).
+
+
+def test_a_nan_loss_saves_nothing_and_a_rerun_is_not_refused(tmp_path, fashion_dir, tiny_config,
+                                                             monkeypatch):
+    """A loss that turns NaN stops the run with one line (RunFailed); no checkpoint holds
+    NaN weights, so a rerun with a sane setting in the same work directory starts over."""
+    from grafit_tf import losses, trainer
+    from grafit_tf.errors import RunFailed
+
+    nca = losses.nca_loss
+    monkeypatch.setattr(losses, "nca_loss", lambda *a, **k: nca(*a, **k) * float("nan"))
+    workdir = str(tmp_path / "w")
+    with pytest.raises(RunFailed, match="NaN") as e:
+        trainer.run(tiny_config.replace(max_train_examples=128), workdir)
+    assert "\n" not in str(e.value)
+    assert checkpointing.latest(os.path.join(workdir, "checkpoints")) is None
+    monkeypatch.setattr(losses, "nca_loss", nca)
+    result = trainer.run(tiny_config.replace(max_train_examples=128, learning_rate=1e-3), workdir)
+    assert np.isfinite(result.metrics["fine_knn_top1"])
+
+
+def test_a_disk_that_fills_during_the_run_is_one_line(tmp_path):
+    """An OSError during training (ENOSPC) ends train.py with exit 1 and one line naming
+    the path, not a traceback."""
+    code = (
+        "import errno, sys\n"
+        "from absl import app\n"
+        "import train\n"
+        "from grafit_tf import trainer\n"
+        "def full(config, workdir):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device', workdir + '/logs/train.csv')\n"
+        "trainer.train_and_evaluate = full\n"
+        "train.define_flags()\n"
+        f"sys.argv = ['train.py', '--workdir={tmp_path}/w']\n"
+        "app.run(train.main)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "No space left" in errors[0] and "train.csv" in errors[0]
+    assert "Traceback" not in proc.stderr

@@ -4,6 +4,7 @@ NumPy only. `load(config)` picks the reader named by `config.dataset`, applies
 `--coarse_map` and `--max_*_examples`, and returns a `Source`.
 """
 
+import csv
 import dataclasses
 import json
 import os
@@ -11,7 +12,7 @@ import os
 import numpy as np
 
 from grafit_tf.data import hierarchy as hierarchy_lib
-from grafit_tf.data import tfds_sources
+from grafit_tf.data import image_check, tfds_sources
 from grafit_tf.data.idx import read_idx
 from grafit_tf.data.types import IMAGENET_STATS, Source, Split
 from grafit_tf.errors import UserError
@@ -39,9 +40,46 @@ def load(config):
         source = tfds_sources.load(config)
     train = source.train.take(config.max_train_examples)
     test = source.test.take(config.max_eval_examples)
+    skipped = ()
+    if train.paths is not None:  # Files: every one must decode before training starts.
+        (train, test), skipped = _without_bad_images((train, test), config)
     # MaskCon's protocol evaluates resized whole images, no centre crop.
     eval_resize = "resize" if config.eval_protocol == "maskcon" else source.eval_resize
-    return dataclasses.replace(source, train=train, test=test, eval_resize=eval_resize)
+    return dataclasses.replace(source, train=train, test=test, eval_resize=eval_resize,
+                               skipped=skipped)
+
+
+def _without_bad_images(splits, config):
+    """The splits without their files that do not decode, and those files.
+
+    Raises:
+        UserError: some do not decode and `--skip_bad_images` is off.
+    """
+    bad = image_check.bad_images([p for split in splits for p in split.paths])
+    if not bad:
+        return splits, ()
+    if not config.skip_bad_images:
+        listed = "; ".join(f"{p} ({reason})" for p, reason in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise UserError(f"{len(bad)} image file(s) cannot be decoded: {listed}{more}. Fix or "
+                        "remove them, or pass --skip_bad_images to train without them.")
+    drop = {p for p, _ in bad}
+    kept = []
+    for split in splits:
+        keep = np.asarray([p not in drop for p in split.paths], bool)
+        kept.append(Split(paths=split.paths[keep], fine=split.fine[keep],
+                          coarse=split.coarse[keep]))
+    print(f"Skipping {len(bad)} image file(s) that cannot be decoded (--skip_bad_images).",
+          flush=True)
+    return tuple(kept), tuple(bad)
+
+
+def write_skipped(source, path):
+    """Lists `source.skipped` as CSV: path, reason."""
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "reason"])
+        writer.writerows(source.skipped)
 
 
 def _hierarchy(config, fine_names, default_map):
@@ -92,8 +130,19 @@ def _list_images(folder):
     )
 
 
+def _images_of(folder):
+    """The images of a class folder; an empty one is a mistake, not a class of none."""
+    images = _list_images(folder)
+    if not images:
+        raise UserError(f"{folder} has no images ({', '.join(IMAGE_EXTENSIONS)}): add some, "
+                        "or remove the folder.")
+    return images
+
+
 def _subdirs(folder):
-    return sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    """Class folders: hidden ones (`.ipynb_checkpoints`, ...) are not classes."""
+    return sorted(d for d in os.listdir(folder)
+                  if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
 
 
 def scan_image_folder(root):
@@ -118,11 +167,11 @@ def scan_image_folder(root):
                         f"({tree_map[fine]!r} and {top!r}); fine names must be unique."
                     )
                 tree_map[fine] = top
-                for p in _list_images(os.path.join(top_dir, fine)):
+                for p in _images_of(os.path.join(top_dir, fine)):
                     paths.append(p)
                     fines.append(fine)
         else:
-            for p in _list_images(top_dir):
+            for p in _images_of(top_dir):
                 paths.append(p)
                 fines.append(top)
     return paths, fines, (tree_map or None)
@@ -178,6 +227,7 @@ def _image_folder(config):
 def describe(source):
     """A JSON-serialisable summary stored in the work directory."""
     return {
+        "skipped_images": len(source.skipped),
         "name": source.name,
         "train_examples": len(source.train),
         "test_examples": len(source.test),

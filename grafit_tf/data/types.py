@@ -81,6 +81,8 @@ class Source:
         eval_resize: overrides `resize` for evaluation only ('' : same);
             'resize' (whole image, aspect ratio not kept) for
             `--eval_protocol=maskcon`.
+        skipped: `((path, reason), ...)` image files left out because they do
+            not decode (`--skip_bad_images`).
     """
 
     name: str
@@ -92,3 +94,4 @@ class Source:
     std: tuple
     resize: str = "none"
     eval_resize: str = ""
+    skipped: tuple = ()
