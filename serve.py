@@ -37,6 +37,7 @@ import sys
 
 from absl import app, flags, logging
 
+from grafit_tf.errors import flags_parser
 from grafit_tf.serving import images, job
 
 flags.DEFINE_string("model", None, "Exported model: W/export/embedder.onnx "
@@ -95,16 +96,6 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
-def parse_flags(argv):
-    """absl's parsing, with any flag error as one line and exit status 2."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        message = " ".join(str(e).split()).rstrip(".")
-        print(f"error: {message}; see python serve.py --helpshort.", file=sys.stderr)
-        sys.exit(2)
-
-
 def _one_line(error):
     return " ".join(str(error).split())
 
@@ -125,6 +116,10 @@ def main(argv):
     except job.RunError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
+    except OSError as e:  # A disk that filled or went read-only during the run.
+        print(f"error: {e.filename or flags.FLAGS.output}: {e.strerror or _one_line(e)}; "
+              "nothing was published.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         print(f"{what}: no output was published (temporary files removed).", file=sys.stderr)
@@ -137,4 +132,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=flags_parser("serve.py"))

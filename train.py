@@ -14,7 +14,7 @@ import sys
 from absl import app, flags
 
 from grafit_tf.config import Config
-from grafit_tf.errors import RunFailed, UserError
+from grafit_tf.errors import RunFailed, UserError, flags_parser
 
 _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
            str: flags.DEFINE_string}
@@ -60,4 +60,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=flags_parser("train.py"))

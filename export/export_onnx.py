@@ -12,6 +12,8 @@ import sys
 
 from absl import app, flags, logging
 
+from grafit_tf.errors import UserError, flags_parser
+
 flags.DEFINE_string("workdir", None, "Work directory of a finished training run "
                     "(holds embedder.keras and config.json); the exports go to WORKDIR/export/.")
 flags.DEFINE_integer("parity_images", 256, "Training images of the parity check (at least 64).")
@@ -31,13 +33,9 @@ flags.mark_flag_as_required("workdir")
 
 
 def main(argv):
-    if len(argv) > 1:
-        print(f"error: unexpected arguments {argv[1:]}; use --flags.", file=sys.stderr)
-        return 2
+    del argv  # flags_parser refuses stray arguments.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO lines while saving.
-    from grafit_tf.errors import UserError
-
     FLAGS = flags.FLAGS
     if not os.path.isdir(FLAGS.workdir):
         print(f"error: --workdir={FLAGS.workdir} is not a directory.", file=sys.stderr)
@@ -65,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=flags_parser("export/export_onnx.py"))

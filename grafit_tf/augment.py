@@ -1,12 +1,8 @@
 """Data augmentation as pure tensor ops (plus core Keras 3 RandAugment for RGB).
 
-Every random op is *stateless*: it takes an explicit `seed` (an int32 tensor of
-shape `[2]`) so that a pipeline run twice with the same `--seed` yields the same
-views, whatever the number of parallel map calls. No tensorflow-addons and no
-keras-cv: random resized crop is written on `tf.image`, RandAugment is the core
-Keras 3 layer.
-
-Images are float32 in 0..255 throughout; normalisation happens inside the model.
+Every random op is *stateless*, with an explicit `seed` (int32 `[2]`): a pipeline run
+twice with the same `--seed` yields the same views, whatever the parallelism. No
+tensorflow-addons or keras-cv. Images are float32 in 0..255 (the model normalises).
 """
 
 import keras
@@ -80,9 +76,8 @@ def _jitter_draws(seed, strength):
 def random_gamma(image, seed, strength=0.5):
     """Random gamma `255 * (x / 255) ** g`, `log g` uniform in `[-strength, strength]`.
 
-    A non-linear change of tone that keeps black and white where they are: unlike
-    brightness / contrast, it moves the mid-tones against each other, so that two
-    views cannot be matched by their intensity histogram alone.
+    Keeps black and white but, unlike brightness / contrast, moves the mid-tones
+    against each other: two views cannot be matched by their histogram alone.
 
     Args:
         image: `[H, W, C]` float32 in 0..255.
@@ -111,11 +106,8 @@ def to_grayscale_rgb(image):
 
 
 def grayscale_small(image, seed, crop_scale_min=0.35, jitter=0.4, gamma=0.0):
-    """The recipe for small grayscale images (Fashion-MNIST, 28x28).
-
-    Random resized crop back to the input size, horizontal flip, brightness /
-    contrast jitter with probability 0.8, then (with `gamma`) a random gamma with
-    probability 0.8. No colour ops: there is no colour.
+    """The recipe for small grayscale images (Fashion-MNIST, 28x28): random resized crop
+    to the input size, flip, brightness / contrast jitter (p=0.8), random gamma (p=0.8).
 
     Args:
         image: `[H, W, 1]` float32 in 0..255.
@@ -154,10 +146,9 @@ def rgb(image, seed, size, crop_scale_min=0.08, jitter=0.4, gamma=0.0):
 def make_rand_augment(seed):
     """Core Keras 3 RandAugment for 0..255 images, driven by per-image stateless seeds.
 
-    Keras's layer draws its randomness from a stateful `SeedGenerator`: inside a
-    parallel `tf.data` map the draws would follow thread scheduling, and a run
-    resumed mid-epoch could not replay them. Here every random draw of the layer
-    and of its sub-layers comes from the seed of the image being augmented.
+    Keras's layer draws from a stateful `SeedGenerator`: in a parallel `tf.data` map
+    the draws would follow thread scheduling, and a resumed run could not replay them.
+    Here every draw of the layer and its sub-layers comes from the image's seed.
 
     Args:
         seed: the run's `--seed` (kept in the layer's config only).
@@ -181,10 +172,9 @@ def make_rand_augment(seed):
 class PerImageSeeds(keras.random.SeedGenerator):
     """A `SeedGenerator` whose draws are folds of one per-image seed tensor.
 
-    Keras's TF random ops are stateless, fed by `generator.next()`; this
-    `next()` returns `fold(image_seed, k)` for the k-th draw of a trace. The
-    map function is traced once, so `start` binds the symbolic seed of the
-    element being mapped.
+    Keras's TF random ops are stateless, fed by `generator.next()`: here the k-th draw
+    of a trace is `fold(image_seed, k)`. The map function is traced once, so `start`
+    binds the symbolic seed of the element being mapped.
     """
 
     def start(self, image_seed):

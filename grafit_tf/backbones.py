@@ -1,8 +1,7 @@
 """Trunks: image `[N, H, W, C]` (float32, 0..255) -> pooled feature `[N, F]`.
 
-Each trunk starts with its own input normalisation (mean / std of the
-dataset), so that the saved embedder takes raw pixel values and no client has
-to know the statistics.
+Each starts with the dataset's input normalisation (mean / std), so the saved
+embedder takes raw pixels and no client needs the statistics.
 """
 
 import os
@@ -69,11 +68,9 @@ def small_resnet(input_shape, mean, std, width=32, blocks=(1, 1, 1), use_bn=True
 
 
 def resnet18_small(input_shape, mean, std, use_bn=True, sync_bn=False, name="resnet18"):
-    """ResNet-18 with a 3x3 stem and no max-pool: the usual trunk for 32 px images.
-
-    MaskCon's (and most CIFAR papers') ResNet-18: stem 64, then stages of two
-    basic blocks at 64 (stride 1), 128, 256, 512 channels (stride 2), 11.2M
-    parameters, 512-d pooled features.
+    """ResNet-18 with a 3x3 stem and no max-pool, MaskCon's (and most CIFAR papers')
+    trunk for 32 px images: stem 64, then stages of two basic blocks at 64 (stride 1),
+    128, 256, 512 channels (stride 2); 11.2M parameters.
 
     Returns:
         A `keras.Model` `[N, H, W, C] -> [N, 512]`.
@@ -98,11 +95,9 @@ def _stem_resnet(input_shape, mean, std, stem, stages, use_bn, sync_bn, name):
 
 
 def _full_size_trunk(body, input_shape, mean, std, weights, name):
-    """Normalisation + `body`, a `keras.Model` `[N, H, W, 3] -> [N, F]`.
-
-    `weights` (a local `.weights.h5`) is loaded into `body`: Keras's ImageNet
-    file for ResNet-50, or one saved from this trunk's body.
-    """
+    """Normalisation + `body`, a `keras.Model` `[N, H, W, 3] -> [N, F]`, with `weights`
+    (a local `.weights.h5`: Keras's ImageNet file for ResNet-50, or one saved from
+    this trunk's body) loaded into `body`."""
     if weights and not os.path.isfile(weights):
         raise UserError(f"--weights={weights}: no such file (a local .weights.h5 is needed).")
     inputs = keras.Input(input_shape, name="image")

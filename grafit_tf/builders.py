@@ -1,7 +1,5 @@
-"""Assembles a `GrafitModel` and its optimizer from a `Config`.
-
-Call inside `strategy.scope()` so that every variable is mirrored.
-"""
+"""Assembles a `GrafitModel` and its optimizer from a `Config`, inside
+`strategy.scope()` so that every variable is mirrored."""
 
 import keras
 

@@ -1,12 +1,11 @@
 """Checkpoints every N steps and every epoch, and resume from the latest good one.
 
-A checkpoint is the model's `.weights.h5` (every layer's variables, including
-the memory and the EMA target, plus the optimizer's state and step counter).
-`state.json` lists the last two, newest first. Both are written to temporary
-names and renamed, so a run killed at any instant leaves the previous
-checkpoint intact; a checkpoint that cannot be read (a truncated file) is
-named, and the one before it is used. Weights that are not finite (a loss that
-became NaN) are never saved.
+A checkpoint is the model's `.weights.h5` (every variable, the memory and the EMA
+target included, plus the optimizer's state and step). `state.json` lists the last
+two, newest first. Both are written under temporary names and renamed, so a run
+killed at any instant leaves the previous checkpoint intact; one that cannot be
+read is named and the one before it used. Weights that are not finite (a NaN loss)
+are never saved.
 """
 
 import json
@@ -83,18 +82,13 @@ def restore(model, directory):
                     "the work directory's checkpoints/ to start over.")
 
 
-def finite(model):
-    """Whether every weight of `model` is finite."""
-    return all(np.isfinite(w).all() for w in model.get_weights())
-
-
 def save(model, directory, steps_per_epoch):
     """Writes a checkpoint of `model` at its current optimizer step, keeping `KEEP`.
 
     Returns:
         False (and writes nothing) when a weight is not finite, else True.
     """
-    if not finite(model):
+    if not all(np.isfinite(w).all() for w in model.get_weights()):
         return False
     os.makedirs(directory, exist_ok=True)
     step = int(model.optimizer.iterations.numpy())
@@ -117,26 +111,17 @@ def save(model, directory, steps_per_epoch):
 
 
 class Checkpointer(keras.callbacks.Callback):
-    """Saves every `every_steps` optimizer steps (0: never) and at each epoch end.
+    """Saves into `directory` every `every_steps` optimizer steps (0: never) and at each
+    epoch end; `enabled` is False on non-chief workers, which must not write.
 
-    Weights that are not finite are not saved (`skipped` counts them): the
-    trainer then stops with one line, and a rerun resumes from the last good
-    checkpoint.
-
-    Args:
-        directory: where checkpoints go.
-        steps_per_epoch: for naming epoch checkpoints.
-        every_steps: step interval, or 0.
-        enabled: False on non-chief workers, which must not write.
+    Weights that are not finite are not saved (`skipped` counts them): the trainer
+    then stops with one line, and a rerun resumes from the last good checkpoint.
     """
 
     def __init__(self, directory, steps_per_epoch, every_steps=0, enabled=True):
         super().__init__()
-        self.directory = directory
-        self.steps_per_epoch = steps_per_epoch
-        self.every_steps = every_steps
-        self.enabled = enabled
-        self.skipped = 0
+        self.directory, self.steps_per_epoch = directory, steps_per_epoch
+        self.every_steps, self.enabled, self.skipped = every_steps, enabled, 0
 
     def _save(self):
         if not save(self.model, self.directory, self.steps_per_epoch):

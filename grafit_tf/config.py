@@ -1,9 +1,8 @@
 """The frozen training configuration.
 
-Flags live in the entry points (`train.py` defines one per field, with the
-field's help text and default); the library only ever sees a `Config`.
-`Config.validate()` checks everything that can be checked before training
-starts, and raises `UserError` with one line saying what to change.
+`train.py` defines a flag per field (its help text and default); the library only
+sees a `Config`. `Config.validate()` checks all it can before training, raising a
+one-line `UserError` that says what to change.
 """
 
 import dataclasses
@@ -25,13 +24,8 @@ OPERATIONAL = ("verbose", "checkpoint_every", "eval_every", "worker_timeout", "d
 
 
 def setting(default, help, choices=None, low=None, high=None, above=None, below=None):
-    """A `Config` field with its help text and the values it accepts.
-
-    Args:
-        default: the default value.
-        help: the flag's help text.
-        choices: the allowed values of a string setting.
-        low, high: inclusive bounds of a number; above, below: exclusive ones.
+    """A `Config` field: its default, help text, and the values it accepts (`choices`
+    of a string; inclusive bounds `low`, `high` and exclusive `above`, `below` of a number).
     """
     return dataclasses.field(default=default, metadata=dict(
         help=help, choices=choices, low=low, high=high, above=above, below=below))
@@ -49,77 +43,64 @@ class Config:
         choices=DATASETS)
     data_dir: str = setting("/usr/share/datasets/fashion-mnist",
                             "Folder of the dataset (IDX .gz files, or the image_folder root).")
-    coarse_map: str = setting("", "JSON file fine name -> coarse name replacing the "
-                                  "dataset's coarse labels.")
-    max_train_examples: int = setting(0, "Use only the first N training images (0: all).",
-                                      low=0)
-    max_eval_examples: int = setting(0, "Evaluate on only the first N test images (0: all).",
-                                     low=0)
-    image_size: int = setting(0, "Side of the model input for image_folder and TFDS data "
-                                 "(0: 224; CIFAR: 32).", low=0, high=4096)
-    tfds_data_dir: str = setting("", "TensorFlow Datasets folder (empty: $TFDS_DATA_DIR or "
+    coarse_map: str = setting("", "JSON file fine -> coarse name, replacing the dataset's.")
+    max_train_examples: int = setting(0, "Train on the first N images only (0: all).", low=0)
+    max_eval_examples: int = setting(0, "Evaluate on the first N test images (0: all).", low=0)
+    image_size: int = setting(0, "Model input side for image_folder / TFDS (0: 224; CIFAR: 32).",
+                              low=0, high=4096)
+    tfds_data_dir: str = setting("", "TFDS folder (empty: $TFDS_DATA_DIR or "
                                      "~/tensorflow_datasets). Nothing is downloaded.")
     skip_bad_images: bool = setting(False, "image_folder: train without the files that do not "
-                                           "decode (listed in WORKDIR/skipped_images.csv) "
-                                           "instead of stopping with their list.")
-    shuffle_buffer: int = setting(10000, "Shuffle buffer (images) of streamed TFDS datasets, "
-                                         "which lack random access; bigger mixes better and "
-                                         "holds more encoded images in RAM.", low=1)
+                                           "decode (listed in WORKDIR/skipped_images.csv).")
+    shuffle_buffer: int = setting(10000, "Shuffle buffer (images) of streamed TFDS data; bigger "
+                                         "mixes better, holds more in RAM.", low=1)
 
-    # --- Augmentation (the recipe follows the images: grayscale_small for 1-channel
-    # images of at most 64 px, else rgb) -------------------------------------
-    crop_scale_min: float = setting(0.35, "Smallest area fraction kept by the random resized "
-                                          "crop.", above=0.0, high=1.0)
-    jitter_strength: float = setting(0.4, "Strength of the brightness / contrast (RGB: and "
-                                          "saturation) jitter applied with probability 0.8 "
-                                          "(0: none).", low=0.0, high=1.0)
-    gamma_jitter: float = setting(0.0, "Random gamma after the jitter, with probability 0.8: "
-                                       "pixels x (0..255) become 255 * (x / 255) ** g, log g "
-                                       "uniform in [-S, S] (0: off; not in the Grafit paper).",
-                                  low=0.0, high=2.0)
-    rand_augment: bool = setting(False, "Add core Keras RandAugment (2 ops, factor 0.5) to the "
-                                        "rgb recipe, as the paper's recipe for full-size "
-                                        "images does.")
+    # --- Augmentation (grayscale_small for 1-channel images, rgb for colour) ---
+    crop_scale_min: float = setting(0.35, "Smallest area fraction of the random resized crop.",
+                                    above=0.0, high=1.0)
+    jitter_strength: float = setting(0.4, "Brightness / contrast (RGB: and saturation) jitter, "
+                                          "p=0.8 (0: none).", low=0.0, high=1.0)
+    gamma_jitter: float = setting(0.0, "Random gamma 255 * (x / 255) ** g, log g in [-S, S], "
+                                       "p=0.8 (0: off; not in the paper).", low=0.0, high=2.0)
+    rand_augment: bool = setting(False, "Add Keras RandAugment (2 ops, factor 0.5) to the rgb "
+                                        "recipe, as the paper does for full-size images.")
     num_views: int = setting(2, "Augmented views per image per step (>= 2, except for the "
                                 "cross-entropy methods).", low=1, high=16)
 
     # --- Model ----------------------------------------------------------------
     method: str = setting("grafit", "grafit, or a baseline: coarse_ce, instance, fine_ce "
-                                    "(oracle), grafit_maskcon (MaskCon's MoCo-style reading "
-                                    "of Grafit); finetune: transfer, cross-entropy on fine "
-                                    "labels (see --init_from).", choices=METHODS)
+                                    "(oracle), grafit_maskcon (MaskCon's reading of Grafit); "
+                                    "finetune: fine-label cross-entropy (see --init_from).",
+                          choices=METHODS)
     backbone: str = setting("small_resnet", "Trunk: small_resnet or resnet18 (3x3 stem, for "
                                             "<= 64 px), resnet50 or regnety8gf.",
                             choices=("small_resnet", "resnet18", "resnet50", "regnety8gf"))
     width: int = setting(32, "Stem width of small_resnet (stages double it).", low=1, high=1024)
     weights: str = setting("", "Local .weights.h5 to initialise a resnet50 / regnety8gf trunk.")
-    init_from: str = setting("", "Start the trunk from a Grafit work directory (its "
-                                 "embedder.keras, else its latest checkpoint); same --backbone "
-                                 "and --width.")
+    init_from: str = setting("", "Start the trunk from a Grafit work directory (embedder.keras, "
+                                 "else its latest checkpoint); same --backbone and --width.")
     knn_dim: int = setting(128, "Width of the kNN-loss embedding head.", low=1, high=65536)
-    proj_hidden: int = setting(512, "Hidden width of the heads (kNN head, projector, "
-                                    "predictor).", low=1, high=65536)
+    proj_hidden: int = setting(512, "Hidden width of the kNN head, projector and predictor.",
+                               low=1, high=65536)
     proj_dim: int = setting(128, "Output width of the projector and predictor.", low=1,
                             high=65536)
 
     # --- Losses ---------------------------------------------------------------
     tau: float = setting(0.05, "Temperature of the kNN (NCA) loss.", above=0.0, high=10.0)
-    memory: str = setting("full", "Memory of the kNN loss: full (a slot per image) or queue "
-                                  "(FIFO).", choices=("full", "queue"))
+    memory: str = setting("full", "kNN-loss memory: full (a slot per image) or queue (FIFO).",
+                          choices=("full", "queue"))
     memory_momentum: float = setting(0.5, "mu in m_i <- normalise(mu m_i + (1 - mu) z_i) "
                                           "(full memory).", low=0.0, below=1.0)
-    queue_size: int = setting(8192, "Length of the FIFO queue (--memory=queue, "
-                                    "grafit_maskcon).", low=1)
+    queue_size: int = setting(8192, "FIFO queue length (--memory=queue, grafit_maskcon).", low=1)
     lambda_inst: float = setting(1.0, "Weight of the instance loss in grafit.", low=0.0,
                                  high=100.0)
-    instance_loss: str = setting("byol", "Instance loss: byol (predictor + EMA target) or "
-                                         "infonce (in-batch negatives against the EMA "
-                                         "target's keys).", choices=("byol", "infonce"))
+    instance_loss: str = setting("byol", "byol (predictor + EMA target) or infonce (in-batch "
+                                         "negatives against the EMA target's keys).",
+                                 choices=("byol", "infonce"))
     instance_tau: float = setting(0.1, "Temperature of --instance_loss=infonce and of "
                                        "grafit_maskcon.", above=0.0, high=10.0)
-    ema_decay: float = setting(0.99, "Base EMA decay of the target network (raised to 1 by a "
-                                     "cosine schedule, as BYOL; constant for grafit_maskcon).",
-                               low=0.0, high=1.0)
+    ema_decay: float = setting(0.99, "Base EMA decay of the target (cosine to 1, as BYOL; "
+                                     "constant for grafit_maskcon).", low=0.0, high=1.0)
     label_smoothing: float = setting(0.0, "Label smoothing of the cross-entropy methods.",
                                      low=0.0, below=1.0)
 
@@ -128,8 +109,8 @@ class Config:
     batch_size: int = setting(256, "Global batch size (split over replicas).", low=2)
     optimizer: str = setting("adamw", "adamw, or sgd (momentum 0.9, nesterov).",
                              choices=("adamw", "sgd"))
-    learning_rate: float = setting(2e-3, "Peak learning rate, after warm-up; cosine decay "
-                                         "to 0.", above=0.0, high=100.0)
+    learning_rate: float = setting(2e-3, "Peak learning rate after warm-up; cosine decay to 0.",
+                                   above=0.0, high=100.0)
     weight_decay: float = setting(0.05, "Decoupled weight decay (not on biases and norms).",
                                   low=0.0, high=100.0)
     warmup_epochs: float = setting(1.0, "Linear warm-up length in epochs (at most --epochs).",
@@ -139,32 +120,27 @@ class Config:
 
     # --- Runtime --------------------------------------------------------------
     distribute: str = setting("auto", "auto (MirroredStrategy if > 1 GPU), none, mirrored, or "
-                                      "multi_worker (MultiWorkerMirroredStrategy configured by "
-                                      "TF_CONFIG).",
+                                      "multi_worker (from TF_CONFIG).",
                               choices=("auto", "none", "mirrored", "multi_worker"))
     cpu_replicas: int = setting(0, "Split the CPU into N logical devices (replicas for "
                                    "--distribute=mirrored; 0: no split).", low=0, high=64)
     mixed_precision: str = setting("none", "none, mixed_float16 or mixed_bfloat16 (losses and "
                                            "memory stay float32).",
                                    choices=("none", "mixed_float16", "mixed_bfloat16"))
-    worker_timeout: float = setting(120.0, "Seconds to wait for every TF_CONFIG worker "
-                                           "address to answer.", above=0.0)
-    jit_compile: bool = setting(False, "XLA-compile the train step (explicit; never Keras's "
-                                       "'auto').")
+    worker_timeout: float = setting(120.0, "Seconds to wait for every TF_CONFIG worker.",
+                                    above=0.0)
+    jit_compile: bool = setting(False, "XLA-compile the train step (never Keras's 'auto').")
     checkpoint_every: int = setting(0, "Also checkpoint every N steps (0: only at epoch ends).",
                                     low=0)
     verbose: int = setting(1, "Keras progress: 0 silent, 1 progress bar, 2 one line per epoch.",
                            low=0, high=2)
 
     # --- Evaluation -----------------------------------------------------------
-    eval_every: int = setting(0, "Evaluate every N epochs during training (0: only at the "
-                                 "end).", low=0)
+    eval_every: int = setting(0, "Evaluate every N epochs (0: only at the end).", low=0)
     eval_temperature: float = setting(0.07, "Temperature of the weighted kNN vote (k=20); "
-                                            "serve.py's default too.", above=0.0,
-                                      high=10.0)
+                                            "serve.py's default too.", above=0.0, high=10.0)
     eval_protocol: str = setting("default", "default (see README), or maskcon: Recall@K "
-                                            "test-vs-test on resized whole test images (no "
-                                            "centre crop), as MaskCon reports it.",
+                                            "test-vs-test on resized whole test images.",
                                  choices=("default", "maskcon"))
 
     def to_dict(self):
@@ -180,19 +156,15 @@ class Config:
         return cls(**{k: v for k, v in values.items() if k in names})
 
     def differences(self, stored):
-        """The settings in which `stored` (a run's `config.json` dict) differs from this.
-
-        A field absent from `stored` (a run older than the field) counts as its
-        default, which is what such a run used. `OPERATIONAL` fields are ignored.
-
-        Returns:
-            `["name: stored -> this", ...]`, empty when the run matches.
+        """`["name: stored -> this", ...]`: the settings in which `stored` (a run's
+        `config.json` dict) differs from this, `OPERATIONAL` ones ignored. A field absent
+        from `stored` (a run older than the field) counts as its default, as that run used.
         """
         defaults = Config()
-        return [f"{f.name}: {stored.get(f.name, getattr(defaults, f.name))!r} -> "
-                f"{getattr(self, f.name)!r}"
-                for f in dataclasses.fields(self) if f.name not in OPERATIONAL
-                and stored.get(f.name, getattr(defaults, f.name)) != getattr(self, f.name)]
+        old = {f.name: stored.get(f.name, getattr(defaults, f.name))
+               for f in dataclasses.fields(self) if f.name not in OPERATIONAL}
+        return [f"{k}: {v!r} -> {getattr(self, k)!r}" for k, v in old.items()
+                if v != getattr(self, k)]
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -200,11 +172,7 @@ class Config:
     @property
     def label_level(self):
         """Which labels the method trains on: 'coarse', 'fine' or None."""
-        if self.method in ("fine_ce", "finetune"):
-            return "fine"
-        if self.method == "instance":
-            return None
-        return "coarse"
+        return {"fine_ce": "fine", "finetune": "fine", "instance": None}.get(self.method, "coarse")
 
     def validate(self, source=None, replicas=1):
         """Raises `UserError` on the first setting that cannot work.
@@ -231,6 +199,9 @@ class Config:
                             f"(--epochs={self.epochs}): use at most --epochs.")
         if self.init_from and self.weights:
             raise UserError("--init_from and --weights both initialise the trunk; give one.")
+        if self.method == "finetune" and not self.init_from:
+            raise UserError("--method=finetune fine-tunes a trained trunk: give --init_from=W "
+                            "(a Grafit work directory).")
         if self.weights and self.backbone in ("small_resnet", "resnet18"):
             raise UserError(f"--weights is for resnet50 / regnety8gf; --backbone={self.backbone} "
                             "trains from scratch (use --init_from=W to start from a run).")
@@ -245,6 +216,9 @@ class Config:
                 f"the training split holds {len(source.train)} images, fewer than one batch "
                 f"(--batch_size={self.batch_size}); lower --batch_size or raise "
                 "--max_train_examples.")
+        if self.backbone in ("resnet50", "regnety8gf") and min(source.image_shape[:2]) < 32:
+            raise UserError(f"--backbone={self.backbone} needs images of at least 32 px (these "
+                            f"are {source.image_shape[0]}); use small_resnet or resnet18.")
         if self.rand_augment and source.image_shape[-1] != 3:
             raise UserError("--rand_augment needs RGB images; drop it for grayscale data.")
 

@@ -29,12 +29,9 @@ def split_cpu(replicas):
 
 
 def make_strategy(kind, cpu_replicas=0, worker_timeout=120.0):
-    """The strategy for `--distribute`.
-
-    `auto` picks MirroredStrategy when more than one GPU is visible and the
-    default (single-device) strategy otherwise; `mirrored` mirrors over every
-    visible GPU, or over the logical CPU devices when there is no GPU
-    (`cpu_replicas` of them).
+    """The strategy for `--distribute`: `auto` is MirroredStrategy over more than one
+    visible GPU, else the default strategy; `mirrored` mirrors over every visible GPU,
+    or over the `cpu_replicas` logical CPU devices when there is no GPU.
     """
     split_cpu(cpu_replicas)
     if kind == "multi_worker":
@@ -75,9 +72,8 @@ def cluster_from_env():
     return cluster, task
 
 
-# Runs in a separate process: TensorFlow's MultiWorkerMirroredStrategy blocks
-# in C++ while holding the GIL until every worker is up, so no Python thread of
-# ours could run to report a missing worker.
+# A separate process: MultiWorkerMirroredStrategy blocks in C++, holding the GIL, until
+# every worker is up, so no Python thread of ours could report a missing worker.
 _WATCHDOG = """
 import os, signal, sys, time
 parent, timeout, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
@@ -92,12 +88,9 @@ os.kill(parent, signal.SIGKILL)
 
 
 def multi_worker_strategy(timeout):
-    """`MultiWorkerMirroredStrategy` from `TF_CONFIG`, with a start-up watchdog.
-
-    Every worker must answer a first collective within `timeout` seconds;
-    otherwise a watchdog prints one line naming the cluster and ends this
-    process (SIGKILL), instead of leaving it hanging before training.
-    """
+    """`MultiWorkerMirroredStrategy` from `TF_CONFIG`, with a start-up watchdog: unless
+    every worker answers a first collective within `timeout` seconds, it prints one
+    line naming the cluster and ends this process (SIGKILL) instead of a hang."""
     cluster, _ = cluster_from_env()
     addresses = [a for group in cluster.values() for a in group]
     message = (f"error: not every worker answered within {timeout:.0f} s "
@@ -137,10 +130,9 @@ def num_replicas():
 def all_gather(tensor):
     """Concatenates `tensor` `[b, ...]` from every replica: `[b * replicas, ...]`.
 
-    Called in replica context (inside `train_step`). Every replica gets the same
-    result, in replica order, which is what lets each replica apply the same
-    memory update: the memory holds *all* of the global batch, not just the
-    replica's share. With a single replica it is the identity.
+    In replica context (`train_step`). Every replica gets the same result, in replica
+    order, so each applies the same memory update: the memory holds *all* of the
+    global batch, not just the replica's share. One replica: the identity.
     """
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:

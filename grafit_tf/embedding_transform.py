@@ -1,8 +1,7 @@
 """Post-training transform of the retrieval embedding (NumPy only; not in the paper).
 
-The export's `--embedding_transform` (`export/export_onnx.py`; any method's run)
-adds a fixed affine map between the L2-normalised
-embedding and a second L2 normalisation:
+The export's `--embedding_transform` (any method's run) adds a fixed affine map
+between the L2-normalised embedding and a second L2 normalisation,
 
     e = normalise((normalise(f(x)) - mean) @ projection)
 
@@ -66,12 +65,8 @@ def apply(embeddings, mean, projection):
 
 
 def fit_apply(train, test, kind, shrinkage=0.1):
-    """Fits the map on `train` `[N, D]` and applies it to `train` and `test` `[Q, D]`
-    (both L2-normalised); `none` returns them as they are.
-
-    Returns:
-        `(train', test')`.
-    """
+    """`(train', test')`: the map fitted on `train` `[N, D]`, applied to it and to `test`
+    `[Q, D]` (both L2-normalised); `none` returns them as they are."""
     if kind == "none":
         return train, test
     mean, projection = fit(train, kind, shrinkage)

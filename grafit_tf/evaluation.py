@@ -2,8 +2,7 @@
 
 - fine kNN top-1 (k=1) and weighted kNN top-1 (k=20, weights exp(sim/0.07)) of
   the test split against the training split as gallery;
-- fine Recall@K (K = 1, 2, 5, 10) of the test split against itself, query
-  excluded;
+- fine Recall@K (K = 1, 2, 5, 10) of the test split against itself, query excluded;
 - coarse kNN top-1 (k=1) against the training split.
 Fine labels are used for scoring only.
 """
@@ -24,8 +23,7 @@ def knn_metrics(train_emb, train_fine, train_coarse, test_emb, test_fine, test_c
         train_fine, train_coarse: `[N]` int labels.
         test_emb: `[Q, D]` L2-normalised query embeddings.
         test_fine, test_coarse: `[Q]` int labels.
-        k: neighbours of the weighted vote.
-        temperature: of the weighted vote.
+        k, temperature: of the weighted vote.
         num_fine: number of fine classes (default: inferred).
 
     Returns:
@@ -49,16 +47,14 @@ def per_class_knn_top1(train_emb, train_labels, test_emb, test_labels, num_class
     """kNN top-1 (k=1) of each class's test images: where a method's accuracy comes from.
 
     Args:
-        train_emb: `[N, D]` L2-normalised gallery embeddings.
-        train_labels: `[N]` int labels of the gallery.
-        test_emb: `[Q, D]` L2-normalised query embeddings.
-        test_labels: `[Q]` int labels of the queries.
+        train_emb, test_emb: `[N, D]` gallery, `[Q, D]` query embeddings (L2-normalised).
+        train_labels, test_labels: `[N]`, `[Q]` int labels.
         num_classes: number of classes `C`.
 
     Returns:
         `[C]` float64: the fraction of each class's queries whose nearest gallery image
-        has their label (NaN for a class without queries). Its mean weighted by the
-        class sizes is `knn_metrics`' top-1.
+        has their label (NaN for a class without queries); weighted by the class sizes,
+        its mean is `knn_metrics`' top-1.
     """
     train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
     _, idx = knn.search(test_emb, train_emb, 1)
@@ -69,10 +65,8 @@ def per_class_knn_top1(train_emb, train_labels, test_emb, test_labels, num_class
 
 
 def recall_at_k(embeddings, labels, ks=RECALL_KS, prefix="fine_"):
-    """Recall@K with the set as its own gallery (query excluded).
-
-    A query scores 1 if any of its K nearest neighbours shares its label.
-    """
+    """Recall@K with the set as its own gallery (query excluded): a query scores 1 if
+    any of its K nearest neighbours shares its label."""
     labels = np.asarray(labels)
     _, idx = knn.search(embeddings, embeddings, max(ks), exclude_self=True)
     hits = labels[idx] == labels[:, None]  # [Q, K]
@@ -103,18 +97,12 @@ def _cell(value, percent):
     return str(value)
 
 
-PERCENT_KEYS = frozenset((
-    "fine_knn_top1", "fine_knn_weighted_top1", "coarse_knn_top1",
-    *(f"fine_recall_at_{k}" for k in RECALL_KS),
-))
+PERCENT_KEYS = frozenset(("fine_knn_top1", "fine_knn_weighted_top1", "coarse_knn_top1",
+                          *(f"fine_recall_at_{k}" for k in RECALL_KS)))
 
 METRIC_COLUMNS = (
-    ("method", "method"),
-    ("fine_knn_top1", "fine kNN top-1"),
+    ("method", "method"), ("fine_knn_top1", "fine kNN top-1"),
     ("fine_knn_weighted_top1", "fine kNN weighted (k=20)"),
-    ("fine_recall_at_1", "R@1"),
-    ("fine_recall_at_2", "R@2"),
-    ("fine_recall_at_5", "R@5"),
-    ("fine_recall_at_10", "R@10"),
+    *((f"fine_recall_at_{k}", f"R@{k}") for k in RECALL_KS),
     ("coarse_knn_top1", "coarse kNN top-1"),
 )

@@ -1,28 +1,25 @@
 """Export of a trained embedder to a SavedModel and to ONNX, with a parity check.
 
-`export(workdir)` reads `workdir/embedder.keras` and `workdir/config.json` and
-writes `workdir/export/`:
+`export(workdir)` reads `workdir/embedder.keras` and `config.json` and writes
+`workdir/export/`:
 
-- `saved_model/`: signature `serving_default`, `images` uint8 `[N, H, W, C]` ->
-  `embeddings` float32 `[N, D]` (L2-normalised). The uint8 -> float32 cast is
-  inside the graph and the normalisation (mean / std) is the model's first
-  layer, so a client sends raw pixels and knows nothing else.
-- `embedder.onnx`: the same function converted with tf2onnx (opset 17, batch
-  axis `batch` dynamic), checked with `onnx.checker`, with metadata properties
-  (`METADATA_KEYS`) that let `serve.py` preprocess images without TensorFlow.
-- `parity.json`: max |Keras - SavedModel| and max |Keras - onnxruntime| over
-  real training images. When either exceeds the tolerance, `ParityError` and
-  nothing is published: the previous export stays, and the failed check is in
-  `parity_failed.json`.
+- `saved_model/`: `serving_default`, `images` uint8 `[N, H, W, C]` -> `embeddings`
+  float32 `[N, D]` (L2-normalised). The cast and the normalisation (the model's
+  first layer) are in the graph, so a client sends raw pixels and nothing else.
+- `embedder.onnx`: the same function through tf2onnx (opset 17, dynamic axis
+  `batch`), checked with `onnx.checker`; its metadata properties let `serve.py`
+  preprocess images without TensorFlow.
+- `parity.json`: max |Keras - SavedModel| and max |Keras - onnxruntime| on real
+  training images. Beyond the tolerance: `ParityError`, nothing is published (the
+  previous export stays) and the failed check is in `parity_failed.json`.
 
-With `transform` (`--embedding_transform=center|whiten`), the exported embedder
-ends in a fixed affine map fitted on the training images' embeddings, no labels
-(`grafit_tf.embedding_transform`); every method's run can be exported with one.
+With `transform` (`--embedding_transform=center|whiten`) the embedder ends in a
+fixed affine map fitted on the training images' embeddings, no labels
+(`grafit_tf.embedding_transform`).
 
-Images of resize method 'resize_center_crop' are resized to float values by
-the evaluation pipeline; the exported function takes uint8, so the parity
-images are that pipeline's output rounded to uint8 and all three runtimes see
-exactly the same input.
+The evaluation pipeline resizes 'resize_center_crop' images to float values; the
+exported function takes uint8, so the parity images are that output rounded to
+uint8 and all three runtimes see exactly the same input.
 """
 
 import contextlib
@@ -48,11 +45,7 @@ MIN_PARITY_IMAGES = 64
 INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
 BATCH_DIM = "batch"
-# metadata_props keys of embedder.onnx; serve.py reads them back.
 STAGING = ".staging."  # Prefix of the folder an export is written and checked in.
-METADATA_KEYS = ("input_height", "input_width", "input_channels", "input_dtype",
-                 "embedding_dim", "resize", "embedding_transform", "training_config",
-                 "grafit_tf_version")
 
 
 class ParityError(Exception):
@@ -60,18 +53,9 @@ class ParityError(Exception):
 
 
 def transformed_embedder(embedder, config, kind, shrinkage=0.1, data_dir=None):
-    """`embedder` ending in the `kind` map fitted on the run's training images.
-
-    Args:
-        embedder: the run's `embedder.keras` (trunk + L2 normalisation).
-        config: the training config dict (`config.json`), for its data.
-        kind: `center` or `whiten` (`embedding_transform.TRANSFORMS`).
-        shrinkage: the whitening's shrinkage.
-        data_dir: overrides the config's `data_dir`.
-
-    Returns:
-        A new embedder: trunk, L2 normalisation, the fitted map, L2 normalisation.
-    """
+    """A new embedder: `embedder`'s trunk, L2 normalisation, the `kind` map (`center` or
+    `whiten`) fitted on the training images of `config` (the `config.json` dict, its data
+    in `data_dir` if given), L2 normalisation."""
     values = dict(config, data_dir=data_dir or config["data_dir"])
     source = sources.load(Config.from_dict(values))
     features = embed(embedding_fn(embedder, source), source.train, source)  # Unit norm.
@@ -83,11 +67,8 @@ def transformed_embedder(embedder, config, kind, shrinkage=0.1, data_dir=None):
 
 
 def serving_function(embedder, image_shape):
-    """The exported function: uint8 images `[N, H, W, C]` -> `{"embeddings": [N, D]}`.
-
-    Returns:
-        `(tf.function, input TensorSpec)`.
-    """
+    """`(serve, spec)`: the exported `tf.function`, uint8 images `[N, H, W, C]` ->
+    `{"embeddings": [N, D]}`, and its input `TensorSpec`."""
     spec = tf.TensorSpec([None, *image_shape], tf.uint8, name=INPUT_NAME)
 
     @tf.function(input_signature=[spec])
@@ -99,7 +80,7 @@ def serving_function(embedder, image_shape):
 
 
 def save_saved_model(embedder, serve, spec, path):
-    """Writes the SavedModel with `serve` as `serving_default` into the new folder `path`."""
+    """Writes the SavedModel, `serve` as `serving_default`, into the new folder `path`."""
     archive = keras.export.ExportArchive()
     archive.track(embedder)
     archive.add_endpoint("serving_default", serve, input_signature=[spec])
@@ -108,11 +89,9 @@ def save_saved_model(embedder, serve, spec, path):
 
 
 def to_onnx(serve, spec, opset=OPSET):
-    """Converts the serving function with tf2onnx.
-
-    `tf2onnx.convert.from_function` would list the constants the Keras layers
-    capture (the normalisation mean / variance) as extra graph inputs, so this
-    converts the same concrete function with only the image as input.
+    """Converts the serving function with tf2onnx, as a concrete function whose only
+    input is the image (`tf2onnx.convert.from_function` would make the constants the
+    Keras layers capture, the normalisation mean / variance, extra graph inputs).
 
     Returns:
         `onnx.ModelProto` with input `images` `[batch, H, W, C]` uint8 and output
@@ -139,30 +118,17 @@ def to_onnx(serve, spec, opset=OPSET):
 def metadata(config, embedding_dim, transform="none"):
     """The metadata_props of embedder.onnx, all strings."""
     height, width, channels = config["data"]["image_shape"]
-    return {
-        "input_height": str(height),
-        "input_width": str(width),
-        "input_channels": str(channels),
-        "input_dtype": "uint8",
-        "embedding_dim": str(embedding_dim),
-        "resize": config["data"].get("resize", "none"),
-        "embedding_transform": transform,
-        "training_config": json.dumps(config, sort_keys=True),
-        "grafit_tf_version": grafit_tf.__version__,
-    }
+    return {"input_height": str(height), "input_width": str(width),
+            "input_channels": str(channels), "input_dtype": "uint8",
+            "embedding_dim": str(embedding_dim), "resize": config["data"].get("resize", "none"),
+            "embedding_transform": transform,
+            "training_config": json.dumps(config, sort_keys=True),
+            "grafit_tf_version": grafit_tf.__version__}
 
 
 def parity_images(config, count, data_dir=None):
-    """The first `count` training images, through the evaluation preprocessing.
-
-    Args:
-        config: the training config dict (`config.json`).
-        count: number of images (>= `MIN_PARITY_IMAGES`).
-        data_dir: overrides the config's `data_dir` (data moved since training).
-
-    Returns:
-        `[count, H, W, C]` uint8 (fewer if the training split is smaller).
-    """
+    """`[count, H, W, C]` uint8 (fewer if the split is smaller): the first training images
+    of `config` (the `config.json` dict; data in `data_dir` if given) as evaluated."""
     values = dict(config, max_train_examples=count, max_eval_examples=1)
     if data_dir:
         values["data_dir"] = data_dir
@@ -174,14 +140,8 @@ def parity_images(config, count, data_dir=None):
 
 
 def parity(embedder, saved_model_dir, onnx_path, images, batch_size=256):
-    """Max absolute embedding differences of the exports against Keras.
-
-    Args:
-        images: `[N, H, W, C]` uint8.
-
-    Returns:
-        dict with `keras_vs_saved_model` and `keras_vs_onnxruntime` (floats).
-    """
+    """Max absolute embedding differences of the exports against Keras on `images`
+    `[N, H, W, C]` uint8: dict `keras_vs_saved_model`, `keras_vs_onnxruntime` (floats)."""
     import onnxruntime as ort
 
     loaded = tf.saved_model.load(saved_model_dir).signatures["serving_default"]
@@ -207,10 +167,8 @@ def export(run_dir, num_parity_images=256, tolerance=TOLERANCE, data_dir=None, o
         tolerance: largest accepted max |difference| of the embeddings.
         data_dir: where the training data is now, if not the config's `data_dir`.
         opset: ONNX opset.
-        images: optional `[N, H, W, C]` uint8 parity images instead of the
-            training data (N >= 64).
-        transform: `embedding_transform.TRANSFORMS`: none, or the map fitted on
-            the training images' embeddings that the exported embedder ends in.
+        images: `[N, H, W, C]` uint8 parity images (N >= 64) instead of training data.
+        transform: one of `embedding_transform.TRANSFORMS`, the map the embedder ends in.
         whiten_shrinkage: the shrinkage of `transform="whiten"`.
 
     Returns:
@@ -226,6 +184,14 @@ def export(run_dir, num_parity_images=256, tolerance=TOLERANCE, data_dir=None, o
     if transform not in embedding_transform.TRANSFORMS:
         raise UserError(f"--embedding_transform={transform!r} is not known; choose one of: "
                         f"{', '.join(embedding_transform.TRANSFORMS)}.")
+    if not tolerance >= 0:  # NaN too.
+        raise UserError(f"--tolerance={tolerance}: must be >= 0.")
+    if not 13 <= opset <= 18:
+        raise UserError(f"--opset={opset}: tf2onnx converts to opsets 13 to 18.")
+    if os.path.exists(os.path.join(run_dir, "export")) and not os.path.isdir(
+            os.path.join(run_dir, "export")):
+        raise UserError(f"{os.path.join(run_dir, 'export')} is a file: move it, the export "
+                        "writes a folder there.")
     if not whiten_shrinkage >= 0:
         raise UserError(f"--whiten_shrinkage={whiten_shrinkage}: must be >= 0.")
     config = workdir.read_config(run_dir)
@@ -246,6 +212,7 @@ def export(run_dir, num_parity_images=256, tolerance=TOLERANCE, data_dir=None, o
     import onnx
 
     out_dir = os.path.join(run_dir, "export")
+    failed = os.path.join(out_dir, "parity_failed.json")
     os.makedirs(out_dir, exist_ok=True)
     for stale in os.listdir(out_dir):  # Left by a killed export.
         if stale.startswith(STAGING):
@@ -272,7 +239,6 @@ def export(run_dir, num_parity_images=256, tolerance=TOLERANCE, data_dir=None, o
                                report["keras_vs_onnxruntime"]) <= tolerance
         text = json.dumps(report, indent=2, sort_keys=True).encode()
         if not report["passed"]:
-            failed = os.path.join(out_dir, "parity_failed.json")
             _write_atomic(failed, text)
             raise ParityError(
                 f"export parity failed on {len(images)} images: max |Keras - SavedModel| = "
@@ -283,8 +249,8 @@ def export(run_dir, num_parity_images=256, tolerance=TOLERANCE, data_dir=None, o
         _publish(stage, out_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    if os.path.exists(os.path.join(out_dir, "parity_failed.json")):
-        os.remove(os.path.join(out_dir, "parity_failed.json"))
+    if os.path.exists(failed):
+        os.remove(failed)
     report.update(saved_model=os.path.join(out_dir, "saved_model"),
                   onnx=os.path.join(out_dir, "embedder.onnx"))
     return report
@@ -296,8 +262,7 @@ def _publish(stage, out_dir):
     every published file a passed export's)."""
     saved_model = os.path.join(out_dir, "saved_model")
     if os.path.exists(saved_model):
-        old = os.path.join(stage, "previous_saved_model")
-        os.replace(saved_model, old)
+        os.replace(saved_model, os.path.join(stage, "previous_saved_model"))
     os.replace(os.path.join(stage, "saved_model"), saved_model)
     for name in ("embedder.onnx", "parity.json"):
         os.replace(os.path.join(stage, name), os.path.join(out_dir, name))

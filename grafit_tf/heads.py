@@ -29,12 +29,11 @@ def embedder(backbone, head=None, transform=False, name="embedder"):
 
     Args:
         backbone: the trained trunk.
-        head: an optional head applied before normalisation (the memory's
-            prefill embeds with the kNN head or the key projector).
-        transform: add the frozen affine map of the export's
-            `--embedding_transform` (a `Dense` layer named `TRANSFORM_LAYER`, the
-            identity until it is fitted; see `grafit_tf.embedding_transform`)
-            between two L2 normalisations.
+        head: an optional head before normalisation (the memory's prefill embeds
+            with the kNN head or the key projector).
+        transform: add the frozen affine map of `--embedding_transform` (a `Dense`
+            layer `TRANSFORM_LAYER`, the identity until fitted; see
+            `grafit_tf.embedding_transform`) between two L2 normalisations.
     """
     inputs = keras.Input(tuple(backbone.input_shape[1:]), name="image")
     x = backbone(inputs)

@@ -1,12 +1,9 @@
 """Exact k-nearest-neighbour search and voting, NumPy only (no TensorFlow).
 
-In the spirit of DINO's `eval_knn.knn_classifier`: queries are processed in
-chunks, so memory is `O(chunk * gallery)` and an `N x N` similarity matrix is
-never held. Shared by training's evaluation and by `serve.py`.
-
-Large searches (iNaturalist, SOP: hundreds of thousands of images) go to
-faiss-cpu's exact `IndexFlatIP` when it is installed: the same neighbours,
-multi-threaded, with a heap instead of a partition of every row.
+As DINO's `eval_knn.knn_classifier`, queries go in chunks: memory is
+`O(chunk * gallery)`, never an `N x N` matrix. Shared by training's evaluation and
+`serve.py`. Large searches (iNaturalist, SOP) go to faiss-cpu's exact `IndexFlatIP`
+when installed: the same neighbours, multi-threaded, a heap instead of a partition.
 """
 
 import numpy as np
@@ -24,8 +21,7 @@ def search(queries, gallery, k, chunk=1024, exclude_self=False, backend="auto"):
         gallery: `[G, D]` float32, L2-normalised.
         k: neighbours per query (at most G, or G - 1 with `exclude_self`).
         chunk: queries per block.
-        exclude_self: queries *are* the gallery (same order); query i never
-            returns gallery item i.
+        exclude_self: queries *are* the gallery (same order): query i never gets item i.
         backend: "numpy", "faiss" (exact inner-product index), or "auto"
             (faiss for searches of at least `FAISS_MIN_PRODUCTS` products).
 
@@ -62,8 +58,7 @@ def weighted_vote(similarities, neighbour_labels, num_classes, temperature=0.07)
     """DINO's weighted kNN vote: each neighbour adds exp(sim / T) to its label.
 
     Args:
-        similarities: `[Q, k]`.
-        neighbour_labels: `[Q, k]` int labels of the neighbours.
+        similarities, neighbour_labels: `[Q, k]`, of the neighbours (labels int).
         num_classes: number of labels.
         temperature: T.
 

@@ -1,11 +1,8 @@
 """Grafit's losses, as pure functions of tensors.
 
-Each returns the mean over the local (per-replica) batch. Under
-`tf.distribute` the caller divides by `num_replicas_in_sync` before taking
-gradients, because the optimizer *sums* gradients across replicas.
-
-Notation: `B` queries, `M` memory slots, `D` embedding width. Embeddings are
-L2-normalised, so a dot product is a cosine similarity.
+Each returns the mean over the local (per-replica) batch; under `tf.distribute` the
+caller divides by `num_replicas_in_sync`, as the optimizer *sums* replicas' gradients.
+`B` queries, `M` memory slots, `D` embedding width; embeddings are L2-normalised.
 """
 
 import tensorflow as tf
@@ -51,9 +48,8 @@ def nca_loss(queries, query_labels, memory, memory_labels, tau, exclude=None):
                           tf.boolean_mask(exclude, keep)], axis=1)
         logits = tf.tensor_scatter_nd_update(
             logits, pairs, tf.fill(tf.shape(pairs)[:1], tf.constant(_NEG_INF, logits.dtype)))
-    # Sums of exp(logit) per label through one [M, C] one-hot matmul: the same
-    # value as two masked log-sum-exps over [B, M], in far fewer passes over
-    # the big tensor (this loss dominates a small trunk's step time).
+    # Sums of exp(logit) per label via one [M, C] one-hot matmul: the value of two masked
+    # log-sum-exps over [B, M] in far fewer passes (this loss dominates a small trunk's step).
     shift = tf.stop_gradient(tf.reduce_max(logits, axis=1, keepdims=True))
     weights = tf.exp(logits - shift)
     classes = tf.maximum(tf.reduce_max(memory_labels), tf.reduce_max(query_labels)) + 1
@@ -64,8 +60,7 @@ def nca_loss(queries, query_labels, memory, memory_labels, tau, exclude=None):
     # A positive mass that underflows (no positive within ~87 tau) counts as none.
     has_positive = positive > 0
     # Both logs see 1 where a query has no positive: tf.where's gradient multiplies the
-    # branch it drops by 0, and 0 * (1 / 0) is NaN when a query sees no labelled slot at
-    # all (an empty queue: total is 0 too).
+    # dropped branch by 0, and 0 * (1 / 0) is NaN (an empty queue: total is 0 too).
     safe = tf.where(has_positive, positive, tf.ones_like(positive))
     safe_total = tf.where(has_positive, total, tf.ones_like(total))
     per_query = tf.where(has_positive, tf.math.log(safe_total) - tf.math.log(safe),

@@ -1,14 +1,13 @@
 """The memory of embeddings that the kNN (NCA) loss compares against.
 
-Two kinds:
-- `full` (scalable NCA): one slot per training image, indexed by the image's
-  position in the dataset, updated as m_i <- normalise(mu m_i + (1 - mu) z_i).
-- `queue` (MoCo-style FIFO): the most recent `size` embeddings with their
-  labels, for datasets too large for a slot per image.
+- `full` (scalable NCA): a slot per training image, indexed by its position in the
+  dataset, updated as m_i <- normalise(mu m_i + (1 - mu) z_i).
+- `queue` (MoCo-style FIFO): the last `size` embeddings with their labels, for
+  datasets too large for a slot per image.
 
 The weights use `aggregation="only_first_replica"` and every replica applies the
-update computed from `all_gather`ed embeddings, labels and indices, so the
-replicas' copies stay identical (a per-replica update would silently diverge).
+update computed from `all_gather`ed embeddings, labels and indices, so the copies
+stay identical (a per-replica update would silently diverge).
 """
 
 import keras

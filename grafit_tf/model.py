@@ -1,7 +1,5 @@
-"""`GrafitModel`: a `keras.Model` assembled from injected parts.
-
-The parts (trunk, heads, target network, memory) are built elsewhere
-(`grafit_tf.builders`) and passed in, so the same class trains Grafit and its
+"""`GrafitModel`: a `keras.Model` assembled from parts (trunk, heads, target network,
+memory) built by `grafit_tf.builders`, so the same class trains Grafit and its
 baselines: which losses are active follows from `Objective.method`.
 """
 
@@ -28,8 +26,8 @@ class Objective:
         lambda_inst: weight of the instance loss in `grafit`.
         instance_loss: byol | infonce (the instance term of grafit and instance).
         instance_tau: temperature of infonce and of grafit_maskcon.
-        ema_decay: base decay of the target network, raised to 1 by a cosine
-            schedule over `total_steps` (BYOL); constant for grafit_maskcon (MoCo).
+        ema_decay: base decay of the target network, cosine-raised to 1 over
+            `total_steps` (BYOL); constant for grafit_maskcon (MoCo).
         total_steps: planned optimizer steps, for the EMA schedule.
         label_smoothing: for the cross-entropy methods.
     """
@@ -112,10 +110,9 @@ class GrafitModel(keras.Model):
         self.built = True
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Keras's default pulls one batch and `strategy.reduce`s it to trace a
-        # symbolic build; MultiWorkerMirroredStrategy cannot reduce a dict
-        # batch. Nothing needs building: the builder built every part and the
-        # trainer builds the optimizer.
+        # Keras's default `strategy.reduce`s one batch to trace a symbolic build, which
+        # MultiWorkerMirroredStrategy cannot do for a dict batch. Nothing needs building:
+        # the builder built every part and the trainer builds the optimizer.
         del iterator, data_batch
 
     @property
@@ -229,10 +226,8 @@ class GrafitModel(keras.Model):
         return [pair for online, target in parts for pair in zip(online.weights, target.weights)]
 
     def ema_decay(self):
-        """BYOL's schedule: base decay at step 0, cosine up to 1 at the end.
-
-        MoCo (grafit_maskcon) keeps the base decay: its key encoder keeps
-        following the online network to the last step.
+        """BYOL's schedule: base decay at step 0, cosine up to 1 at the end. MoCo
+        (grafit_maskcon) keeps the base decay: its key encoder follows to the last step.
         """
         base = self.objective.ema_decay
         if self.objective.maskcon:
@@ -244,11 +239,8 @@ class GrafitModel(keras.Model):
 
 
 def _log_value(value):
-    """A metric for Keras's logs.
-
-    Under MultiWorkerMirroredStrategy Keras reduces each logged value with
-    `strategy.reduce("MEAN", v, axis=0)`, which needs a batch axis: give
-    scalars one there (Keras 3.15).
+    """A metric for Keras's logs. Under MultiWorkerMirroredStrategy Keras reduces each
+    with `strategy.reduce("MEAN", v, axis=0)`, which needs a batch axis (Keras 3.15).
     """
     if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
         return tf.reshape(value, [1])
@@ -256,8 +248,7 @@ def _log_value(value):
 
 
 def _view_major(views):
-    """`[b, V, H, W, C]` -> `[V * b, H, W, C]`, view-major: a reshape to `[V, b, ...]`
-    recovers the views."""
+    """`[b, V, H, W, C]` -> `[V * b, H, W, C]`, view-major (`[V, b, ...]` recovers them)."""
     shape = tf.shape(views)
     return tf.reshape(tf.transpose(views, [1, 0, 2, 3, 4]),
                       tf.concat([[views.shape[1] * shape[0]], shape[2:]], axis=0))

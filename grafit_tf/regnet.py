@@ -1,9 +1,8 @@
 """RegNetY (Radosavovic et al., "Designing Network Design Spaces", CVPR 2020).
 
-Keras 3 dropped the RegNet family from `keras.applications` (Keras 2.x had
-`RegNetY080`), so the trunk is written here, block for block as pycls (the
-paper's code) defines it: a stride-2 3x3 stem of 32 channels, then four stages of
-Y blocks (1x1 conv, grouped 3x3 conv, squeeze-and-excitation, 1x1 conv,
+Keras 3's `keras.applications` has no RegNet, so it is written here block for block
+as pycls (the paper's code) defines it: a stride-2 3x3 stem of 32 channels, then four
+stages of Y blocks (1x1 conv, grouped 3x3 conv, squeeze-and-excitation, 1x1 conv,
 residual), each stage's first block striding by 2.
 """
 

@@ -5,7 +5,7 @@ Writes into `workdir`: `config.json`, `checkpoints/`, `logs/` (TensorBoard,
 command again after a crash resumes from the last checkpoint.
 """
 
-import json
+import collections
 import os
 import time
 
@@ -17,7 +17,7 @@ from grafit_tf import builders, checkpointing, evaluation, heads, workdir as wor
 from grafit_tf.data import pipeline, sources
 from grafit_tf.distribute import is_chief, make_strategy
 from grafit_tf.embedding import embed, embedding_fn
-from grafit_tf.errors import RunFailed
+from grafit_tf.errors import RunFailed, check_writable
 
 
 def evaluate(embedder, source, config):
@@ -26,19 +26,14 @@ def evaluate(embedder, source, config):
     train_emb = embed(fn, source.train, source)
     test_emb = embed(fn, source.test, source)
     return evaluation.knn_metrics(
-        train_emb, source.train.fine, source.train.coarse,
-        test_emb, source.test.fine, source.test.coarse,
-        temperature=config.eval_temperature,
+        train_emb, source.train.fine, source.train.coarse, test_emb, source.test.fine,
+        source.test.coarse, temperature=config.eval_temperature,
         num_fine=source.hierarchy.num_fine)
 
 
 def classification_top1(model, source, batch_size=256):
-    """Top-1 accuracy of `model.classifier(model.backbone(x))` on the test split
-    (`--method=finetune`'s score).
-
-    Returns:
-        float in [0, 1].
-    """
+    """Top-1 accuracy in [0, 1] of `model.classifier(model.backbone(x))` on the test
+    split (`--method=finetune`'s score)."""
     classify = keras.Sequential([model.backbone, model.classifier])
     logits = embed(embedding_fn(classify, source), source.test, source, batch_size)  # [N, K]
     return float(np.mean(logits.argmax(axis=1) == source.test.fine))
@@ -47,9 +42,8 @@ def classification_top1(model, source, batch_size=256):
 class PeriodicEvaluation(keras.callbacks.Callback):
     """Runs the evaluation every `every` epochs and appends to `logs/eval.csv`.
 
-    `seconds` adds up the wall time spent evaluating, which `model.fit`'s time
-    (`train_seconds`) includes: the trainer reports it as `eval_seconds`, so that
-    the training's own time can be told apart.
+    `seconds` adds up the time spent evaluating, which `model.fit`'s `train_seconds`
+    includes: reported as `eval_seconds`, it tells the training's own time apart.
     """
 
     def __init__(self, embedder, source, config, every, path, write=True):
@@ -102,11 +96,8 @@ def train_and_evaluate(config, workdir):
     return run(config, workdir).metrics
 
 
-class Result:
-    """What a run leaves in memory: the trained model, embedder and metrics."""
-
-    def __init__(self, model, embedder, metrics):
-        self.model, self.embedder, self.metrics = model, embedder, metrics
+# What a run leaves in memory.
+Result = collections.namedtuple("Result", "model embedder metrics")
 
 
 def run(config, workdir):
@@ -120,8 +111,10 @@ def run(config, workdir):
     ckpt_dir = os.path.join(workdir, "checkpoints")
     logs = os.path.join(workdir, "logs")
     workdir_lib.check_resumable(config, workdir)
+    if config.init_from:
+        workdir_lib.check_init_from(config, source.image_shape[-1])
     if chief:
-        workdir_lib.check_writable(workdir)
+        check_writable(workdir, "--workdir")
         os.makedirs(logs, exist_ok=True)
         checkpointing.write_json(os.path.join(workdir, "config.json"), dict(
             config.to_dict(), num_replicas=replicas, version=grafit_tf.__version__,
@@ -136,9 +129,8 @@ def run(config, workdir):
     keras.mixed_precision.set_global_policy(
         "float32" if config.mixed_precision == "none" else config.mixed_precision)
     with strategy.scope():
-        init = None
-        if config.init_from:
-            init = lambda trunk: workdir_lib.init_trunk(trunk, config.init_from)  # noqa: E731
+        init = ((lambda trunk: workdir_lib.init_trunk(trunk, config.init_from))
+                if config.init_from else None)
         # Batch norm is synchronised across replicas: per-replica statistics of a
         # small per-GPU batch would make 2 GPUs train another model than 1.
         model = builders.build_model(config, source, total_steps, sync_bn=replicas > 1,
@@ -187,20 +179,15 @@ def run(config, workdir):
         metrics["fine_top1"] = classification_top1(model, source)
         print(f"fine top-1 (classifier): {100 * metrics['fine_top1']:.2f}%", flush=True)
     metrics.update(
-        method=config.method,
-        epochs=config.epochs,
-        num_replicas=replicas,
-        train_examples=len(source.train),
-        eval_examples=len(source.test),
+        method=config.method, epochs=config.epochs, num_replicas=replicas,
+        train_examples=len(source.train), eval_examples=len(source.test),
         # train_seconds: the wall time of model.fit, its periodic evaluations
         # (eval_seconds of it) included; the final evaluation is in neither.
-        train_seconds=train_seconds,
-        eval_seconds=periodic.seconds,
+        train_seconds=train_seconds, eval_seconds=periodic.seconds,
         train_images_per_second=(final_step - start_step) * config.batch_size
         / max(train_seconds, 1e-9),
         resumed_from_step=start_step,
-        history=read_eval_history(os.path.join(logs, "eval.csv")),
-    )
+        history=read_eval_history(os.path.join(logs, "eval.csv")))
     if chief:
         embedder.save(os.path.join(workdir, "embedder.keras"))
         checkpointing.write_json(os.path.join(workdir, "metrics.json"), metrics)

@@ -1,9 +1,7 @@
-"""Reads a work directory written by `train.py`: its config, its embedder, its
-latest checkpoint.
+"""Reads a work directory written by `train.py`, for resume (`check_resumable`),
+`--init_from` (`init_trunk`) and the export (`read_config`, `load_embedder`).
 
-One reader serves resume (`check_resumable`), `--init_from` (`init_trunk`) and
-the export (`read_config`, `load_embedder`). A work directory holds
-`config.json` (the run's `Config` plus `data`: what the data looked like),
+It holds `config.json` (the run's `Config` plus `data`: what the data looked like),
 `checkpoints/` and, once finished, `embedder.keras` and `metrics.json`.
 """
 
@@ -27,11 +25,9 @@ def read_config(workdir, flag="--workdir"):
         UserError: no such directory or file, or not JSON written by `train.py`.
     """
     path = os.path.join(workdir, "config.json")
-    if not os.path.isdir(workdir):
-        raise UserError(f"{flag}={workdir}: no such directory; give a Grafit work directory "
-                        "(train.py --workdir=...).")
     if not os.path.isfile(path):
-        raise UserError(f"{flag}={workdir}: no config.json; give a Grafit work directory "
+        what = "no config.json" if os.path.isdir(workdir) else "no such directory"
+        raise UserError(f"{flag}={workdir}: {what}; give a Grafit work directory "
                         "(train.py --workdir=...).")
     try:
         with open(path, encoding="utf-8") as f:
@@ -69,37 +65,12 @@ def trunk_of(embedder):
     return nested[0]
 
 
-def check_writable(workdir):
-    """Creates `workdir` if needed and checks a file can be written there, before any
-    training.
-
-    Raises:
-        UserError: it cannot be created, or is read-only or full.
-    """
-    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with open(probe, "wb") as f:
-            f.write(b"\0" * 65536)  # Enough to notice a full disk.
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise UserError(f"--workdir={workdir} is not writable ({e.strerror}): give a "
-                        "folder on a writable disk with free space.") from None
-    finally:
-        if os.path.exists(probe):
-            os.remove(probe)
-
-
 def check_resumable(config, workdir):
-    """Refuses to resume a checkpointed run with other settings than it started with.
-
-    Resuming would silently mix two configurations in one model (and overwrite
-    `config.json`, hiding the first).
-    """
+    """Refuses to resume a checkpointed run with other settings than it started with:
+    that would mix two configurations in one model (and overwrite `config.json`)."""
     path = os.path.join(workdir, "config.json")
-    if checkpointing.latest(os.path.join(workdir, "checkpoints")) is None or not os.path.isfile(
-            path):
+    has_checkpoint = checkpointing.latest(os.path.join(workdir, "checkpoints")) is not None
+    if not has_checkpoint or not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as f:
         changed = config.differences(json.load(f))
@@ -111,13 +82,11 @@ def check_resumable(config, workdir):
 
 def model_from_checkpoint(workdir, saved):
     """Rebuilds a run's whole model (EMA target and memory included) from its
-    `config.json` dict `saved` and loads the latest checkpoint of its `workdir`.
-
-    Reads no images: only the data shapes and statistics stored in `saved`.
+    `config.json` dict `saved` (no images: only the data shapes and statistics) and
+    loads the latest checkpoint of its `workdir`.
 
     Returns:
-        `(model, step)`: the model and the optimizer step it was restored at (0 when
-        `workdir` has no checkpoint).
+        `(model, step)`: the model and the step it was restored at (0: no checkpoint).
     """
     # The checkpoint holds every weight: no --init_from / --weights to load first.
     config = Config.from_dict(saved).replace(init_from="", weights="")
@@ -146,6 +115,20 @@ def load_trunk(workdir, flag="--init_from"):
     return model_from_checkpoint(workdir, saved)[0].backbone
 
 
+def check_init_from(config, channels):
+    """Refuses `--init_from` early (before the new run writes anything) when it is not
+    a work directory or its trunk cannot fit this run's: `init_trunk` checks again,
+    weight by weight."""
+    saved = read_config(config.init_from, "--init_from")
+    theirs = (saved.get("backbone"), saved["data"]["image_shape"][-1])
+    if theirs != (config.backbone, channels) or (
+            config.backbone == "small_resnet" and saved.get("width") != config.width):
+        raise UserError(
+            f"--init_from={config.init_from}: its trunk (--backbone={theirs[0]} --width="
+            f"{saved.get('width')}, {theirs[1]} channels) does not match this one; use the "
+            "same --backbone, --width and channels.")
+
+
 def init_trunk(trunk, workdir):
     """Copies the trunk trained in `workdir` into `trunk` (same architecture).
 
@@ -161,7 +144,6 @@ def init_trunk(trunk, workdir):
         raise UserError(
             f"--init_from={workdir}: its trunk (--backbone={saved.get('backbone')} "
             f"--width={saved.get('width')}, {saved.get('data', {}).get('image_shape')} images) "
-            "does not match this one; use the same --backbone, --width and channels."
-        )
+            "does not match this one; use the same --backbone, --width and channels.")
     for target, value in zip(trunk.weights, source.weights):
         target.assign(value)

@@ -202,7 +202,17 @@ def test_warmup_may_last_the_whole_training():
 
 @pytest.mark.parametrize("method", ["coarse_ce", "fine_ce", "finetune"])
 def test_cross_entropy_methods_may_train_on_one_view(method):
-    Config(method=method, num_views=1).validate()
+    Config(method=method, num_views=1, init_from="W" if method == "finetune" else "").validate()
+
+
+def test_finetune_needs_a_trunk_to_start_from():
+    with pytest.raises(UserError, match="--method=finetune fine-tunes a trained trunk"):
+        Config(method="finetune").validate()
+
+
+def test_full_size_trunks_need_32_pixels():
+    with pytest.raises(UserError, match="--backbone=resnet50 needs images of at least 32 px"):
+        Config(backbone="resnet50").validate(fake_source(512, 1))
 
 
 def fake_source(n, channels):

@@ -137,7 +137,7 @@ def test_a_failed_export_publishes_nothing_and_keeps_the_previous_one(tiny_workd
     out = tmp_path / "export"
     before = {name: (out / name).read_bytes() for name in ("embedder.onnx", "parity.json")}
     with pytest.raises(export.ParityError, match="nothing was published"):
-        export.export(str(tmp_path), tolerance=-1.0, images=images)
+        export.export(str(tmp_path), tolerance=0.0, images=images)
     for name, data in before.items():
         assert (out / name).read_bytes() == data
     with open(out / "parity_failed.json", encoding="utf-8") as f:
@@ -159,8 +159,24 @@ def test_user_errors(tiny_workdir, tmp_path):
         export.export(str(tmp_path), num_parity_images=10)
     with pytest.raises(UserError, match="--embedding_transform='pca' is not known"):
         export.export(str(tmp_path), transform="pca")
+    with pytest.raises(UserError, match="--tolerance=nan"):
+        export.export(str(tmp_path), tolerance=float("nan"))
+    with pytest.raises(UserError, match="--opset=1:"):
+        export.export(str(tmp_path), opset=1)
     with pytest.raises(UserError, match="--whiten_shrinkage=-0.1"):
         export.export(str(tmp_path), transform="whiten", whiten_shrinkage=-0.1)
+
+
+@pytest.mark.parametrize("args,needle", [([], "--workdir"), (["--parity_images=abc"], "abc"),
+                                         (["W", "--workdir=W"], "unexpected arguments")])
+def test_cli_flag_errors_are_one_line_and_exit_2(args, needle, tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "export", "export_onnx.py"),
+         *[a.replace("W", str(tmp_path)) for a in args]], capture_output=True, text=True,
+        timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr
 
 
 def test_cli_missing_workdir_is_one_line(tmp_path):

@@ -255,7 +255,8 @@ def test_every_file_is_accounted_for_once(tiny_export, fashion_pngs, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_model", "invalid_model", "empty_dir",
-                                  "dim_mismatch", "missing_images"])
+                                  "dim_mismatch", "missing_images", "output_under_a_file",
+                                  "save_gallery_a_folder"])
 def test_clear_error_before_any_work(case, tiny_export, fashion_pngs, tmp_path):
     model, images, extra = tiny_export["onnx"], fashion_pngs["queries"], []
     if case == "missing_model":
@@ -271,6 +272,13 @@ def test_clear_error_before_any_work(case, tiny_export, fashion_pngs, tmp_path):
         expected = "empty"
     elif case == "missing_images":
         images, expected = str(tmp_path / "absent"), "no such directory"
+    elif case == "output_under_a_file":  # Unwritable: found before the work, not after it.
+        (tmp_path / "file").write_text("x")
+        extra, expected = [f"--output={tmp_path / 'file' / 'out'}"], "cannot write"
+    elif case == "save_gallery_a_folder":
+        (tmp_path / "folder").mkdir()
+        extra = [f"--gallery={fashion_pngs['gallery']}", f"--save_gallery={tmp_path / 'folder'}"]
+        expected = "is a directory"
     else:
         unit = np.ones((3, tiny_export["embedding_dim"] + 1), np.float32)
         unit /= np.linalg.norm(unit, axis=1, keepdims=True)
@@ -279,7 +287,8 @@ def test_clear_error_before_any_work(case, tiny_export, fashion_pngs, tmp_path):
         gallery_lib.save(bad, str(tmp_path / "bad.npz"))
         extra, expected = [f"--gallery={tmp_path / 'bad.npz'}"], "dimension"
     out = tmp_path / "out"
-    result = run_serve(f"--model={model}", f"--images={images}", f"--output={out}", *extra)
+    result = run_serve(f"--model={model}", f"--images={images}", f"--output={out}", *extra,
+                       "--workers=0")
     assert result.returncode == 2, result.stderr
     lines = error_lines(result)
     assert len(lines) == 1 and expected in lines[0], result.stderr
@@ -337,6 +346,8 @@ def _bad_input(case, tmp_path):
         return [f"--images={s['queries']}"], "--model"
     if case == "flag_unknown_value":
         return base + ["--knn_backend=fastest"], "--knn_backend"
+    if case == "threads_negative":
+        return base + ["--intra_op_threads=-1"], "--intra_op_threads=-1"
     if case.startswith("temperature_"):
         value = case.split("_", 1)[1].replace("negative", "-1")
         return base + [f"--temperature={value}"], f"--temperature={float(value)}"
@@ -376,7 +387,8 @@ def _bad_input(case, tmp_path):
     return base, "dimension 8"
 
 
-BAD_INPUTS = ["flag_not_an_int", "flag_missing", "flag_unknown_value", "temperature_nan",
+BAD_INPUTS = ["flag_not_an_int", "flag_missing", "flag_unknown_value", "threads_negative",
+              "temperature_nan",
               "temperature_inf", "temperature_negative", "model_temperature_zero",
               "model_temperature_negative", "model_temperature_nan", "model_temperature_text",
               "parity_failed", "model_nan", "model_metadata_vs_graph",
@@ -424,7 +436,7 @@ import serve
 from grafit_tf import knn
 knn.weighted_vote = lambda s, l, n, t: (np.zeros(len(s), np.int64),
                                         np.full((len(s), n), np.nan, np.float32))
-app.run(serve.main, argv=["serve.py"] + {args!r}, flags_parser=serve.parse_flags)
+app.run(serve.main, argv=["serve.py"] + {args!r}, flags_parser=serve.flags_parser("serve.py"))
 """
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, timeout=120)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,18 +59,32 @@ TINY = ["--epochs=1", "--max_train_examples=256", "--max_eval_examples=128", "--
     (["--distribute=mirrored", "--cpu_replicas=2", "--batch_size=63"], "divide"),
     (["--max_train_examples=100", "--batch_size=128"], "fewer than one batch"),
     (["--rand_augment"], "RGB"),
-    (["--workdir=FILE/w"], "not writable"),
+    (["--workdir=FILE/w"], "cannot write"),
+    (["--batch_size=abc"], "--batch_size=abc"),
+    (["--epoch=3"], "Unknown command line flag 'epoch'"),
+    (["--flagfile=/nonexistent.cfg"], "flagfile"),
+    (["runs/x"], "unexpected arguments"),
+    (["--data_dir=DAMAGED"], "damaged"),
+    (["--init_from=/nonexistent/run"], "no such directory"),
+    (["--method=finetune", "--num_views=1"], "--init_from"),
 ])
 def test_bad_input_stops_with_one_line(args, needle, tmp_path, fashion_dir):
     bad_map = tmp_path / "map.json"
     bad_map.write_text(json.dumps({"bag": "bags"}))
-    args = [a.replace("MAP", str(bad_map)).replace("FILE", str(bad_map)) for a in args]
+    damaged = tmp_path / "damaged"  # Fashion-MNIST with a truncated .gz.
+    damaged.mkdir()
+    for name in os.listdir(fashion_dir):
+        shutil.copy(os.path.join(fashion_dir, name), damaged / name)
+    labels = damaged / "train-labels-idx1-ubyte.gz"
+    labels.write_bytes(labels.read_bytes()[:1000])
+    args = [a.replace("MAP", str(bad_map)).replace("FILE", str(bad_map))
+            .replace("DAMAGED", str(damaged)) for a in args]
     proc = run_train(f"--data_dir={fashion_dir}", f"--workdir={tmp_path / 'w'}", *TINY, *args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+    assert not os.path.exists(tmp_path / "w" / "config.json")  # Nothing written.
 
 
 # What test_short_default_run_is_pinned's run scored before the redesign.
@@ -120,11 +135,10 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, fashion_dir):
     killed_at = None
     while time.time() < deadline and proc.poll() is None:
         if state_path.exists():
-            state = json.loads(state_path.read_text())
-            if state["step"] >= 6:
+            if _newest_step(state_path) >= 6:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
-                killed_at = json.loads(state_path.read_text())["step"]
+                killed_at = _newest_step(state_path)
                 break
         time.sleep(0.02)
     assert killed_at is not None, "the run ended before it could be killed"
@@ -134,8 +148,12 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, fashion_dir):
     assert f"Resuming from step {killed_at} of 48" in done.stdout
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics["resumed_from_step"] == killed_at
-    state = json.loads(state_path.read_text())
+    state = json.loads(state_path.read_text())["checkpoints"][0]
     assert state["step"] == 48 and state["epoch"] == 3
+
+
+def _newest_step(state_path):
+    return json.loads(state_path.read_text())["checkpoints"][0]["step"]
 
 
 def test_checkpoint_restores_memory_and_optimizer(tiny_workdir, tiny_config):

@@ -110,6 +110,19 @@ def test_init_from_errors(tiny_config, tiny_workdir, tmp_path):
         workdir.load_trunk(str(tmp_path / "empty"))
 
 
+def test_init_from_is_checked_before_the_new_run_writes_anything(tiny_config, tiny_workdir,
+                                                                 tmp_path):
+    from grafit_tf import trainer
+
+    new = str(tmp_path / "new")
+    for config, needle in ((tiny_config.replace(init_from=str(tmp_path / "absent")),
+                            "no such directory"),
+                           (tiny_config.replace(init_from=tiny_workdir, width=4), "--width")):
+        with pytest.raises(UserError, match=needle):
+            trainer.run(config, new)
+        assert not os.path.exists(os.path.join(new, "config.json"))
+
+
 def test_finetune_from_a_grafit_run(tiny_config, tiny_workdir, tmp_path):
     config = tiny_config.replace(method="finetune", init_from=tiny_workdir, num_views=1,
                                  max_train_examples=256, max_eval_examples=128)

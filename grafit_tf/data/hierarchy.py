@@ -42,10 +42,7 @@ class Hierarchy:
         return np.asarray(self.fine_to_coarse, np.int32)[np.asarray(fine_labels)]
 
     def to_dict(self):
-        return {
-            self.fine_names[i]: self.coarse_names[c]
-            for i, c in enumerate(self.fine_to_coarse)
-        }
+        return {f: self.coarse_names[c] for f, c in zip(self.fine_names, self.fine_to_coarse)}
 
 
 def from_mapping(fine_names, mapping, source="the coarse map"):
@@ -62,14 +59,12 @@ def from_mapping(fine_names, mapping, source="the coarse map"):
     if missing:
         raise UserError(
             f"{source} leaves fine class(es) unmapped: {', '.join(missing[:10])}"
-            f"{' ...' if len(missing) > 10 else ''}; map every fine class to a coarse class."
-        )
+            f"{' ...' if len(missing) > 10 else ''}; map every fine class to a coarse class.")
     unknown = sorted(set(mapping) - set(fine_names))
     if unknown:
         raise UserError(
             f"{source} names fine class(es) the dataset does not have: "
-            f"{', '.join(unknown[:10])}; known fine classes: {', '.join(fine_names[:20])}."
-        )
+            f"{', '.join(unknown[:10])}; known fine classes: {', '.join(fine_names[:20])}.")
     bad = [k for k, v in mapping.items() if not isinstance(v, str) or not v]
     if bad:
         raise UserError(f"{source}: coarse names must be non-empty strings ({bad[0]!r}).")

@@ -1,9 +1,9 @@
 """Checks image files before training: every one must decode.
 
-A corrupt file found by the input pipeline would stop the run hours in, with
-no file name. `bad_images` opens every file with Pillow, checks its format,
-verifies its structure and decodes it (a JPEG at 1/8 scale, which still reads
-all of its data), in parallel threads, with a progress bar on large trees.
+A corrupt file found by the input pipeline would stop the run hours in, with no
+file name. `bad_images` opens every file with Pillow, checks its format, verifies
+and decodes it (a JPEG at 1/8 scale, still reading all its data), in threads, with
+a progress bar on large trees.
 """
 
 import concurrent.futures
@@ -34,11 +34,7 @@ def problem(path):
 
 
 def bad_images(paths, workers=None):
-    """The files of `paths` that do not decode, with the reason, in `paths` order.
-
-    Returns:
-        `[(path, reason), ...]`.
-    """
+    """`[(path, reason), ...]`: the files of `paths` that do not decode, in order."""
     workers = workers or min(16, (os.cpu_count() or 1) * 2)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         reasons = pool.map(problem, paths, chunksize=64)

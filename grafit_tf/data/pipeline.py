@@ -1,16 +1,14 @@
 """`tf.data` pipelines: multi-view training batches and evaluation batches.
 
-Training order is a pure function of (`--seed`, epoch, step): epoch `e` visits
-the training set in the order of a stateless permutation seeded by `(seed, e)`,
-and every view of every image is augmented with a stateless seed derived from
-`(seed, e, image index, view)`. So the pipeline is deterministic, can start at
-any global step (resuming mid-epoch), and shards across input pipelines
-without any two replicas seeing the same image in a step.
+Training order is a pure function of (`--seed`, epoch, step): epoch `e` visits the
+data in a stateless permutation seeded by `(seed, e)`, and each view of each image
+is augmented with a stateless seed from `(seed, e, image index, view)`. So the
+pipeline is deterministic, can start at any step (resuming mid-epoch), and shards
+across input pipelines without two replicas seeing the same image in a step.
 
-Streamed splits (`sources.Stream`, large TFDS datasets: no random access) are
-read in their fixed order, numbered (element i is image i), and shuffled with a
-`--shuffle_buffer` seeded by `(seed, epoch)`: still deterministic and
-resumable, but only as random as the buffer.
+Streamed splits (`types.Stream`: no random access) are read in their fixed order,
+numbered, and shuffled by a `--shuffle_buffer` seeded by `(seed, epoch)`: still
+deterministic and resumable, but only as random as the buffer.
 """
 
 import functools
@@ -62,12 +60,9 @@ class ImageReader:
 
 
 def view_fn(config, image_shape):
-    """The augmentation of one view: `(image [H,W,C], seed [2]) -> [H',W',C]`.
-
-    The recipe follows the images: `augment.grayscale_small` for one-channel
-    images, `augment.rgb` (to `image_shape`, then with `--rand_augment`
-    RandAugment) for colour ones.
-    """
+    """The augmentation of one view: `(image [H,W,C], seed [2]) -> [H',W',C]`:
+    `augment.grayscale_small` for one-channel images, else `augment.rgb` (to
+    `image_shape`, then with `--rand_augment` RandAugment)."""
     if image_shape[-1] == 1:
         return lambda image, seed: augment.grayscale_small(image, seed, config.crop_scale_min,
                                                            config.jitter_strength,

@@ -16,10 +16,7 @@ from grafit_tf.errors import UserError
 
 
 def read_fashion_mnist(data_dir, split):
-    """One split of the IDX files.
-
-    Returns:
-        `(images [N, 28, 28] uint8, labels [N] int64)`.
+    """One split of the IDX files: `(images [N, 28, 28] uint8, labels [N] int64)`.
 
     Raises:
         UserError: unknown split or missing files.
@@ -35,16 +32,8 @@ def read_fashion_mnist(data_dir, split):
 
 
 def select(labels, max_per_class=0, indices=None):
-    """Indices to write, in split order.
-
-    Args:
-        labels: `[N]` int.
-        max_per_class: keep the first N of each class (0: all).
-        indices: restrict to these indices first (None: all).
-
-    Returns:
-        `[M]` int64 sorted indices.
-    """
+    """`[M]` int64 sorted indices to write: of `indices` (None: all) into `labels` `[N]`,
+    the first `max_per_class` of each class (0: all)."""
     candidates = np.arange(len(labels)) if indices is None else np.sort(np.asarray(indices))
     if max_per_class <= 0:
         return candidates.astype(np.int64)
@@ -58,10 +47,8 @@ def select(labels, max_per_class=0, indices=None):
 
 
 def write_png_folders(images, labels, output, class_names=FASHION_MNIST_CLASSES, indices=None):
-    """Writes `output/<class name>/<index:05d>.png` for each selected image.
-
-    Each PNG is written under a temporary name and renamed, so an interrupted
-    run never leaves a truncated PNG behind.
+    """Writes `output/<class name>/<index:05d>.png` for each selected image, each under
+    a temporary name then renamed: an interrupted run leaves no truncated PNG.
 
     Args:
         images: `[N, H, W]` or `[N, H, W, C]` uint8 (C in 1, 3).

@@ -6,7 +6,6 @@ NumPy only. `load(config)` picks the reader named by `config.dataset`, applies
 
 import csv
 import dataclasses
-import json
 import os
 
 import numpy as np
@@ -17,10 +16,8 @@ from grafit_tf.data.idx import read_idx
 from grafit_tf.data.types import IMAGENET_STATS, Source, Split
 from grafit_tf.errors import UserError
 
-FASHION_MNIST_CLASSES = (
-    "tshirt_top", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle_boot",
-)
+FASHION_MNIST_CLASSES = ("tshirt_top", "trouser", "pullover", "dress", "coat",
+                         "sandal", "shirt", "sneaker", "bag", "ankle_boot")
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -50,11 +47,8 @@ def load(config):
 
 
 def _without_bad_images(splits, config):
-    """The splits without their files that do not decode, and those files.
-
-    Raises:
-        UserError: some do not decode and `--skip_bad_images` is off.
-    """
+    """The splits without their files that do not decode, and those files; `UserError`
+    if some do not decode and `--skip_bad_images` is off."""
     bad = image_check.bad_images([p for split in splits for p in split.paths])
     if not bad:
         return splits, ()
@@ -82,23 +76,14 @@ def write_skipped(source, path):
         writer.writerows(source.skipped)
 
 
-def _hierarchy(config, fine_names, default_map):
-    if config.coarse_map:
-        return hierarchy_lib.load_coarse_map(config.coarse_map, fine_names)
-    return default_map
-
-
 def _fashion_mnist(config):
     data_dir = config.data_dir
     if not os.path.isdir(data_dir):
         raise UserError(
             f"Fashion-MNIST not found: --data_dir={data_dir} does not exist; install it with "
-            "`sudo apt-get install -y dataset-fashion-mnist` or point --data_dir at the IDX files."
-        )
-    default = hierarchy_lib.load_coarse_map(
-        hierarchy_lib.builtin_map("fashion_mnist_coarse4"), FASHION_MNIST_CLASSES
-    )
-    hier = _hierarchy(config, FASHION_MNIST_CLASSES, default)
+            "`sudo apt-get install -y dataset-fashion-mnist` or point --data_dir at the IDX files.")
+    coarse_map = config.coarse_map or hierarchy_lib.builtin_map("fashion_mnist_coarse4")
+    hier = hierarchy_lib.load_coarse_map(coarse_map, FASHION_MNIST_CLASSES)
     splits = {}
     for split, (images_file, labels_file) in FASHION_MNIST_FILES.items():
         paths = [os.path.join(data_dir, f) for f in (images_file, labels_file)]
@@ -106,33 +91,28 @@ def _fashion_mnist(config):
         if absent:
             raise UserError(
                 f"Fashion-MNIST file missing: {absent[0]}; install `dataset-fashion-mnist` "
-                "or point --data_dir at a folder with the four IDX .gz files."
-            )
-        images = read_idx(paths[0])[..., None]  # [N, 28, 28, 1]
-        fine = read_idx(paths[1]).astype(np.int32)
+                "or point --data_dir at a folder with the four IDX .gz files.")
+        try:
+            images = read_idx(paths[0])[..., None]  # [N, 28, 28, 1]
+            fine = read_idx(paths[1]).astype(np.int32)
+        except (OSError, EOFError, ValueError) as e:  # Truncated, not gzip, bad header.
+            raise UserError(f"Fashion-MNIST file damaged: {e}; reinstall "
+                            "`dataset-fashion-mnist`.") from None
+        if images.shape[1:] != (28, 28, 1) or len(images) != len(fine) or fine.max() > 9:
+            raise UserError(f"Fashion-MNIST files of {split} do not match: {images.shape[0]} "
+                            f"images {images.shape[1:3]}, {len(fine)} labels up to "
+                            f"{fine.max()}; reinstall `dataset-fashion-mnist`.")
         splits[split] = Split(images=images, fine=fine, coarse=hier.coarse_of(fine))
-    return Source(
-        name="fashion_mnist",
-        train=splits["train"],
-        test=splits["test"],
-        hierarchy=hier,
-        image_shape=(28, 28, 1),
-        mean=FASHION_MNIST_STATS[0],
-        std=FASHION_MNIST_STATS[1],
-    )
-
-
-def _list_images(folder):
-    return sorted(
-        os.path.join(folder, f)
-        for f in os.listdir(folder)
-        if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f))
-    )
+    return Source(name="fashion_mnist", train=splits["train"], test=splits["test"],
+                  hierarchy=hier, image_shape=(28, 28, 1), mean=FASHION_MNIST_STATS[0],
+                  std=FASHION_MNIST_STATS[1])
 
 
 def _images_of(folder):
     """The images of a class folder; an empty one is a mistake, not a class of none."""
-    images = _list_images(folder)
+    images = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                    if f.lower().endswith(IMAGE_EXTENSIONS)
+                    and os.path.isfile(os.path.join(folder, f)))
     if not images:
         raise UserError(f"{folder} has no images ({', '.join(IMAGE_EXTENSIONS)}): add some, "
                         "or remove the folder.")
@@ -164,16 +144,15 @@ def scan_image_folder(root):
                 if tree_map.get(fine, top) != top:
                     raise UserError(
                         f"{root}: fine class {fine!r} appears under two coarse classes "
-                        f"({tree_map[fine]!r} and {top!r}); fine names must be unique."
-                    )
+                        f"({tree_map[fine]!r} and {top!r}); fine names must be unique.")
                 tree_map[fine] = top
-                for p in _images_of(os.path.join(top_dir, fine)):
-                    paths.append(p)
-                    fines.append(fine)
+                images = _images_of(os.path.join(top_dir, fine))
+                paths += images
+                fines += [fine] * len(images)
         else:
-            for p in _images_of(top_dir):
-                paths.append(p)
-                fines.append(top)
+            images = _images_of(top_dir)
+            paths += images
+            fines += [top] * len(images)
     return paths, fines, (tree_map or None)
 
 
@@ -184,8 +163,7 @@ def _image_folder(config):
         if not os.path.isdir(d):
             raise UserError(
                 f"--dataset=image_folder needs {d}: put the {split} images in "
-                f"{root}/{split}/<coarse>/<fine>/<image> or {root}/{split}/<fine>/<image>."
-            )
+                f"{root}/{split}/<coarse>/<fine>/<image> or {root}/{split}/<fine>/<image>.")
     scanned = {s: scan_image_folder(d) for s, d in split_dirs.items()}
     fine_names = tuple(sorted(set(scanned["train"][1])))
     if not fine_names:
@@ -200,8 +178,7 @@ def _image_folder(config):
         if not os.path.isfile(mapping_file):
             raise UserError(
                 f"{root}/train is a <fine>/<image> tree: give --coarse_map=FILE (JSON fine -> "
-                f"coarse) or put it at {mapping_file}."
-            )
+                f"coarse) or put it at {mapping_file}.")
         hier = hierarchy_lib.load_coarse_map(mapping_file, fine_names)
     index = {n: i for i, n in enumerate(fine_names)}
     splits = {}
@@ -212,34 +189,19 @@ def _image_folder(config):
         fine = np.asarray([index[f] for f in fines], np.int32)
         splits[split] = Split(paths=np.asarray(paths), fine=fine, coarse=hier.coarse_of(fine))
     size = config.image_size or 224
-    return Source(
-        name="image_folder",
-        train=splits["train"],
-        test=splits["test"],
-        hierarchy=hier,
-        image_shape=(size, size, 3),
-        mean=IMAGENET_STATS[0],
-        std=IMAGENET_STATS[1],
-        resize="resize_center_crop",
-    )
+    return Source(name="image_folder", train=splits["train"], test=splits["test"],
+                  hierarchy=hier, image_shape=(size, size, 3), mean=IMAGENET_STATS[0],
+                  std=IMAGENET_STATS[1], resize="resize_center_crop")
 
 
 def describe(source):
     """A JSON-serialisable summary stored in the work directory."""
+    hier = source.hierarchy
     return {
-        "skipped_images": len(source.skipped),
-        "name": source.name,
-        "train_examples": len(source.train),
-        "test_examples": len(source.test),
-        "image_shape": list(source.image_shape),
-        "mean": list(source.mean),
-        "std": list(source.std),
-        "resize": source.resize,
-        "fine_names": list(source.hierarchy.fine_names),
-        "coarse_names": list(source.hierarchy.coarse_names),
-        "coarse_map": source.hierarchy.to_dict(),
+        "skipped_images": len(source.skipped), "name": source.name,
+        "train_examples": len(source.train), "test_examples": len(source.test),
+        "image_shape": list(source.image_shape), "mean": list(source.mean),
+        "std": list(source.std), "resize": source.resize,
+        "fine_names": list(hier.fine_names), "coarse_names": list(hier.coarse_names),
+        "coarse_map": hier.to_dict(),
     }
-
-
-def dumps(source):
-    return json.dumps(describe(source), indent=2)

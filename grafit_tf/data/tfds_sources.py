@@ -1,17 +1,16 @@
 """TensorFlow Datasets with coarse/fine hierarchies, read into a `types.Source`.
 
-Every dataset is read with `tfds.load(..., data_dir=--tfds_data_dir,
-download=False)`: nothing is downloaded at run time, and an absent dataset stops
-the run at once with a `UserError` saying how to prepare it.
+Read with `tfds.load(..., data_dir=--tfds_data_dir, download=False)`: nothing is
+downloaded, and an absent dataset stops the run at once with a `UserError` saying
+how to prepare it.
 
 Two ways to hold a split:
 - CIFAR-100 (50,000 images of 32x32x3, 150 MB) is materialised as uint8 in
   memory: exact random access, like Fashion-MNIST.
-- Every other dataset is a `types.Stream` of encoded images (TFDS's own
-  JPEG / PNG bytes, decoded by the pipeline in parallel). TFDS's TFRecord files
-  have no random access, so element i of the fixed read order *is* example i:
-  the labels (read once, at load time, in that order) and the memory slots
-  use that index, and training shuffles with a buffer.
+- Every other dataset is a `types.Stream` of encoded images (TFDS's JPEG / PNG
+  bytes, decoded by the pipeline). TFRecord files have no random access, so
+  element i of the fixed read order *is* example i: the labels (read at load time,
+  in that order) and the memory slots use that index; training shuffles with a buffer.
 
 Hierarchies (fine label = the dataset's own class id):
 - cifar100: the 20 superclasses (`coarse_label`) of the 100 classes (`label`),
@@ -84,20 +83,15 @@ def load(config):
     if config.dataset not in SPECS:
         raise UserError(
             f"--dataset={config.dataset!r} is not known; choose one of: "
-            f"fashion_mnist, image_folder, {', '.join(DATASETS)}."
-        )
+            f"fashion_mnist, image_folder, {', '.join(DATASETS)}.")
     import tensorflow_datasets as tfds  # Heavy: only for these datasets.
 
     name, spec = config.dataset, SPECS[config.dataset]
     builder = tfds.builder(name, data_dir=config.tfds_data_dir or None)
     features = builder.info.features
     fine_names = tuple(features[spec.fine].names)
-    if spec.in_memory:
-        splits = {s: _in_memory(name, split, spec, config)
-                  for s, split in (("train", spec.train), ("test", spec.test))}
-    else:
-        splits = {s: _streamed(name, split, spec, config)
-                  for s, split in (("train", spec.train), ("test", spec.test))}
+    splits = {s: _read(name, split, spec, config)
+              for s, split in (("train", spec.train), ("test", spec.test))}
     hier = _hierarchy(config, name, spec, features, fine_names, splits)
     out = {s: Split(images=images, stream=stream, fine=fine, coarse=hier.coarse_of(fine))
            for s, (images, stream, fine, _) in splits.items()}
@@ -107,19 +101,8 @@ def load(config):
     # resize + centre crop that serving knows too.
     native = spec.in_memory and tuple(out["train"].images.shape[1:3]) == (size, size)
     resize = "none" if native else "resize_center_crop"
-    return Source(
-        name=name, train=out["train"], test=out["test"], hierarchy=hier,
-        image_shape=(size, size, 3), mean=stats[0], std=stats[1], resize=resize,
-    )
-
-
-def not_prepared_message(name, data_dir):
-    where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
-    return (
-        f"TFDS dataset {name} is not prepared in {where}: run `tfds build {name} "
-        f"--data_dir={where}` beforehand (some need a manual download, see the TFDS "
-        "catalog); train.py never downloads."
-    )
+    return Source(name=name, train=out["train"], test=out["test"], hierarchy=hier,
+                  image_shape=(size, size, 3), mean=stats[0], std=stats[1], resize=resize)
 
 
 def _tfds_load(name, split, config, decoders=None):
@@ -135,7 +118,11 @@ def _tfds_load(name, split, config, decoders=None):
                          download=False, shuffle_files=False, decoders=decoders)
     except AssertionError as e:  # TFDS's "could not find data in ..." when absent.
         if "could not find data" in str(e):
-            raise UserError(not_prepared_message(name, config.tfds_data_dir)) from None
+            where = config.tfds_data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+            raise UserError(
+                f"TFDS dataset {name} is not prepared in {where}: run `tfds build {name} "
+                f"--data_dir={where}` beforehand (some need a manual download, see the TFDS "
+                "catalog); train.py never downloads.") from None
         raise
 
 
@@ -151,38 +138,31 @@ def _only(keys, encoded_image):
         decoders={"image": tfds.decode.SkipDecoding()} if encoded_image else None)
 
 
-def _labels(dataset, keys):
-    """Reads the label features `keys` of every element: dict of `[N]` int32."""
-    ds = dataset.map(lambda ex: {k: ex[k] for k in keys}).batch(8192)
+def _columns(dataset, keys, batch_size):
+    """The features `keys` of every element, concatenated: dict of `[N, ...]` arrays."""
     parts = {k: [] for k in keys}
-    for batch in ds.as_numpy_iterator():
+    for batch in dataset.batch(batch_size).as_numpy_iterator():
         for k in keys:
             parts[k].append(batch[k])
-    return {k: np.concatenate(v).astype(np.int32) if v else np.zeros([0], np.int32)
-            for k, v in parts.items()}
+    return {k: np.concatenate(v) if v else np.zeros([0], np.int32) for k, v in parts.items()}
 
 
-def _in_memory(name, split, spec, config):
-    """`(images [N, H, W, 3] uint8, None, fine [N], per-example coarse [N] or None)`."""
+def _read(name, split, spec, config):
+    """`(images, stream, fine [N], per-example coarse [N] or None)`, labels int32.
+
+    `spec.in_memory`: `images` `[N, H, W, 3]` uint8, no stream. Else `images` is None
+    and `stream` a `Stream` of the encoded images; the labels are read now.
+    """
     keys = [spec.fine] + ([spec.coarse] if spec.coarse else [])
-    ds = _tfds_load(name, split, config, _only(keys, encoded_image=False))
-    images, labels = [], {k: [] for k in keys}
-    for batch in ds.batch(4096).as_numpy_iterator():
-        images.append(batch["image"])
-        for k in keys:
-            labels[k].append(batch[k])
-    fine = np.concatenate(labels[spec.fine]).astype(np.int32)
-    coarse = np.concatenate(labels[spec.coarse]).astype(np.int32) if spec.coarse else None
-    return np.concatenate(images).astype(np.uint8), None, fine, coarse
-
-
-def _streamed(name, split, spec, config):
-    """`(None, Stream, fine [N], per-example coarse [N] or None)`; reads the labels now."""
-    keys = [spec.fine] + ([spec.coarse] if spec.coarse else [])
-    open_dataset = lambda: _tfds_load(name, split, config, _only(keys, encoded_image=True))
-    labels = _labels(open_dataset(), keys)
-    stream = Stream(open_fn=lambda: open_dataset().map(lambda ex: ex["image"]))
-    return None, stream, labels[spec.fine], labels.get(spec.coarse)
+    open_dataset = lambda: _tfds_load(name, split, config, _only(keys, not spec.in_memory))
+    if spec.in_memory:
+        columns = _columns(open_dataset(), ["image", *keys], 4096)
+        images, stream = columns.pop("image").astype(np.uint8), None
+    else:
+        columns = _columns(open_dataset().map(lambda ex: {k: ex[k] for k in keys}), keys, 8192)
+        images, stream = None, Stream(open_fn=lambda: open_dataset().map(lambda ex: ex["image"]))
+    labels = {k: v.astype(np.int32) for k, v in columns.items()}
+    return images, stream, labels[spec.fine], labels.get(spec.coarse)
 
 
 def _hierarchy(config, name, spec, features, fine_names, splits):
@@ -191,8 +171,7 @@ def _hierarchy(config, name, spec, features, fine_names, splits):
     if spec.builtin_map == "cars196_body_type":
         return cars196_hierarchy(fine_names)
     if spec.builtin_map:
-        path = hierarchy_lib.builtin_map(spec.builtin_map)
-        with open(path, encoding="utf-8") as f:
+        with open(hierarchy_lib.builtin_map(spec.builtin_map), encoding="utf-8") as f:
             mapping = json.load(f)
         # TFDS's CIFAR-100 has no class names offline ('0'..'99'); the official
         # order is the alphabetical order of the names, which the map gives.
@@ -218,20 +197,15 @@ def from_pairs(fine_names, coarse_names, fine, coarse):
 
 
 def cars196_hierarchy(fine_names):
-    """The 8 body types of `maps/cars196_body_type.json` over the 196 models.
-
-    Raises:
-        UserError: the map's class order differs from the dataset's.
-    """
+    """The 8 body types of `maps/cars196_body_type.json` over the 196 models; `UserError`
+    if the map's class order differs from the dataset's."""
     with open(hierarchy_lib.builtin_map("cars196_body_type"), encoding="utf-8") as f:
         table = json.load(f)
-    names = [entry["name"] for entry in sorted(table["fine"], key=lambda e: e["index"])]
-    if tuple(names) != tuple(fine_names):
+    entries = sorted(table["fine"], key=lambda e: e["index"])
+    if tuple(e["name"] for e in entries) != tuple(fine_names):
         raise UserError(
             "maps/cars196_body_type.json does not list the 196 classes in the dataset's "
-            "order; give --coarse_map=FILE (JSON model name -> body type) instead."
-        )
+            "order; give --coarse_map=FILE (JSON model name -> body type) instead.")
     index = {c: i for i, c in enumerate(table["coarse_names"])}
-    return hierarchy_lib.Hierarchy(
-        tuple(fine_names), tuple(table["coarse_names"]),
-        tuple(index[e["coarse"]] for e in sorted(table["fine"], key=lambda e: e["index"])))
+    return hierarchy_lib.Hierarchy(tuple(fine_names), tuple(table["coarse_names"]),
+                                   tuple(index[e["coarse"]] for e in entries))

@@ -14,9 +14,8 @@ IMAGENET_STATS = ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
 class Stream:
     """A split read in a fixed order from a `tf.data` source (TFDS), images encoded.
 
-    There is no random access: the pipeline numbers the elements as they come
-    (element i is example i, the index of the labels and of the memory slots)
-    and shuffles them with a buffer.
+    No random access: the pipeline numbers the elements as they come (element i is
+    example i, the index of the labels and memory slots) and shuffles with a buffer.
 
     Attributes:
         open_fn: `() -> tf.data.Dataset` of encoded images (`[]` tf.string,
@@ -57,13 +56,10 @@ class Split:
         """The first `n` examples (all when n <= 0 or n >= len)."""
         if n <= 0 or n >= len(self):
             return self
-        return Split(
-            images=None if self.images is None else self.images[:n],
-            paths=None if self.paths is None else self.paths[:n],
-            fine=self.fine[:n],
-            coarse=self.coarse[:n],
-            stream=None if self.stream is None else dataclasses.replace(self.stream, limit=n),
-        )
+        cut = lambda a: None if a is None else a[:n]  # noqa: E731
+        stream = None if self.stream is None else dataclasses.replace(self.stream, limit=n)
+        return Split(images=cut(self.images), paths=cut(self.paths), fine=self.fine[:n],
+                     coarse=self.coarse[:n], stream=stream)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +74,8 @@ class Source:
         mean, std: per-channel normalisation in 0..255 units.
         resize: how evaluation images are brought to `image_shape`
             ('none' when they already have it); what serving repeats.
-        eval_resize: overrides `resize` for evaluation only ('' : same);
-            'resize' (whole image, aspect ratio not kept) for
-            `--eval_protocol=maskcon`.
+        eval_resize: overrides `resize` for evaluation only ('' : same); 'resize'
+            (whole image, aspect ratio not kept) for `--eval_protocol=maskcon`.
         skipped: `((path, reason), ...)` image files left out because they do
             not decode (`--skip_bad_images`).
     """

@@ -1,10 +1,9 @@
 """kNN classification of query embeddings against a labelled gallery.
 
-Exact inner-product search (cosine similarity: embeddings are L2-normalised)
-with faiss-cpu's `IndexFlatIP` for large galleries and `grafit_tf.knn.search`
-(NumPy) for small ones; both are exhaustive, so they return the same
-neighbours. Voting is `grafit_tf.knn.weighted_vote`, the one training's
-evaluation uses.
+Exact inner-product search (cosine similarity of L2-normalised embeddings):
+faiss-cpu's `IndexFlatIP` for large galleries, `grafit_tf.knn.search` (NumPy)
+for small ones; both are exhaustive, so they agree. The vote is training
+evaluation's `grafit_tf.knn.weighted_vote`.
 """
 
 import dataclasses
@@ -22,28 +21,18 @@ FAISS_MIN_GALLERY = 20_000
 
 @dataclasses.dataclass
 class Predictions:
-    """Per query.
+    """The vote and the neighbours of Q queries."""
 
-    Attributes:
-        labels: `[Q]` int predicted label (index into the gallery's label names).
-        scores: `[Q]` float32 vote share of the predicted label, in (0, 1].
-        similarities: `[Q, k]` float32 neighbour similarities, best first.
-        neighbours: `[Q, k]` int64 gallery rows of the neighbours.
-    """
-
-    labels: np.ndarray
-    scores: np.ndarray
-    similarities: np.ndarray
-    neighbours: np.ndarray
+    labels: np.ndarray  # [Q] int, predicted label (index into the gallery's label names).
+    scores: np.ndarray  # [Q] float32, vote share of the predicted label, in (0, 1].
+    similarities: np.ndarray  # [Q, k] float32, neighbour similarities, best first.
+    neighbours: np.ndarray  # [Q, k] int64, gallery rows of the neighbours.
 
 
 def search(queries, gallery, k, backend="auto"):
-    """Top-k inner-product neighbours.
+    """Top-k inner-product neighbours of `[Q, D]` queries in a `[G, D]` gallery (k clipped to G).
 
     Args:
-        queries: `[Q, D]` float32.
-        gallery: `[G, D]` float32.
-        k: neighbours (clipped to G).
         backend: 'auto' (faiss from `FAISS_MIN_GALLERY` rows), 'faiss' or 'numpy'.
 
     Returns:
@@ -52,12 +41,10 @@ def search(queries, gallery, k, backend="auto"):
     if backend not in BACKENDS:
         raise ValueError(f"unknown kNN backend {backend!r}; choose one of {BACKENDS}")
     k = min(k, len(gallery))
-    if backend == "auto":
-        backend = "faiss" if len(gallery) >= FAISS_MIN_GALLERY else "numpy"
+    if len(queries) == 0:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
     queries = np.ascontiguousarray(queries, np.float32)
-    if backend == "numpy" or len(queries) == 0:
-        if len(queries) == 0:
-            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    if backend == "numpy" or (backend == "auto" and len(gallery) < FAISS_MIN_GALLERY):
         return knn.search(queries, gallery, k)
     # Its loader logs each SIMD variant it tries at INFO; only problems matter here.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -70,21 +57,16 @@ def search(queries, gallery, k, backend="auto"):
 
 
 def predict(queries, gallery, k=20, temperature=0.07, backend="auto"):
-    """Similarity-weighted kNN vote of each query.
+    """`Predictions`: the similarity-weighted vote of the k neighbours of each query.
 
     Args:
         queries: `[Q, D]` float32, L2-normalised.
         gallery: a `gallery.Gallery`.
-        k: neighbours that vote.
-        temperature: T of the weights exp(sim / T): a finite number > 0.
+        temperature: T of the weights exp(sim / T).
         backend: see `search`.
 
-    Returns:
-        `Predictions`.
-
     Raises:
-        ValueError: a temperature that is not a finite number > 0 (the vote
-            would be NaN).
+        ValueError: a temperature that is not a finite number > 0 (NaN votes).
     """
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"kNN temperature {temperature!r}: must be a finite number > 0")

@@ -1,11 +1,10 @@
 """Files -> embeddings, in batches, with every file accounted for.
 
 Decoding runs in a `pool.DecodePool` while this loop feeds onnxruntime, so the
-two overlap. Each file ends either as a row of the embeddings or as an error.
-Every batch the model returns is checked: a row that is not finite or not of
-unit norm makes its file an error ("model output ..."), so no NaN ever
-reaches the outputs; a batch of the wrong shape stops the run
-(`ModelOutputError`).
+two overlap. Each file ends as a row of the embeddings or as an error: a row
+the model returns not finite or not of unit norm makes its file an error
+("model output ..."), so no NaN reaches the outputs; a batch of the wrong
+shape stops the run (`ModelOutputError`).
 """
 
 import dataclasses
@@ -24,19 +23,12 @@ class ModelOutputError(Exception):
 
 @dataclasses.dataclass
 class Embedded:
-    """The result over a list of files.
+    """The result over a list of files, in file order."""
 
-    Attributes:
-        embeddings: `[n_ok, D]` float32, one row per embedded file, in file order.
-        ok: `[n_ok]` indices of the embedded files in the input list.
-        errors: `(index, reason)` of the files that failed, in file order.
-        seconds: wall time of decoding + inference.
-    """
-
-    embeddings: np.ndarray
-    ok: list
-    errors: list
-    seconds: float
+    embeddings: np.ndarray  # [n_ok, D] float32, one row per embedded file.
+    ok: list  # [n_ok] indices of the embedded files in the input list.
+    errors: list  # (index, reason) of the files that failed.
+    seconds: float  # Wall time of decoding + inference.
 
     @property
     def images_per_second(self):
@@ -45,21 +37,16 @@ class Embedded:
 
 def embed_files(embedder, paths, batch_size=256, workers=2, max_pixels=None, progress=None,
                 decode=pool_lib.decode_chunk):
-    """Decodes and embeds files.
+    """Decodes and embeds files; returns an `Embedded`.
 
     Args:
         embedder: an `embedder.OnnxEmbedder` (or any callable uint8 `[N,H,W,C]`
             -> `[N, D]` with `image_shape`, `resize` and `dim`).
-        paths: file paths.
         batch_size: images per inference call.
         workers: decoding processes (0: decode in this process).
         max_pixels: decompression-bomb limit (default: Pillow's).
-        progress: optional object with `update(n)` (e.g. a tqdm bar), called
-            as files are decided.
+        progress: optional `update(n)`-able (a tqdm bar), told as files are decided.
         decode: the pool's task function (tests swap it).
-
-    Returns:
-        An `Embedded`.
     """
     spec = images_lib.Spec(tuple(embedder.image_shape), embedder.resize,
                            max_pixels or images_lib.DEFAULT_MAX_PIXELS)
@@ -79,14 +66,12 @@ def embed_files(embedder, paths, batch_size=256, workers=2, max_pixels=None, pro
                 raise ModelOutputError(f"the model returned shape {list(out.shape)} for "
                                        f"{take} images, not [{take}, {embedder.dim}]")
             problems = row_problems(out)
-            good = [i for i, p in enumerate(problems) if p is None]
-            rows.append(out[good] if len(good) < take else out)
-            for i, p in enumerate(problems):
+            rows.append(out[np.array([p is None for p in problems])])
+            for index, p in zip(pending_ok[done:done + take], problems):
                 if p is None:
-                    ok.append(pending_ok[done + i])
+                    ok.append(index)
                 else:
-                    errors.append((pending_ok[done + i], f"model output {p}: the model "
-                                   "cannot embed this image"))
+                    errors.append((index, f"model output {p}: the model cannot embed this image"))
             done += take
         pending = [images[done:]] if done < len(images) else []
         pending_ok = pending_ok[done:]

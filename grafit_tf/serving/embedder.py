@@ -1,9 +1,7 @@
-"""The exported embedder, run with onnxruntime.
+"""The exported embedder (`export/export_onnx.py`'s `embedder.onnx`), run with onnxruntime.
 
-`OnnxEmbedder(path)` opens `embedder.onnx` (written by
-`export/export_onnx.py`), reads what preprocessing it needs from the model's
-metadata properties, and maps uint8 images `[N, H, W, C]` to L2-normalised
-embeddings `[N, D]` float32.
+`OnnxEmbedder(path)` reads its preprocessing from the model's metadata and maps
+uint8 images `[N, H, W, C]` to L2-normalised embeddings `[N, D]` float32.
 """
 
 import hashlib
@@ -14,15 +12,10 @@ import numpy as np
 
 from grafit_tf.errors import UserError
 
-PROVIDER_ALIASES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "rocm": "ROCMExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "dml": "DmlExecutionProvider",
-}
+PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                    "tensorrt": "TensorrtExecutionProvider", "rocm": "ROCMExecutionProvider",
+                    "openvino": "OpenVINOExecutionProvider", "coreml": "CoreMLExecutionProvider",
+                    "dml": "DmlExecutionProvider"}
 RESIZE_METHODS = ("none", "resize_center_crop")
 NORM_TOLERANCE = 1e-3  # Largest accepted | ||embedding|| - 1 |.
 PROBE_IMAGES = 2
@@ -31,10 +24,8 @@ PROBE_IMAGES = 2
 def resolve_providers(spec=""):
     """The onnxruntime execution providers to ask for, best first.
 
-    Args:
-        spec: '' for automatic (CUDA when onnxruntime-gpu sees a GPU build,
-            else CPU), or a comma-separated list of provider names or aliases
-            (`cpu`, `cuda`, `tensorrt`, ...).
+    `spec`: '' for automatic (CUDA when onnxruntime-gpu sees a GPU build, else
+    CPU), or comma-separated provider names or aliases (`cpu`, `cuda`, ...).
 
     Raises:
         UserError: a named provider is unknown or not in this onnxruntime build.
@@ -43,9 +34,8 @@ def resolve_providers(spec=""):
 
     available = ort.get_available_providers()
     if not spec.strip():
-        if "CUDAExecutionProvider" in available:
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        return ["CPUExecutionProvider"]
+        cuda = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []
+        return cuda + ["CPUExecutionProvider"]
     chosen = []
     for name in (n.strip() for n in spec.split(",") if n.strip()):
         full = PROVIDER_ALIASES.get(name.lower(), name)
@@ -56,38 +46,27 @@ def resolve_providers(spec=""):
     return chosen
 
 
-def file_sha256(path):
-    """Hex digest of a file (identifies the model a gallery was embedded with)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class OnnxEmbedder:
     """An onnxruntime session of an exported embedder.
 
+    Args:
+        path: `embedder.onnx`.
+        providers: see `resolve_providers`.
+        intra_op_threads: onnxruntime threads per operator (0: its default).
+
     Attributes:
-        path: the model file.
+        path, sha256: the model file and its digest.
         image_shape: `(H, W, C)` the model takes.
         resize: evaluation resize of training ('none' or 'resize_center_crop').
         dim: embedding dimension D.
         config: the training config (dict; empty for a model without metadata).
         providers: the providers the session actually uses.
-        sha256: digest of the model file.
+
+    Raises:
+        UserError: missing file, not an ONNX model, or not an image embedder.
     """
 
     def __init__(self, path, providers="", intra_op_threads=0):
-        """
-        Args:
-            path: `embedder.onnx`.
-            providers: see `resolve_providers`.
-            intra_op_threads: onnxruntime threads per operator (0: its default).
-
-        Raises:
-            UserError: missing file, not an ONNX model, or not an image embedder.
-        """
         if not os.path.isfile(path):
             raise UserError(f"--model={path}: no such file; export one with "
                             "`python export/export_onnx.py --workdir=W` (W/export/embedder.onnx).")
@@ -96,9 +75,8 @@ class OnnxEmbedder:
         requested = resolve_providers(providers)
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
-        # Idle inference threads sleep instead of spin-waiting: the decoding
-        # workers need those CPU cycles between batches (measured faster on a
-        # shared 2-core machine).
+        # Idle inference threads sleep, not spin: the decoding workers need those
+        # CPU cycles between batches (measured faster on a shared 2-core machine).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # Errors only: no provider fallback chatter.
         try:
@@ -112,8 +90,7 @@ class OnnxEmbedder:
             found = [(i.name, i.type, i.shape) for i in inputs]
             raise UserError(f"--model={path}: expected one uint8 input [N, H, W, C] (an "
                             f"export_onnx.py model); found {found}.")
-        self.input_name = inputs[0].name
-        self.output_name = outputs[0].name
+        self.input_name, self.output_name = inputs[0].name, outputs[0].name
         meta = self.session.get_modelmeta().custom_metadata_map
         static = list(inputs[0].shape[1:])
         sizes = [meta.get(k) for k in ("input_height", "input_width", "input_channels")]
@@ -124,14 +101,13 @@ class OnnxEmbedder:
                 raise UserError(f"--model={path}: its metadata input size {sizes} (height, "
                                 "width, channels) is not three integers; re-export it with "
                                 "export/export_onnx.py.") from None
-            graph = ["?" if not isinstance(d, int) else d for d in static]
             if min(self.image_shape) < 1 or any(
                     isinstance(d, int) and d != m for d, m in zip(static, self.image_shape)):
-                raise UserError(
-                    f"--model={path}: its metadata says input "
-                    f"{'x'.join(map(str, self.image_shape))} (HxWxC) but its graph input is "
-                    f"[N, {', '.join(map(str, graph))}]; the file was edited or mixed up: "
-                    "re-export it with export/export_onnx.py.")
+                graph = ", ".join(str(d) if isinstance(d, int) else "?" for d in static)
+                raise UserError(f"--model={path}: its metadata says input "
+                                f"{'x'.join(map(str, self.image_shape))} (HxWxC) but its graph "
+                                f"input is [N, {graph}]; the file was edited or mixed up: "
+                                "re-export it with export/export_onnx.py.")
         else:
             if not all(isinstance(d, int) and d > 0 for d in static):
                 raise UserError(f"--model={path}: no input size in the metadata nor in the "
@@ -145,32 +121,34 @@ class OnnxEmbedder:
             raise UserError(f"--model={path}: unknown resize method {self.resize!r} in the "
                             f"metadata; this version knows {', '.join(RESIZE_METHODS)}.")
         try:
-            self.config = json.loads(meta.get("training_config", "{}"))
+            config = json.loads(meta.get("training_config", "{}"))
         except ValueError:
-            self.config = {}
-        if not isinstance(self.config, dict):
-            self.config = {}
+            config = None
+        self.config = config if isinstance(config, dict) else {}
         self.dim = self._probe(meta.get("embedding_dim"))
-        self.sha256 = file_sha256(path)
+        with open(path, "rb") as f:  # Identifies the model a gallery was embedded with.
+            self.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
 
     def _probe(self, meta_dim):
-        """Runs the model once on two fixed noise images; returns its embedding dimension.
+        """Runs the model on fixed noise images; returns its embedding dimension D.
 
-        Raises:
-            UserError: the model fails to run, or its output is not a finite,
-                L2-normalised `[N, D]` (with D the metadata's `embedding_dim`).
+        Raises `UserError` when the model fails to run, or its output is not a
+        finite, L2-normalised `[N, D]` (with D the metadata's `embedding_dim`).
         """
         rng = np.random.default_rng(0)
         probe = rng.integers(0, 256, (PROBE_IMAGES, *self.image_shape), dtype=np.uint8)
         try:
-            out = self(probe)
+            out = self(probe)  # Float32: see `__call__`.
         except Exception as e:  # onnxruntime's own error types.
-            size = "x".join(map(str, self.image_shape))
-            raise UserError(f"--model={self.path}: it fails on a {size} input "
-                            f"({_first_line(e)}); re-export it with export/export_onnx.py.") \
-                from None
-        problem = output_problem(out, PROBE_IMAGES)
-        if problem is None and meta_dim is not None and str(meta_dim) != str(out.shape[1]):
+            raise UserError(f"--model={self.path}: it fails on a "
+                            f"{'x'.join(map(str, self.image_shape))} input ({_first_line(e)}); "
+                            "re-export it with export/export_onnx.py.") from None
+        problem = None
+        if out.ndim != 2 or out.shape[0] != PROBE_IMAGES or out.shape[1] < 1:
+            problem = f"shape {list(out.shape)} for {PROBE_IMAGES} images"
+        elif bad := [p for p in row_problems(out) if p is not None]:
+            problem = f"row {bad[0]}"
+        elif meta_dim is not None and str(meta_dim) != str(out.shape[1]):
             problem = f"{out.shape[1]}-d, but its metadata says embedding_dim {meta_dim}"
         if problem is not None:
             raise UserError(f"--model={self.path}: its output is not a finite unit-norm [N, D] "
@@ -179,36 +157,17 @@ class OnnxEmbedder:
         return int(out.shape[1])
 
     def __call__(self, images):
-        """Embeds a batch.
-
-        Args:
-            images: `[N, H, W, C]` uint8.
-
-        Returns:
-            `[N, D]` float32, L2-normalised.
-        """
+        """Embeds a batch: `[N, H, W, C]` uint8 -> `[N, D]` float32, L2-normalised."""
         out = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(images)})
         return np.asarray(out[0], np.float32)
 
 
 def export_parity(model_path, allow_failed=False):
-    """The parity verdict of the export `model_path` came from, from `parity.json` beside it.
-
-    `export/export_onnx.py` writes `W/export/parity.json` next to
-    `embedder.onnx`, with `"passed": false` when the ONNX model disagrees with
-    the trained Keras embedder.
-
-    Args:
-        model_path: the `.onnx` file.
-        allow_failed: accept a failed (or unreadable) parity check.
+    """The verdict of `parity.json` beside `model_path` (does ONNX agree with Keras?).
 
     Returns:
-        'passed', 'absent' (no parity.json beside the model), or 'failed'
-        (only with `allow_failed`).
-
-    Raises:
-        UserError: parity.json says the check failed, or cannot be read,
-            and `allow_failed` is not set.
+        'passed', 'absent' (no parity.json beside the model), or 'failed' (only
+        with `allow_failed`; else a failed or unreadable check raises `UserError`).
     """
     report = os.path.join(os.path.dirname(os.path.abspath(model_path)), "parity.json")
     if not os.path.isfile(model_path) or not os.path.lexists(report):
@@ -238,17 +197,6 @@ def row_problems(embeddings):
     return [None if f and abs(n - 1.0) <= NORM_TOLERANCE
             else ("not finite (NaN or infinity)" if not f else f"norm {n:.4g}, not 1")
             for f, n in zip(finite, norms)]
-
-
-def output_problem(out, rows):
-    """Why a model output for `rows` images is not a finite unit-norm `[rows, D]` (or None)."""
-    out = np.asarray(out)
-    if out.ndim != 2 or out.shape[0] != rows or out.shape[1] < 1:
-        return f"shape {list(out.shape)} for {rows} images"
-    if not np.issubdtype(out.dtype, np.floating):
-        return f"dtype {out.dtype}"
-    bad = [p for p in row_problems(out) if p is not None]
-    return f"row {bad[0]}" if bad else None
 
 
 def _first_line(error):

@@ -1,14 +1,9 @@
 """A labelled gallery of embeddings: built from `G/<fine label>/<image>`, or a saved `.npz`.
 
-The `.npz` holds plain arrays only (no pickled objects), so it is read with
-`allow_pickle=False`:
-
-- `embeddings` `[G, D]` float32, L2-normalised;
-- `labels` `[G]` int32, indices into `label_names`;
-- `label_names` `[L]` str;
-- `paths` `[G]` str, relative to the gallery folder;
-- `model_sha256` `[]` str, the model file the embeddings came from;
-- `format_version` `[]` int.
+The `.npz` holds plain arrays only, read with `allow_pickle=False`: `embeddings`
+`[G, D]` float32 (L2-normalised), `labels` `[G]` int32 (indices into
+`label_names` `[L]` str), `paths` `[G]` str (relative to the gallery folder),
+`model_sha256` `[]` str (the model file that embedded them), `format_version` `[]` int.
 """
 
 import dataclasses
@@ -25,21 +20,13 @@ _KEYS = ("embeddings", "labels", "label_names", "paths", "model_sha256", "format
 
 @dataclasses.dataclass(frozen=True)
 class Gallery:
-    """Labelled embeddings.
-
-    Attributes:
-        embeddings: `[G, D]` float32.
-        labels: `[G]` int32 indices into `label_names`.
-        label_names: tuple of str.
-        paths: tuple of str, one per row.
-        model_sha256: digest of the model that embedded them ('' if unknown).
-    """
+    """Labelled embeddings: the `.npz` arrays, with names and paths as tuples of str."""
 
     embeddings: np.ndarray
     labels: np.ndarray
     label_names: tuple
     paths: tuple
-    model_sha256: str = ""
+    model_sha256: str = ""  # '' when unknown.
 
     def __len__(self):
         return len(self.labels)
@@ -56,13 +43,7 @@ def label_of(relpath):
 
 
 def from_embedded(embeddings, relpaths, model_sha256=""):
-    """Builds a gallery from embedded files of a labelled folder.
-
-    Args:
-        embeddings: `[G, D]` float32.
-        relpaths: `G` paths relative to the gallery root, each under a label folder.
-        model_sha256: digest of the model.
-    """
+    """A gallery of `[G, D]` embeddings of `G` files, `relpaths` under label folders."""
     names = [label_of(p) for p in relpaths]
     if any(n is None for n in names):
         raise ValueError("gallery images must sit in label folders")
@@ -109,8 +90,7 @@ def _check_arrays(path, values):
         raise UserError(f"--gallery={path}: format version {int(version)} is not one this "
                         f"grafit_tf reads (1 to {FORMAT_VERSION}); upgrade or rebuild the gallery.")
     _scalar(path, values, "model_sha256", "U", "a string scalar")
-    emb, labels, names, paths = (values[k] for k in ("embeddings", "labels", "label_names",
-                                                     "paths"))
+    emb, labels, names, paths = (values[k] for k in _KEYS[:4])
     rebuild = "rebuild the gallery with --save_gallery"
     if emb.ndim != 2 or emb.dtype.kind != "f" or emb.shape[0] == 0 or emb.shape[1] == 0:
         raise UserError(f"--gallery={path}: embeddings are {emb.dtype} of shape "
@@ -151,18 +131,15 @@ def load(path):
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in _KEYS if k not in data.files]
-            if missing:
-                raise UserError(f"--gallery={path}: not a gallery .npz (missing "
-                                f"{', '.join(missing)}); write one with --save_gallery.")
-            values = {k: data[k] for k in _KEYS}
-    except UserError:
-        raise
+            values = None if missing else {k: data[k] for k in _KEYS}
     except Exception as e:  # Not a zip, a damaged member, arrays that need pickle...
         reason = " ".join(str(e).split()) or type(e).__name__
         raise UserError(f"--gallery={path}: cannot read it as a gallery .npz ({reason}); "
                         "write one with --save_gallery.") from None
+    if missing:
+        raise UserError(f"--gallery={path}: not a gallery .npz (missing "
+                        f"{', '.join(missing)}); write one with --save_gallery.")
     _check_arrays(path, values)
-    emb, labels, names = values["embeddings"], values["labels"], values["label_names"]
-    return Gallery(emb.astype(np.float32), labels.astype(np.int32),
-                   tuple(str(n) for n in names), tuple(str(p) for p in values["paths"]),
+    return Gallery(values["embeddings"].astype(np.float32), values["labels"].astype(np.int32),
+                   tuple(map(str, values["label_names"])), tuple(map(str, values["paths"])),
                    str(values["model_sha256"]))

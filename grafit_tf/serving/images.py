@@ -1,18 +1,10 @@
 """Decodes one image file into the model's input, with Pillow and NumPy.
 
-`load(path, spec)` returns `[H, W, C]` uint8 or raises `ImageError` with a
-one-line reason. The steps mirror training's evaluation pipeline
-(`tf.io.decode_image` then `grafit_tf.data.pipeline.eval_image`):
-
-1. decode the first frame; reject images above Pillow's decompression-bomb
-   limit before any pixel is decoded;
-2. apply the EXIF orientation (a photo is served upright);
-3. convert to the model's channels: 'L' for 1, 'RGB' for 3. Alpha is dropped,
-   as `tf.io.decode_image(channels=...)` drops it; CMYK and palette images go
-   through RGB; 16-bit samples keep their high byte, as TensorFlow's PNG
-   decoder does;
-4. resize as evaluation did (`resize.to_model_size`) and round to uint8, the
-   dtype the exported model takes.
+`load(path, spec)` mirrors training's evaluation pipeline (`tf.io.decode_image`
+then `grafit_tf.data.pipeline.eval_image`): decode the first frame (refusing a
+decompression bomb before any pixel is decoded), apply the EXIF orientation,
+convert to the model's channels (dropping alpha as `tf.io.decode_image` does),
+resize as evaluation did and round to uint8, the model's dtype.
 """
 
 import dataclasses
@@ -25,7 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from grafit_tf.serving import resize
 
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own default, ~89 Mpx.
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # 16- or 32-bit samples.
 
 
 class ImageError(Exception):
@@ -34,49 +26,31 @@ class ImageError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    """What the model takes (picklable: sent to the decoding workers).
+    """What the model takes (picklable: sent to the decoding workers)."""
 
-    Attributes:
-        image_shape: `(H, W, C)` with C in (1, 3).
-        resize: 'none' or 'resize_center_crop' (the training config's method).
-        max_pixels: decompression-bomb limit in pixels (width * height).
-    """
-
-    image_shape: tuple
-    resize: str = "none"
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    image_shape: tuple  # (H, W, C) with C in (1, 3).
+    resize: str = "none"  # Or 'resize_center_crop': the training config's method.
+    max_pixels: int = DEFAULT_MAX_PIXELS  # Decompression-bomb limit (width * height).
 
 
 def load(path, spec):
-    """Reads, decodes and preprocesses one image file.
-
-    Args:
-        path: the file.
-        spec: a `Spec`.
-
-    Returns:
-        `[H, W, C]` uint8.
+    """Reads, decodes and preprocesses one image file into `[H, W, C]` uint8 for a `Spec`.
 
     Raises:
         ImageError: with the reason the file cannot be served.
     """
-    image = decode(path, spec.max_pixels)
-    pixels = to_channels(image, spec.image_shape[-1])
+    pixels = to_channels(decode(path, spec.max_pixels), spec.image_shape[-1])
     resized = resize.to_model_size(pixels, spec.image_shape, spec.resize)
     return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
 
 
 def decode(path, max_pixels=DEFAULT_MAX_PIXELS):
-    """Decodes the first frame of an image file, upright (EXIF orientation applied).
-
-    Returns:
-        A loaded `PIL.Image.Image`.
+    """The first frame of an image file as a loaded `PIL.Image.Image`, EXIF orientation applied.
 
     Raises:
         ImageError: unreadable, empty, not an image, too large, corrupt or truncated.
     """
-    # Pillow's own bomb check (it raises above twice its limit) follows the same
-    # setting, so --max_image_pixels can also raise the limit.
+    # Pillow's own bomb check (at twice its limit) follows: --max_image_pixels can raise it.
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with open(path, "rb") as f:
@@ -117,42 +91,25 @@ def decode(path, max_pixels=DEFAULT_MAX_PIXELS):
 
 
 def to_channels(image, channels):
-    """Pixels of a decoded image in the model's channel layout.
-
-    Args:
-        image: a loaded `PIL.Image.Image` of any mode.
-        channels: 1 (grayscale 'L') or 3 ('RGB').
-
-    Returns:
-        `[h, w, channels]` uint8.
-    """
-    if image.mode in _SIXTEEN_BIT or image.mode == "F":
-        gray = _to_8bit(np.asarray(image))
+    """Pixels `[h, w, channels]` uint8 of a loaded image of any mode; channels: 1 or 3."""
+    if image.mode in _HIGH_DEPTH:
+        samples = np.asarray(image)
+        if samples.dtype.kind == "f":  # Taken as 0..1 when at most 1, else as 0..255.
+            scale = 255.0 if samples.size and np.nanmax(samples) <= 1.0 else 1.0
+            gray = np.clip(np.nan_to_num(samples) * scale, 0, 255).round().astype(np.uint8)
+        else:  # The high byte, like libpng's strip_16 in `tf.io.decode_png` to uint8.
+            gray = (np.clip(samples.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
         array = gray if channels == 1 else np.repeat(gray[..., None], 3, axis=-1)
     else:
-        target = "L" if channels == 1 else "RGB"
         if image.mode not in ("L", "RGB", "1", "LA", "RGBA", "RGBX"):
             # CMYK, palette (P, PA), YCbCr...: through RGB, which Pillow always
             # knows; the direct 'P' -> 'L' path ignores some transparency setups.
             image = image.convert("RGBA" if "A" in image.mode else "RGB")
         try:
-            array = np.asarray(image.convert(target), np.uint8)
+            array = np.asarray(image.convert("L" if channels == 1 else "RGB"), np.uint8)
         except (ValueError, OSError) as e:
             raise ImageError(f"unsupported image mode {image.mode}: {_one_line(e)}") from None
     return array.reshape(array.shape[0], array.shape[1], channels)
-
-
-def _to_8bit(samples):
-    """16-bit or float samples `[h, w]` -> uint8 `[h, w]`.
-
-    Integer samples keep their high byte (`x >> 8`), like libpng's strip_16
-    used by `tf.io.decode_png` for uint8 output. Float images are taken as
-    0..1 when their maximum is at most 1, else as 0..255.
-    """
-    if samples.dtype.kind == "f":
-        scale = 255.0 if samples.size and np.nanmax(samples) <= 1.0 else 1.0
-        return np.clip(np.nan_to_num(samples) * scale, 0, 255).round().astype(np.uint8)
-    return (np.clip(samples.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
 
 
 def _one_line(error):

@@ -1,11 +1,7 @@
 """One `serve.py` run: embed a folder, optionally classify it against a gallery.
 
-`run(options)` first checks everything that can fail without work and raises
-`UserError`: the options, the model (its export's `parity.json`, its metadata
-against its graph, and its output on a probe: finite, unit norm, `[N, D]`),
-the folders, the gallery (its arrays, finite and unit norm, its dimension)
-and the kNN temperature (finite, > 0). Then it embeds, predicts and writes
-into `options.output` (published as a whole, see `outputs`):
+`run(options)` checks everything that can fail before any work, then embeds,
+predicts and writes into `options.output`, published as a whole (see `outputs`):
 
 - `embeddings.npy` `[N, D]` float32, row i = row i of `index.csv`;
 - `index.csv` (`path`): embedded files, relative to `options.images`;
@@ -16,9 +12,6 @@ into `options.output` (published as a whole, see `outputs`):
 - `summary.json`: counts, throughput, providers, the export's parity verdict,
   and the accuracy with `labels_from_dirs`; written last, it marks the folder
   complete.
-
-A failure once work has started raises `RunError` (or `UserError` for a
-gallery folder none of whose images decodes) and publishes nothing.
 """
 
 import contextlib
@@ -31,9 +24,10 @@ import threading
 import time
 
 import numpy as np
+from tqdm import tqdm
 
 import grafit_tf
-from grafit_tf.errors import UserError
+from grafit_tf.errors import UserError, check_writable
 from grafit_tf.serving import classify, embed, gallery as gallery_lib, images, outputs, report, walk
 from grafit_tf.serving.embedder import OnnxEmbedder, export_parity
 
@@ -79,6 +73,9 @@ def check_options(o):
     if not math.isfinite(o.temperature) or o.temperature < 0:
         raise UserError(f"--temperature={o.temperature}: must be a finite number > 0 (or 0: "
                         "the model's eval_temperature).")
+    if o.intra_op_threads < 0:
+        raise UserError(f"--intra_op_threads={o.intra_op_threads}: use 0 (onnxruntime's "
+                        "default) or more.")
     if o.max_image_pixels < 1:
         raise UserError(f"--max_image_pixels={o.max_image_pixels}: must be positive.")
     if o.knn_backend not in classify.BACKENDS:
@@ -98,6 +95,11 @@ def check_options(o):
     if o.save_gallery and not (o.gallery and os.path.isdir(o.gallery)):
         raise UserError("--save_gallery needs --gallery to be a labelled folder "
                         "(GALLERY/<fine label>/<image>) to embed.")
+    if o.save_gallery and os.path.isdir(o.save_gallery):
+        raise UserError(f"--save_gallery={o.save_gallery} is a directory; give a .npz file.")
+    check_writable(o.output, "--output")
+    if o.save_gallery:
+        check_writable(os.path.dirname(os.path.abspath(o.save_gallery)), "--save_gallery")
 
 
 def _list_folder(root, flag, output):
@@ -108,27 +110,15 @@ def _list_folder(root, flag, output):
     return files, problems
 
 
-def _progress(enabled, total, desc):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr)
-
-
 def _embed(embedder, files, o, desc):
-    bar = _progress(o.progress, len(files), desc)
-    try:
+    with tqdm(total=len(files), desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr,
+              disable=not o.progress) as bar:
         return embed.embed_files(embedder, [f.path for f in files], o.batch_size, o.workers,
                                  o.max_image_pixels, bar)
-    finally:
-        if bar is not None:
-            bar.close()
 
 
 def _error_rows(files, problems, failed):
-    rows = [(p.relpath, p.reason) for p in problems]
-    rows += [(files[i].relpath, reason) for i, reason in failed]
+    rows = [(p.relpath, p.reason) for p in problems] + [(files[i].relpath, r) for i, r in failed]
     return sorted(rows, key=lambda r: r[0])
 
 
@@ -155,30 +145,16 @@ def _build_gallery(embedder, files, problems, o, out, log):
     return g, rows
 
 
-def _load_gallery(path, embedder, log):
-    g = gallery_lib.load(path)
-    if g.dim != embedder.dim:
-        raise UserError(f"--gallery={path}: embeddings of dimension {g.dim}, but the model "
-                        f"--model={embedder.path} outputs {embedder.dim}; rebuild the gallery "
-                        "with this model.")
-    if g.model_sha256 and g.model_sha256 != embedder.sha256:
-        log(f"warning: --gallery={path} was embedded with another model file; its "
-            "neighbours are only meaningful if the two models are the same.")
-    return g
-
-
 def resolve_temperature(o, embedder):
     """The kNN vote's temperature: `--temperature`, else the model's eval_temperature.
 
-    Raises:
-        UserError: the model's value is not a finite number > 0.
+    Raises `UserError` when the model's value is not a finite number > 0.
     """
     if o.temperature:
         return float(o.temperature)
     value = embedder.config.get("eval_temperature", DEFAULT_TEMPERATURE)
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value) and value > 0)
-    if not ok:
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not (math.isfinite(value) and value > 0)):
         raise UserError(f"--model={o.model}: its training_config has eval_temperature="
                         f"{value!r}, not a finite number > 0; pass --temperature=T (training's "
                         f"default is {DEFAULT_TEMPERATURE}).")
@@ -189,18 +165,16 @@ def resolve_temperature(o, embedder):
 def _signals_deferred():
     """SIGINT and SIGTERM wait until the block ends; yields the list of those caught.
 
-    The publish is a few renames: finishing it beats leaving it half done.
-    Only the main thread can set handlers; elsewhere nothing is deferred.
+    The publish is a few renames: finishing it beats leaving it half done. Only
+    the main thread can set handlers; elsewhere nothing is deferred.
     """
     caught = []
     if threading.current_thread() is not threading.main_thread():
         yield caught
         return
-    previous = {}
-    for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
-        if sig is not None:
-            previous[sig] = signal.getsignal(sig)
-            signal.signal(sig, lambda number, frame: caught.append(number))
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda number, frame: caught.append(number))
     try:
         yield caught
     finally:
@@ -209,9 +183,8 @@ def _signals_deferred():
 
 
 def _prediction_rows(files, ok, preds, g, true_names):
-    k = preds.neighbours.shape[1]
     header = ["path"] + (["label"] if true_names is not None else []) + ["predicted", "score"]
-    for j in range(1, k + 1):
+    for j in range(1, preds.neighbours.shape[1] + 1):
         header += [f"neighbour_{j}", f"neighbour_{j}_label", f"similarity_{j}"]
     rows = []
     for r, i in enumerate(ok):
@@ -226,20 +199,16 @@ def _prediction_rows(files, ok, preds, g, true_names):
 
 
 def run(o, log=print):
-    """Runs `serve.py`.
-
-    Args:
-        o: `ServeOptions`.
-        log: prints one line (the summary and warnings).
+    """Runs `serve.py` with `ServeOptions` `o`; `log` prints one line (summary, warnings).
 
     Returns:
-        The summary dict (also `summary.json`); `summary["embedded"]` is the
-        number of embedded query images.
+        The summary dict (also `summary.json`); `summary["embedded"]` counts the
+        embedded query images.
 
     Raises:
         UserError: a setting, the model, a folder or the gallery is unusable
-            (raised before any image is decoded; the one exception is a
-            gallery folder none of whose images decodes).
+            (found before any image is decoded, but for a gallery folder none
+            of whose images decodes).
         RunError: the run failed once work had started (nothing published).
     """
     check_options(o)
@@ -256,7 +225,14 @@ def run(o, log=print):
             raise UserError(f"--gallery={o.gallery}: no file sits in a label folder; lay it "
                             "out as GALLERY/<fine label>/<image>.")
     elif o.gallery:
-        g = _load_gallery(o.gallery, embedder, log)
+        g = gallery_lib.load(o.gallery)
+        if g.dim != embedder.dim:
+            raise UserError(f"--gallery={o.gallery}: embeddings of dimension {g.dim}, but the "
+                            f"model --model={o.model} outputs {embedder.dim}; rebuild the gallery "
+                            "with this model.")
+        if g.model_sha256 and g.model_sha256 != embedder.sha256:
+            log(f"warning: --gallery={o.gallery} was embedded with another model file; its "
+                "neighbours are only meaningful if the two models are the same.")
     temperature = resolve_temperature(o, embedder) if o.gallery else None
     try:
         out = outputs.OutputDir(o.output, OUTPUT_NAMES)
@@ -297,26 +273,16 @@ def _serve(embedder, files, problems, g, gallery_files, temperature, o, out, log
     out.write_npy("embeddings.npy", result.embeddings)
     out.write_csv("index.csv", ("path",), [(files[i].relpath,) for i in result.ok])
     out.write_csv("errors.csv", ("path", "reason"), errors)
-    summary = {
-        "version": grafit_tf.__version__,
-        "model": o.model,
-        "model_sha256": embedder.sha256,
-        "providers": embedder.providers,
-        "images_dir": o.images,
-        "files": len(files) + len(problems),
-        "embedded": len(result.ok),
-        "errors": len(errors),
-        "embedding_dim": embedder.dim,
-        "embed_seconds": result.seconds,
-        "images_per_second": result.images_per_second,
-        "batch_size": o.batch_size,
-        "workers": o.workers,
-    }
+    summary = dict(version=grafit_tf.__version__, model=o.model, model_sha256=embedder.sha256,
+                   providers=embedder.providers, images_dir=o.images,
+                   files=len(files) + len(problems), embedded=len(result.ok), errors=len(errors),
+                   embedding_dim=embedder.dim, embed_seconds=result.seconds,
+                   images_per_second=result.images_per_second, batch_size=o.batch_size,
+                   workers=o.workers)
     log(f"embedded {len(result.ok)} of {summary['files']} files in {result.seconds:.1f} s "
         f"({result.images_per_second:.0f} images/s); {len(errors)} in errors.csv")
     if g is not None:
-        queries = result.embeddings
-        preds = classify.predict(queries, g, o.k, temperature, o.knn_backend)
+        preds = classify.predict(result.embeddings, g, o.k, temperature, o.knn_backend)
         if not (np.isfinite(preds.scores).all() and np.isfinite(preds.similarities).all()):
             raise RunError(f"the kNN vote gave non-finite scores (temperature {temperature}); "
                            "nothing was published: check --temperature and the gallery.")
@@ -324,14 +290,12 @@ def _serve(embedder, files, problems, g, gallery_files, temperature, o, out, log
                       if o.labels_from_dirs else None)
         header, rows = _prediction_rows(files, result.ok, preds, g, true_names)
         out.write_csv("predictions.csv", header, rows)
-        summary["gallery"] = {"source": o.gallery, "images": len(g),
-                              "labels": list(g.label_names),
+        summary["gallery"] = {"source": o.gallery, "images": len(g), "labels": list(g.label_names),
                               "errors": None if gallery_errors is None else len(gallery_errors)}
         summary.update(k=int(min(o.k, len(g))), temperature=temperature)
         if true_names is not None:
             predicted = [g.label_names[p] for p in preds.labels]
-            acc = report.accuracy(true_names, predicted, g.label_names)
-            summary["accuracy"] = acc
+            summary["accuracy"] = acc = report.accuracy(true_names, predicted, g.label_names)
             if acc["images"]:
                 log(report.format_accuracy(acc))
                 log(f"fine-level accuracy: {100 * acc['accuracy']:.2f}% "

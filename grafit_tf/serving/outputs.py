@@ -1,36 +1,21 @@
 """Output files, published as a whole run: never a mix of two runs, never half-written.
 
-A run writes (and fsyncs) every output into a staging folder
-`OUT/.serve.tmp.<pid>/` and publishes them only at the end (`commit`), with
-`summary.json` as the completeness marker:
+Outputs are written (and fsynced) into `OUT/.serve.tmp.<pid>/`; `commit`
+publishes them with `summary.json` as the completeness marker:
 
 1. remove `OUT/summary.json`: until step 3 ends, the folder has no marker;
 2. move every output of the earlier run into `OUT/.serve.old.<pid>/`;
 3. rename the new outputs in, `summary.json` last;
 4. remove `OUT/.serve.old.<pid>/` and the staging folder.
 
-Every step is a rename (or removal) within `OUT`, one file system, so a run
-killed at any point leaves the outputs of one run only, never a mix: the
-earlier run's, complete (killed before step 1); a part of the earlier or of
-the new run's, without `summary.json` (killed during steps 1-3: incomplete,
-and marked so by the missing marker); or the new run's, complete. Readers
-take a folder as complete only when `summary.json` is there. The next run
-into `OUT` removes what a killed run left behind (its `.serve.tmp.*` /
-`.serve.old.*` folders) when it starts, and its `commit` moves away the
-outputs of an unfinished publish with the rest.
-
-A run holds an exclusive `flock` on `OUT` itself (where the platform and the
-file system have one), so two runs never write into one folder at once and
-the cleanup never touches a live run's files.
-
-CSV cells are text: a cell that starts with `=`, `+`, `-`, `@`, a tab or a
-carriage return would act as a formula in a spreadsheet, so it is written
-with a leading `'` (OWASP's advice against CSV injection), and so is a cell
-that already starts with `'` (the escaping stays one-to-one: to read a text
-cell back, drop one leading `'`). Numbers are written as numbers (`float`
-cells: 6 decimals; a non-finite one is refused, never written as `nan`).
+Each step is a rename or removal within `OUT`, so a run killed at any point
+leaves one run's outputs only: complete, or without `summary.json` (marked
+incomplete). The next run into `OUT` removes a killed run's temporary folders,
+and its `commit` moves away the rest. An exclusive `flock` on `OUT` (where the
+file system has one) keeps two runs, and the cleanup, off each other's files.
 """
 
+import contextlib
 import csv
 import json
 import math
@@ -47,10 +32,6 @@ except ImportError:  # Windows: no flock; runs into one folder must not overlap.
 
 STAGING_PREFIX = ".serve.tmp."
 OLD_PREFIX = ".serve.old."
-# Temporaries of older serve.py versions: `.<output name>.tmp.<pid>` files.
-_LEGACY_TEMP = re.compile(r"^\.[^/]+\.tmp\.\d+$")
-# A text cell starting with one of these gets a leading "'": the formula
-# starts (OWASP), and "'" itself so that the escaping is one-to-one.
 ESCAPED_START = ("=", "+", "-", "@", "\t", "\r", "'")
 
 
@@ -60,6 +41,10 @@ class OutputBusy(Exception):
 
 def csv_cell(value):
     """One CSV cell as text: formula-safe strings, 6-decimal floats, plain ints.
+
+    A string starting with `=`, `+`, `-`, `@`, a tab or a carriage return (a
+    spreadsheet formula: OWASP's CSV injection) or with `'` gets a leading `'`,
+    so the escaping is one-to-one (`read_cell`).
 
     Raises:
         ValueError: a non-finite float (never written as `nan` / `inf`).
@@ -92,9 +77,8 @@ def _fsync_dir(path):
     except OSError:
         return  # Windows cannot open a directory; its renames need no sync.
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -102,21 +86,15 @@ def _fsync_dir(path):
 class OutputDir:
     """Stages files for `directory`; `commit()` publishes them, `discard()` drops them.
 
-    Creating one creates the folder if needed, locks it, and removes what
-    killed runs left there (see the module docstring).
+    Creating one creates and locks the folder and removes what killed runs left
+    there; `names` (every output a run may write) tell older versions' temporaries.
+
+    Raises:
+        OSError: the folder cannot be created or written.
+        OutputBusy: another serve.py run holds the folder.
     """
 
     def __init__(self, directory, names=()):
-        """
-        Args:
-            directory: the output folder.
-            names: every output name a run may write (to recognise the
-                temporaries `.<name>.tmp.<pid>` of older versions).
-
-        Raises:
-            OSError: the folder cannot be created or written.
-            OutputBusy: another serve.py run holds the folder.
-        """
         self.directory = directory
         self.names = tuple(names)
         self._staged = set()
@@ -156,53 +134,47 @@ class OutputDir:
     def cleanup(self):
         """Removes the temporaries that killed runs left in the folder.
 
-        Outputs of a publish that was killed (no `summary.json`) stay until
-        the next `commit` moves them away: they are marked incomplete, and a
-        run that fails before publishing should not remove more than it adds.
-
-        Returns:
-            The names removed.
+        A killed publish's outputs stay (marked incomplete) until the next `commit`:
+        a run that fails before publishing should not remove more than it adds.
         """
-        removed = []
-        legacy = {f".{n}" for n in self.names}
         for name in sorted(os.listdir(self.directory)):
             path = os.path.join(self.directory, name)
+            legacy = re.fullmatch(r"\.(.+)\.tmp\.\d+", name)  # Older versions' temporaries.
             if name.startswith((STAGING_PREFIX, OLD_PREFIX)) and os.path.isdir(path) \
                     and not os.path.islink(path):
                 shutil.rmtree(path, ignore_errors=True)
-                removed.append(name)
-            elif (_LEGACY_TEMP.match(name) and name.rsplit(".tmp.", 1)[0] in legacy
-                  and os.path.isfile(path)):
+            elif legacy and legacy[1] in self.names and os.path.isfile(path):
                 os.remove(path)
-                removed.append(name)
-        return removed
 
     def path(self, name):
         """The final path of output `name`."""
         return os.path.join(self.directory, name)
 
-    def _stage(self, name):
+    @contextlib.contextmanager
+    def _open(self, name, mode, **kwargs):
+        """Staged file `name`, fsynced on close: on disk before a rename makes it visible."""
         self._staged.add(name)
-        return os.path.join(self.staging, name)
+        encoding = None if "b" in mode else "utf-8"
+        with open(os.path.join(self.staging, name), mode, encoding=encoding, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
 
     def write_csv(self, name, header, rows):
         """Writes a UTF-8 CSV (rows: iterables of cells, see `csv_cell`)."""
-        with open(self._stage(name), "w", encoding="utf-8", newline="") as f:
+        with self._open(name, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow([csv_cell(c) for c in header])
             writer.writerows([csv_cell(c) for c in row] for row in rows)
-            _sync(f)
 
     def write_npy(self, name, array):
-        with open(self._stage(name), "wb") as f:
+        with self._open(name, "wb") as f:
             np.save(f, array)
-            _sync(f)
 
     def write_json(self, name, value):
-        with open(self._stage(name), "w", encoding="utf-8") as f:
+        with self._open(name, "w") as f:
             json.dump(value, f, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
             f.write("\n")
-            _sync(f)
 
     def commit(self, stale=(), last="summary.json"):
         """Publishes the staged files as a whole (the module docstring's steps).
@@ -238,9 +210,3 @@ class OutputDir:
         self._staged.clear()
         shutil.rmtree(self.staging, ignore_errors=True)
         self._unlock()
-
-
-def _sync(f):
-    # On disk before the rename makes it visible under its final name.
-    f.flush()
-    os.fsync(f.fileno())

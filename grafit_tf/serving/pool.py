@@ -1,20 +1,17 @@
 """Decodes image files in worker processes, ahead of the inference that consumes them.
 
 `DecodePool.map(paths)` yields `Chunk`s in file order while up to `ahead`
-chunks are being decoded, so Pillow works in the workers while the caller runs
-onnxruntime (which releases the GIL). Processes, not threads: decoding small
-files is mostly Python code, and a decoder that crashes takes down only its
-worker. When a worker dies, the files that were in flight are decoded again
-one at a time in a fresh process, so only the file that kills its decoder is
-recorded as an error ("decoder crashed") and the run goes on.
+chunks are being decoded, overlapping Pillow with the caller's onnxruntime.
+Processes, not threads: decoding small files is mostly Python code, and a
+crashing decoder takes down only its worker; the files in flight are then
+decoded again one at a time, so only the culprit is an error.
 
-Workers never outlive the process that started them: each asks Linux to kill
-it when its parent dies (`prctl(PR_SET_PDEATHSIG, SIGKILL)`) and, on every
-platform, a thread in it checks `os.getppid()` twice a second and ends the
-worker once the parent is gone, so a SIGKILL of `serve.py` leaves no decoder
-behind (nor multiprocessing's resource tracker, which exits once no process
-holds its pipe). Workers ignore SIGINT: on Ctrl-C the parent stops them, after
-their current chunk, as it shuts the pool down.
+Workers never outlive their parent: Linux kills them when it dies
+(`prctl(PR_SET_PDEATHSIG)`) and, on every platform, a thread in each polls
+`os.getppid()`, so a SIGKILL of `serve.py` leaves no decoder behind (nor
+multiprocessing's resource tracker, which exits once no process holds its
+pipe). Workers ignore SIGINT: on Ctrl-C the parent stops them as it shuts the
+pool down.
 """
 
 import collections
@@ -46,8 +43,7 @@ def _exit_with_parent(parent_pid):
 
             # "Parent" is the thread that started the worker: `map`'s caller,
             # which outlives the pool (workers start on `submit`, not later).
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         except (OSError, AttributeError):
             pass  # The polling thread below still ends the worker.
     if os.getppid() != parent_pid:  # The parent died before the prctl.
@@ -63,33 +59,24 @@ def _exit_with_parent(parent_pid):
 
 @dataclasses.dataclass
 class Chunk:
-    """Decoded consecutive files `[start, start + count)`.
-
-    Attributes:
-        start: index of the chunk's first file.
-        count: files in the chunk.
-        images: `[n_ok, H, W, C]` uint8, the files that decoded, in order.
-        ok: `[n_ok]` indices (into the full file list) of those files.
-        errors: `(index, reason)` of the files that did not decode.
-    """
+    """Decoded consecutive files `[start, start + count)` of the full file list."""
 
     start: int
     count: int
-    images: np.ndarray
-    ok: list
-    errors: list
+    images: np.ndarray  # [n_ok, H, W, C] uint8, the files that decoded, in order.
+    ok: list  # [n_ok] indices of those files.
+    errors: list  # (index, reason) of the files that did not decode.
+
+
+def _no_images(spec):
+    return np.zeros((0, *spec.image_shape), np.uint8)
 
 
 def decode_chunk(paths, spec, start=0):
-    """Decodes files; never raises for a bad file.
-
-    Args:
-        paths: file paths.
-        spec: an `images.Spec`.
-        start: index of `paths[0]` in the full list.
+    """Decodes `paths` (`start`: index of `paths[0]` in the full list) with an `images.Spec`.
 
     Returns:
-        A `Chunk`.
+        A `Chunk`; a bad file becomes one of its errors, never an exception.
     """
     decoded, ok, errors = [], [], []
     for i, path in enumerate(paths):
@@ -100,31 +87,26 @@ def decode_chunk(paths, spec, start=0):
             errors.append((start + i, str(e)))
         except Exception as e:  # A decoder bug must not lose the other files.
             errors.append((start + i, f"decoder failed ({type(e).__name__}: {e})"))
-    stacked = (np.stack(decoded) if decoded
-               else np.zeros((0, *spec.image_shape), np.uint8))
+    stacked = np.stack(decoded) if decoded else _no_images(spec)
     return Chunk(start, len(paths), stacked, ok, errors)
 
 
 class DecodePool:
-    """Ordered, bounded-ahead decoding in `workers` processes (0: in the caller).
+    """Ordered, bounded-ahead decoding in worker processes; a context manager.
 
-    Use as a context manager, or call `close()`.
+    Args:
+        spec: an `images.Spec`.
+        workers: worker processes; 0 decodes in the calling process.
+        chunk_size: files per task.
+        ahead: chunks in flight (default: 2 per worker).
+        decode: the task function (module level, picklable); tests swap it.
     """
 
     def __init__(self, spec, workers, chunk_size=CHUNK_SIZE, ahead=None, decode=decode_chunk):
-        """
-        Args:
-            spec: an `images.Spec`.
-            workers: worker processes; 0 decodes in the calling process.
-            chunk_size: files per task.
-            ahead: chunks in flight (default: 2 per worker).
-            decode: the task function (module level, picklable); tests swap it.
-        """
         self.spec, self.workers, self.chunk_size = spec, workers, chunk_size
         self.ahead = ahead or 2 * max(workers, 1)
         self.decode = decode
-        # 'spawn': the parent holds onnxruntime / BLAS threads, which fork does
-        # not copy safely.
+        # 'spawn': fork does not copy the parent's onnxruntime / BLAS threads safely.
         self._context = multiprocessing.get_context("spawn")
         self._executor = None
 
@@ -142,8 +124,7 @@ class DecodePool:
         pending = collections.deque()  # (start, count, future), in file order.
         next_start = 0
         while pending or next_start < len(paths):
-            if self._executor is None:
-                self._executor = self._new_executor(self.workers)
+            self._executor = self._executor or self._new_executor(self.workers)
             while len(pending) < self.ahead and next_start < len(paths):
                 part = paths[next_start:next_start + self.chunk_size]
                 pending.append((next_start, len(part),
@@ -157,7 +138,7 @@ class DecodePool:
                 # redo them one file at a time, where a crash names its file.
                 lost = [(start, count)] + [(s, c) for s, c, _ in pending]
                 pending.clear()
-                self._shutdown()
+                self.close()
                 for s, c in lost:
                     yield self._isolated(paths, s, c)
 
@@ -169,25 +150,20 @@ class DecodePool:
             try:
                 parts.append(executor.submit(self.decode, [paths[i]], self.spec, i).result())
             except BrokenProcessPool:
-                parts.append(Chunk(i, 1, np.zeros((0, *self.spec.image_shape), np.uint8), [],
+                parts.append(Chunk(i, 1, _no_images(self.spec), [],
                                    [(i, "decoder crashed (its worker process died)")]))
                 executor.shutdown(wait=True, cancel_futures=True)
                 executor = None
         if executor is not None:
             executor.shutdown(wait=True)
         decoded = [p.images for p in parts if len(p.images)]
-        return Chunk(start, count,
-                     np.concatenate(decoded) if decoded
-                     else np.zeros((0, *self.spec.image_shape), np.uint8),
+        return Chunk(start, count, np.concatenate(decoded) if decoded else _no_images(self.spec),
                      [j for p in parts for j in p.ok], [e for p in parts for e in p.errors])
 
-    def _shutdown(self):
+    def close(self):
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
-
-    def close(self):
-        self._shutdown()
 
     def __enter__(self):
         return self

@@ -7,19 +7,16 @@ def accuracy(true_names, predicted_names, gallery_names=()):
     """Overall and per-class top-1 accuracy.
 
     Args:
-        true_names: per query, its label (folder name) or None when it has none
-            (a file at the top level of the query folder).
+        true_names: per query, its label (folder name), or None for a file at the
+            top level of the query folder.
         predicted_names: per query, the predicted label.
-        gallery_names: the gallery's labels (to list query labels it lacks,
-            whose queries can never be right).
+        gallery_names: the gallery's labels, to list the query labels it lacks.
 
     Returns:
         dict: `images` (labelled queries), `correct`, `accuracy`, `unlabelled`,
-        `per_class` {label: {images, correct, accuracy}} and
-        `labels_not_in_gallery` (query labels no gallery image has).
+        `per_class` {label: {images, correct, accuracy}}, `labels_not_in_gallery`.
     """
-    total, right = collections.Counter(), collections.Counter()
-    unlabelled = 0
+    total, right, unlabelled = collections.Counter(), collections.Counter(), 0
     for truth, predicted in zip(true_names, predicted_names):
         if truth is None:
             unlabelled += 1

@@ -1,11 +1,10 @@
 """NumPy image resizing that reproduces training's evaluation preprocessing.
 
-`bilinear` matches `tf.image.resize(method="bilinear", antialias=False)`
-(TensorFlow 2's half-pixel-centre `ResizeBilinear`) and `resize_center_crop`
-matches `grafit_tf.augment.resize_center_crop`, so that `serve.py` feeds the
-model what `grafit_tf.data.pipeline.eval_image` feeds it, without importing
-TensorFlow. Arithmetic is float32 in the kernel's order of operations, so the
-two agree to float32 rounding.
+`bilinear` matches `tf.image.resize(method="bilinear", antialias=False)` and
+`resize_center_crop` matches `grafit_tf.augment.resize_center_crop`, so that
+`serve.py` feeds the model what `grafit_tf.data.pipeline.eval_image` does,
+without TensorFlow. Arithmetic is float32 in the kernel's order of operations,
+so the two agree to float32 rounding.
 """
 
 import numpy as np
@@ -32,19 +31,12 @@ def _axis_weights(in_size, out_size):
 def bilinear(image, height, width):
     """Bilinear resize with half-pixel centres and no antialiasing.
 
-    Args:
-        image: `[H, W, C]` array (any real dtype; computed in float32).
-        height, width: output size.
-
-    Returns:
-        `[height, width, C]` float32.
+    `[H, W, C]` of any real dtype -> `[height, width, C]`, computed in float32.
     """
     image = np.asarray(image, np.float32)
-    in_h, in_w = image.shape[:2]
-    y0, y1, ly = _axis_weights(in_h, height)
-    x0, x1, lx = _axis_weights(in_w, width)
-    lx = lx[None, :, None]
-    ly = ly[:, None, None]
+    y0, y1, ly = _axis_weights(image.shape[0], height)
+    x0, x1, lx = _axis_weights(image.shape[1], width)
+    lx, ly = lx[None, :, None], ly[:, None, None]
     top_rows, bottom_rows = image[y0], image[y1]  # [height, W, C] each.
     top_left, top_right = top_rows[:, x0], top_rows[:, x1]
     bottom_left, bottom_right = bottom_rows[:, x0], bottom_rows[:, x1]
@@ -70,12 +62,7 @@ def crop_or_pad(image, height, width):
 def resize_center_crop(image, size, crop_fraction=CROP_FRACTION):
     """Shorter side to `ceil(max(size) / crop_fraction)`, then a centre crop to `size`.
 
-    Args:
-        image: `[H, W, C]` array of any size.
-        size: `(height, width)` of the output.
-
-    Returns:
-        `[size[0], size[1], C]` float32.
+    `[H, W, C]` of any size -> `[size[0], size[1], C]` float32.
     """
     # Same float32 steps as the TensorFlow version (ceil of a float32 target,
     # float32 scale), so the intermediate size is the same integer.
@@ -87,16 +74,10 @@ def resize_center_crop(image, size, crop_fraction=CROP_FRACTION):
 
 
 def to_model_size(image, image_shape, method):
-    """Brings one decoded image to the model's input size, as evaluation did.
+    """`[h, w, C]` uint8 -> the model's `[H, W, C]` float32, resized as evaluation did.
 
-    Args:
-        image: `[h, w, C]` uint8, already in the model's channel count.
-        image_shape: `(H, W, C)` of the model input.
-        method: 'none' (images were already `H x W` in training; others are
-            resized bilinearly) or 'resize_center_crop'.
-
-    Returns:
-        `[H, W, C]` float32 (exact pixel values when no resize was needed).
+    `method`: 'resize_center_crop', or 'none' (training's images were already
+    `H x W`; others are resized bilinearly, those of that size kept exact).
     """
     height, width = image_shape[:2]
     if method == "resize_center_crop":

@@ -3,13 +3,8 @@
 Regular files (directly or through symlinks) become `File`s; everything that
 cannot be served (a symlink loop, a broken link, a fifo, an unreadable
 directory) becomes a `Problem` with its reason. Directory symlinks are
-followed unless they point back to an enclosing directory (a loop).
-
-Paths in the outputs are relative to the root and always valid UTF-8: bytes of
-a file name that are not UTF-8 are written as `\\xNN` escapes, and a backslash
-in a name is written doubled (`\\\\`), so that the escaping is one-to-one: a file
-literally named `a\\xe9.png` is shown as `a\\\\xe9.png`, one whose name holds
-the byte 0xE9 as `a\\xe9.png` (`display`).
+followed unless they point back to an enclosing directory (a loop). Paths are
+relative to the root, as valid UTF-8 text (`display`).
 """
 
 import dataclasses
@@ -17,18 +12,16 @@ import errno
 import os
 import stat
 
+_SPECIAL_FILES = ((stat.S_ISFIFO, "a fifo"), (stat.S_ISSOCK, "a socket"),
+                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
 
 @dataclasses.dataclass(frozen=True)
 class File:
-    """A regular file to decode.
+    """A regular file to decode."""
 
-    Attributes:
-        path: the path to open (`root` joined with the name, as the OS has it).
-        relpath: the path relative to the root, for the outputs (see `display`).
-    """
-
-    path: str
-    relpath: str
+    path: str  # To open: `root` joined with the name, as the OS has it.
+    relpath: str  # Relative to the root, for the outputs (see `display`).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +35,10 @@ class Problem:
 def display(relpath):
     """A relative path as valid UTF-8 text, escaped one-to-one.
 
-    Undecodable bytes become `\\xNN` and a backslash becomes `\\\\` (where the
-    OS separator is `/`; on Windows the backslash is the separator and no name
-    holds one). Byte 0x5C is a backslash wherever it appears in UTF-8, so
-    doubling it before decoding is exact.
+    Undecodable bytes become `\\xNN` and a backslash `\\\\` (`a\\\\xe9.png` is a file
+    named `a\\xe9.png`, `a\\xe9.png` one holding the byte 0xE9). Byte 0x5C is a
+    backslash wherever it appears in UTF-8, so doubling it before decoding is
+    exact (not on Windows, where it is the separator).
     """
     raw = os.fsencode(relpath)
     if os.sep != "\\":
@@ -53,27 +46,12 @@ def display(relpath):
     return raw.decode("utf-8", "backslashreplace")
 
 
-def _kind(mode):
-    for test, name in ((stat.S_ISFIFO, "a fifo"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
 def walk(root, exclude=()):
-    """All files under `root`, depth first, names sorted.
+    """`(files: list[File], problems: list[Problem])` under `root`, depth first, names sorted.
 
-    Args:
-        root: the directory.
-        exclude: directories (paths) left out, e.g. the output folder when it
-            lies inside `root`.
-
-    Returns:
-        `(files: list[File], problems: list[Problem])`.
+    `exclude`: directories left out, e.g. the output folder inside `root`.
     """
-    files, problems = [], []
-    skip = set()
+    files, problems, skip = [], [], set()
     for path in exclude:
         try:
             st = os.stat(path)
@@ -91,8 +69,7 @@ def _walk_dir(path, rel, ancestors, skip, files, problems):
         with os.scandir(path) as it:
             entries = sorted(it, key=lambda e: os.fsencode(e.name))
     except OSError as e:
-        # The directory itself is the entry we cannot go through: record it,
-        # since its files cannot be listed one by one.
+        # Recorded as a whole, since its files cannot be listed one by one.
         problems.append(Problem(display(rel or "."), f"unreadable directory: {_reason(e)}"))
         return
     for entry in entries:
@@ -119,7 +96,9 @@ def _walk_dir(path, rel, ancestors, skip, files, problems):
         elif stat.S_ISREG(st.st_mode):
             files.append(File(entry.path, shown))
         else:
-            problems.append(Problem(shown, f"{_kind(st.st_mode)}, not an image file"))
+            kind = next((name for test, name in _SPECIAL_FILES if test(st.st_mode)),
+                        "not a regular file")
+            problems.append(Problem(shown, f"{kind}, not an image file"))
 
 
 def _reason(error):
