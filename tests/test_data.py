@@ -149,3 +149,27 @@ def test_hidden_folders_are_not_classes(tmp_path):
     (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
     source = sources.load(Config(dataset="image_folder", data_dir=str(tmp_path), image_size=32))
     assert source.hierarchy.fine_names == ("crow", "lion", "owl")
+
+
+def test_idx_files_that_are_truncated_or_not_gzip_name_the_file(tmp_path):
+    array = np.zeros((4, 3, 3), np.uint8)
+    whole = tmp_path / "whole-idx3-ubyte.gz"
+    with gzip.open(whole, "wb") as f:
+        f.write(bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 4, 3, 3) + array.tobytes())
+    cut = tmp_path / "cut-idx3-ubyte.gz"
+    cut.write_bytes(whole.read_bytes()[:20])
+    plain = tmp_path / "plain-idx3-ubyte.gz"
+    plain.write_bytes(b"this is not gzip")
+    for path in (cut, plain):
+        with pytest.raises(ValueError, match=str(path)):
+            idx.read_idx(str(path))
+
+
+def test_fashion_mnist_images_and_labels_of_other_counts_are_refused(fashion_dir, tmp_path):
+    for name in os.listdir(fashion_dir):
+        os.symlink(os.path.join(fashion_dir, name), tmp_path / name)
+    os.remove(tmp_path / "train-labels-idx1-ubyte.gz")
+    os.symlink(os.path.join(fashion_dir, "t10k-labels-idx1-ubyte.gz"),
+               tmp_path / "train-labels-idx1-ubyte.gz")
+    with pytest.raises(UserError, match="train-labels-idx1-ubyte.gz do not match"):
+        sources.load(Config(data_dir=str(tmp_path)))

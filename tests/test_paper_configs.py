@@ -115,7 +115,7 @@ def test_untrained_configs_are_a_trained_one_on_other_data(name, monkeypatch):
 
 @pytest.mark.parametrize("name", PAPER_CONFIGS)
 def test_every_paper_config_fails_cleanly_without_data(name, tmp_path, monkeypatch):
-    config = load(name, monkeypatch, tfds_data_dir=str(tmp_path / "empty"), init_from="")
+    config = load(name, monkeypatch, tfds_data_dir=str(tmp_path / "empty"))
     with pytest.raises(UserError, match=f"tfds build {config.dataset} --data_dir=") as e:
         trainer.train_and_evaluate(config, str(tmp_path / "run"))
     assert "\n" not in str(e.value)

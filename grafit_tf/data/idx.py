@@ -15,11 +15,14 @@ def read_idx(path):
     file's shape and element type.
 
     Raises:
-        ValueError: the file is not a well-formed IDX file.
+        ValueError: the file is not a well-formed (or complete) IDX file.
     """
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()  # OSError / EOFError: not gzip, or truncated.
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # Not gzip, or truncated.
+        raise ValueError(f"{path}: {e}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
         raise ValueError(f"{path}: not an IDX file (bad magic number)")
     ndim = data[3]

@@ -95,11 +95,11 @@ def _fashion_mnist(config):
         try:
             images = read_idx(paths[0])[..., None]  # [N, 28, 28, 1]
             fine = read_idx(paths[1]).astype(np.int32)
-        except (OSError, EOFError, ValueError) as e:  # Truncated, not gzip, bad header.
+        except ValueError as e:  # Truncated, not gzip, bad header.
             raise UserError(f"Fashion-MNIST file damaged: {e}; reinstall "
                             "`dataset-fashion-mnist`.") from None
         if images.shape[1:] != (28, 28, 1) or len(images) != len(fine) or fine.max() > 9:
-            raise UserError(f"Fashion-MNIST files of {split} do not match: {images.shape[0]} "
+            raise UserError(f"{paths[0]} and {paths[1]} do not match: {images.shape[0]} "
                             f"images {images.shape[1:3]}, {len(fine)} labels up to "
                             f"{fine.max()}; reinstall `dataset-fashion-mnist`.")
         splits[split] = Split(images=images, fine=fine, coarse=hier.coarse_of(fine))
