@@ -62,6 +62,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+# Run as a script, tests/ is first on the path (as for replicas_worker.py).
+from image_files import png_header_only
+
 try:
     import psutil
 except ImportError:  # /proc is read instead.
@@ -409,18 +412,6 @@ def png_bytes(pixels, **save):
     Image.fromarray(pixels).save(buffer, "PNG", **save)
     return buffer.getvalue()
 
-
-def png_header_only(width, height):
-    """A PNG that claims width x height pixels and holds almost nothing (a bomb)."""
-    import struct
-
-    def chunk(kind, data):
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
 
 
 def picture(rng, h, w, channels=3):
