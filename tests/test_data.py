@@ -73,12 +73,17 @@ def _png(path, value, size=(20, 16), mode="RGB"):
     Image.new(mode, size, value).save(path)
 
 
-def test_image_folder_three_levels(tmp_path):
+def _tree(root):
+    """A 3-level image folder: 2 coarse classes, 3 fine classes, 2 images each."""
     for split in ("train", "test"):
         for coarse, fines in {"birds": ["crow", "owl"], "cats": ["lion"]}.items():
             for fine in fines:
                 for i in range(2):
-                    _png(str(tmp_path / split / coarse / fine / f"{i}.png"), (i, 2, 3))
+                    _png(str(root / split / coarse / fine / f"{i}.png"), (i, 2, 3))
+
+
+def test_image_folder_three_levels(tmp_path):
+    _tree(tmp_path)
     source = sources.load(Config(dataset="image_folder", data_dir=str(tmp_path),
                                  image_size=32))
     assert source.hierarchy.fine_names == ("crow", "lion", "owl")
@@ -102,15 +107,6 @@ def test_image_folder_two_levels_needs_a_map(tmp_path):
 def test_image_folder_missing_split(tmp_path):
     with pytest.raises(UserError, match="train"):
         sources.load(Config(dataset="image_folder", data_dir=str(tmp_path)))
-
-
-def _tree(root):
-    """A 3-level image folder: 2 coarse classes, 3 fine classes, 2 images each."""
-    for split in ("train", "test"):
-        for coarse, fines in {"birds": ["crow", "owl"], "cats": ["lion"]}.items():
-            for fine in fines:
-                for i in range(2):
-                    _png(str(root / split / coarse / fine / f"{i}.png"), (i, 2, 3))
 
 
 def test_image_folder_with_a_corrupt_image_stops_at_once_naming_it(tmp_path):
