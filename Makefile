@@ -83,13 +83,11 @@ bench-coarse-ce-wd: venv data
 	  --override=--weight_decay=0.01 --seeds=3 --workdir=runs/quality_coarse_ce_wd001 \
 	  --name=quality_coarse_ce_wd001_seeds --raw_pixels=false
 
-# Timings, tables epoch_time (one epoch of coarse_ce and of grafit with 2 and 3 views) and
-# replicas (1 vs 2 logical-CPU replicas on 10,240 images): about 15 minutes; run it with
-# nothing else on the cores.
-bench-speed: venv data
-	$(PY) -m bench.epoch_time --config=configs/fashion_mnist.cfg \
-	  --runs=coarse_ce:1,grafit:2,grafit:3
-	$(PY) -m bench.replicas --config=configs/fashion_mnist.cfg --replicas=1,2
+# Speed as ratios measured in turns against a reference (bench/speed.py): the input
+# pipeline, grafit vs coarse_ce steps, oneDNN and bfloat16, kNN vs faiss, serving.
+# About 25 minutes on 2 CPU cores; writes bench/results/speed.json.
+bench-speed: venv
+	$(PY) -m bench.speed
 
 # Serving throughput of the finished run in $(WORKDIR) (make demo first): serve.py over
 # the 10,000 test PNGs and embedding-only onnxruntime vs Keras; writes

@@ -61,14 +61,16 @@ flags.DEFINE_string("providers", "", "onnxruntime execution providers, comma-sep
                     "first (names or aliases: cuda, cpu, tensorrt). Default: CUDA when "
                     "onnxruntime-gpu is installed, else CPU.")
 flags.DEFINE_integer("batch_size", 256, "Images per onnxruntime call.")
-flags.DEFINE_integer("workers", min(4, os.cpu_count() or 1), "Image decoding processes "
-                     "working ahead of inference (0: decode in the main process).")
+flags.DEFINE_integer("workers", None, "Image decoding processes working ahead of inference "
+                     "(0: decode in the main process). Default: 0 below 4 CPUs, else CPUs // 4; "
+                     "on 2 CPUs decoding workers starve onnxruntime (slower overall).")
 flags.DEFINE_enum("knn_backend", "auto", ["auto", "faiss", "numpy"], "Exact inner-product "
                   "search: faiss-cpu (IndexFlatIP), NumPy, or auto (faiss for large galleries).")
 flags.DEFINE_integer("max_image_pixels", images.DEFAULT_MAX_PIXELS, "Decompression-bomb "
                      "limit: images with more pixels (width x height) go to errors.csv "
                      "(default: Pillow's limit).")
-flags.DEFINE_integer("intra_op_threads", 0, "onnxruntime threads per operator (0: its default).")
+flags.DEFINE_integer("intra_op_threads", 0, "onnxruntime threads per operator (0: the CPUs "
+                     "the decoding workers leave, or onnxruntime's default with --workers=0).")
 flags.DEFINE_bool("progress", True, "Show a progress bar with images per second (stderr).")
 flags.DEFINE_bool("allow_failed_parity", False, "Serve a model whose export failed its "
                   "parity check (parity.json beside the model says passed=false).")

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+import grafit_tf  # noqa: E402,F401  Before plot_tsne's keras: TensorFlow's oneDNN setting.
 from bench.runs import ROOT  # noqa: E402
 
 flags.DEFINE_string("workdir", "runs/quality", "Root of bench/quality.py's work directories.")

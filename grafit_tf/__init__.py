@@ -1,7 +1,14 @@
 """grafit-tf: fine-grained image representations learned from coarse labels.
 
-Importing the package is cheap and never imports TensorFlow, so that the
-serving side (`serve.py`, `grafit_tf.knn`, `grafit_tf.serving`) stays light.
+Importing the package is cheap and never imports TensorFlow, so that the serving side
+(`serve.py`, `grafit_tf.knn`, `grafit_tf.serving`) stays light. It turns TensorFlow's
+oneDNN CPU kernels on (every entry point imports grafit_tf before TensorFlow reads the
+setting): a grafit step took 0.6-0.7x the CPU time with them (BENCHMARKS.md, Speed).
+`TF_ENABLE_ONEDNN_OPTS=0` keeps them off.
 """
+
+import os
+
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 __version__ = "0.1.0"

@@ -1,11 +1,13 @@
-"""Data augmentation as pure tensor ops (plus core Keras 3 RandAugment for RGB).
+"""Data augmentation as pure tensor ops (RandAugment: `grafit_tf.rand_augment`).
 
 Every random op is *stateless*, with an explicit `seed` (int32 `[2]`): a pipeline run
 twice with the same `--seed` yields the same views, whatever the parallelism. No
 tensorflow-addons or keras-cv. Images are float32 in 0..255 (the model normalises).
 """
 
-import keras
+import math
+
+import numpy as np
 import tensorflow as tf
 
 
@@ -27,14 +29,16 @@ def random_resized_crop(image, seed, size, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 
     Returns:
         `[size[0], size[1], C]` float32.
     """
-    begin, crop_size = crop_box(image, seed, scale, ratio)
+    begin, crop_size = crop_box(tf.shape(image), seed, scale, ratio)
     return tf.image.resize(tf.slice(image, begin, crop_size), size, method="bilinear")
 
 
-def crop_box(image, seed, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3)):
-    """The box `random_resized_crop` cuts for `seed`: `begin`, `size`, each `[3]` int32."""
+def crop_box(shape, seed, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3)):
+    """The box `random_resized_crop` cuts for `seed` from an image of `shape` `[3]`:
+    `begin`, `size`, each `[3]` int32. Depends on the shape only, so a JPEG's box is
+    known before decoding (`tf.image.extract_jpeg_shape`)."""
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image),
+        shape,
         bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
         seed=seed,
         min_object_covered=0.0,
@@ -74,7 +78,8 @@ def _jitter_draws(seed, strength):
 
 
 def random_gamma(image, seed, strength=0.5):
-    """Random gamma `255 * (x / 255) ** g`, `log g` uniform in `[-strength, strength]`.
+    """Random gamma `255 * (x / 255) ** g`, `log g` uniform in `[-strength, strength]`
+    (`grayscale_small`; `colour` draws the RGB recipe's).
 
     Keeps black and white but, unlike brightness / contrast, moves the mid-tones
     against each other: two views cannot be matched by their histogram alone.
@@ -89,20 +94,54 @@ def random_gamma(image, seed, strength=0.5):
     return 255.0 * tf.pow(x, tf.exp(log_gamma))
 
 
-def color_jitter(image, seed, strength=0.4, hue=0.1):
-    """SimCLR-style colour jitter for RGB `[H, W, 3]` images in 0..255."""
-    image = brightness_contrast(image, seed, strength)
-    x = image / 255.0
-    x = tf.image.stateless_random_saturation(
-        x, max(0.0, 1.0 - strength), 1.0 + strength, fold(seed, 2)
-    )
-    x = tf.image.stateless_random_hue(x, hue, fold(seed, 3))
-    return tf.clip_by_value(x, 0.0, 1.0) * 255.0
+# ITU-R 601 luma; a hue rotation by angle t is `_HUE[0] + cos t _HUE[1] + sin t _HUE[2]`:
+# in YIQ it keeps Y and turns the I-Q plane (torchvision's approximation of HSV's hue).
+_LUMA = np.array([[0.299, 0.587, 0.114]], np.float32)
+_YIQ = np.array([_LUMA[0], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
+_HUE = np.stack([np.linalg.inv(_YIQ) @ np.diag(d) @ _YIQ for d in ([1, 0, 0], [0, 1, 1])]
+                + [np.linalg.inv(_YIQ) @ np.array([[0, 0, 0], [0, 0, -1], [0, 1, 0]]) @ _YIQ])
 
 
-def to_grayscale_rgb(image):
-    """Keeps 3 channels, with the luminance in each."""
-    return tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image))
+def colour(image, seed, strength=0.4, hue=0.1, gamma=0.0):
+    """SimCLR's colour distortion, fused into one affine map of the channels.
+
+    With probability 0.8, brightness, contrast and saturation jitter of `strength`
+    and a hue rotation of up to `hue` turns; then grayscale with probability 0.2;
+    then (`gamma` > 0) `random_gamma` with probability 0.8. Each step but the gamma
+    is linear in the channels and keeps grey grey, so together they are
+    `clip(M x + b)`: one pass instead of five (the HSV round trips cost ~40% of a
+    2-view pipeline). One uniform draw of 8 numbers: here each random op costs
+    more than its arithmetic.
+
+    Args:
+        image: `[H, W, 3]` float32 in 0..255.
+        seed: the view's `[2]` int32 seed (fold 2).
+        strength: jitter strength (0: grayscale only).
+        hue: largest hue rotation, in turns.
+        gamma: strength of the gamma (0: none).
+    """
+    u = tf.unstack(tf.random.stateless_uniform([8], fold(seed, 2)))
+    gray = u[5] < 0.2
+    if strength == 0 and gamma == 0:  # Grayscale only: 4 images in 5 need no pass at all.
+        return tf.cond(gray, lambda: _affine_colour(image, _LUMA.repeat(3, 0), 0.0), lambda: image)
+    jitter = tf.cast(u[0] < 0.8, tf.float32) * strength  # 0: this image keeps its colours.
+    factor, shift = 1.0 + jitter * (2.0 * u[1] - 1.0), jitter * 255.0 * (2.0 * u[2] - 1.0)
+    sat, angle = 1.0 + jitter * (2.0 * u[3] - 1.0), 2.0 * math.pi * hue * (2.0 * u[4] - 1.0)
+    angle *= tf.cast(jitter > 0, tf.float32)
+    turn = _HUE[0] + tf.cos(angle) * _HUE[1] + tf.sin(angle) * _HUE[2]
+    matrix = factor * turn @ (sat * np.eye(3, dtype=np.float32) + (1.0 - sat) * _LUMA.repeat(3, 0))
+    matrix = tf.where(gray, _LUMA.repeat(3, 0) @ matrix, matrix)  # Each row the luma.
+    # Contrast scales about the image's mean, brightness shifts every channel alike.
+    x = _affine_colour(image, matrix, (1.0 - factor) * tf.reduce_mean(image) + shift)
+    if gamma > 0:
+        x = 255.0 * tf.pow(x / 255.0, tf.where(u[6] < 0.8, tf.exp(gamma * (2.0 * u[7] - 1.0)), 1.0))
+    return x
+
+
+def _affine_colour(image, matrix, offset):
+    """`clip(M x + b)` for every pixel x of `[H, W, 3]`; `M` `[3, 3]`, `b` a scalar."""
+    flat = tf.matmul(tf.reshape(image, [-1, 3]), matrix, transpose_b=True) + offset
+    return tf.clip_by_value(tf.reshape(flat, tf.shape(image)), 0.0, 255.0)
 
 
 def grayscale_small(image, seed, crop_scale_min=0.35, jitter=0.4, gamma=0.0):
@@ -129,61 +168,25 @@ def grayscale_small(image, seed, crop_scale_min=0.35, jitter=0.4, gamma=0.0):
 def rgb(image, seed, size, crop_scale_min=0.08, jitter=0.4, gamma=0.0):
     """The recipe for full-size RGB images (before RandAugment).
 
-    Random resized crop (area `crop_scale_min`..1) to `size`, flip,
-    colour jitter of strength `jitter` (p=0.8; 0: none) and grayscale (p=0.2), as
-    in SimCLR / BYOL; then `random_gamma` of strength `gamma` (p=0.8; 0: none).
+    Random resized crop (area `crop_scale_min`..1, fold 0 of `seed`) and
+    `rgb_geometry`, then `colour` of strength `jitter` (SimCLR / BYOL) and `gamma`.
     """
-    x = random_resized_crop(image, fold(seed, 0), size, scale=(crop_scale_min, 1.0))
-    x = random_flip(x, fold(seed, 1))
-    if jitter > 0:
-        x = _maybe(fold(seed, 2), 0.8, lambda t: color_jitter(t, fold(seed, 3), jitter), x)
-    x = _maybe(fold(seed, 4), 0.2, to_grayscale_rgb, x)
-    if gamma > 0:  # Folds 6 and 7: RandAugment takes fold 5 of the view's seed.
-        x = _maybe(fold(seed, 6), 0.8, lambda t: random_gamma(t, fold(seed, 7), gamma), x)
-    return x
+    begin, crop_size = crop_box(tf.shape(image), fold(seed, 0), (crop_scale_min, 1.0))
+    x = rgb_geometry(tf.slice(image, begin, crop_size), seed, size)
+    return colour(x, seed, jitter, gamma=gamma)
 
 
-def make_rand_augment(seed):
-    """Core Keras 3 RandAugment for 0..255 images, driven by per-image stateless seeds.
-
-    Keras's layer draws from a stateful `SeedGenerator`: in a parallel `tf.data` map
-    the draws would follow thread scheduling, and a resumed run could not replay them.
-    Here every draw of the layer and its sub-layers comes from the image's seed.
+def rgb_geometry(crop, seed, size):
+    """A crop resized to `size` and flipped (fold 1 of `seed`) with probability 1/2.
 
     Args:
-        seed: the run's `--seed` (kept in the layer's config only).
+        crop: `[h, w, 3]` uint8 or float32 in 0..255 (a decoded JPEG window).
 
     Returns:
-        `fn(image [H, W, 3] float32 0..255, seed [2] int32) -> [H, W, 3]`.
+        `[size[0], size[1], 3]` float32.
     """
-    layer = keras.layers.RandAugment(value_range=(0, 255), num_ops=2, factor=0.5, seed=seed)
-    seeds = PerImageSeeds(seed)
-    layer.generator = seeds
-    for name in layer._AUGMENT_LAYERS:  # Its sub-layers (shear, rotation, ...) too.
-        getattr(layer, name).generator = seeds
-
-    def apply(image, image_seed):
-        seeds.start(image_seed)
-        return layer(image, training=True)
-
-    return apply
-
-
-class PerImageSeeds(keras.random.SeedGenerator):
-    """A `SeedGenerator` whose draws are folds of one per-image seed tensor.
-
-    Keras's TF random ops are stateless, fed by `generator.next()`: here the k-th draw
-    of a trace is `fold(image_seed, k)`. The map function is traced once, so `start`
-    binds the symbolic seed of the element being mapped.
-    """
-
-    def start(self, image_seed):
-        self.image_seed, self.draws = image_seed, 0
-
-    def next(self, ordered=True):
-        del ordered
-        self.draws += 1
-        return fold(self.image_seed, self.draws)
+    x = tf.image.resize(crop, size, method="bilinear")  # float32 from any dtype.
+    return random_flip(x, fold(seed, 1))
 
 
 def resize_center_crop(image, size, crop_fraction=0.875):

@@ -62,8 +62,8 @@ class Config:
                                           "p=0.8 (0: none).", low=0.0, high=1.0)
     gamma_jitter: float = setting(0.0, "Random gamma 255 * (x / 255) ** g, log g in [-S, S], "
                                        "p=0.8 (0: off; not in the paper).", low=0.0, high=2.0)
-    rand_augment: bool = setting(False, "Add Keras RandAugment (2 ops, factor 0.5) to the rgb "
-                                        "recipe, as the paper does for full-size images.")
+    rand_augment: bool = setting(False, "Add RandAugment (torchvision's: 2 ops, magnitude 9) to "
+                                        "the rgb recipe, as the paper does for full-size images.")
     num_views: int = setting(2, "Augmented views per image per step (>= 2, except for the "
                                 "cross-entropy methods).", low=1, high=16)
 

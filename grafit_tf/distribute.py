@@ -112,12 +112,8 @@ def multi_worker_strategy(timeout):
 def is_chief(strategy):
     """Whether this process writes files: the chief, or worker 0 without a chief."""
     resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None:
-        return True
-    spec = resolver.cluster_spec().as_dict()
-    if not spec:
-        return True
-    if resolver.task_type == "chief":
+    spec = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    if not spec or resolver.task_type == "chief":
         return True
     return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in spec
 
@@ -128,13 +124,18 @@ def num_replicas():
 
 
 def all_gather(tensor):
-    """Concatenates `tensor` `[b, ...]` from every replica: `[b * replicas, ...]`.
+    """`tensor` `[b, ...]` of every replica, in replica order: `[b * replicas, ...]`, the
+    same on every replica, so each applies the same memory update (the memory holds *all*
+    of the global batch). In replica context (`train_step`); one replica: the identity."""
+    return cross_replica_concat(tensor)[0]
 
-    In replica context (`train_step`). Every replica gets the same result, in replica
-    order, so each applies the same memory update: the memory holds *all* of the
-    global batch, not just the replica's share. One replica: the identity.
-    """
+
+def cross_replica_concat(tensor, axis=0):
+    """`tensor` of every replica concatenated along `axis`, and where this replica's part
+    starts in it (as SimCLR's `tpu_cross_replica_concat`): the keys of a contrastive loss
+    with the global batch's negatives. One replica: `(tensor, 0)`."""
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
-        return tensor
-    return context.all_gather(tensor, axis=0)
+        return tensor, 0
+    return (context.all_gather(tensor, axis=axis),
+            context.replica_id_in_sync_group * tf.shape(tensor)[axis])

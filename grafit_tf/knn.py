@@ -8,9 +8,11 @@ when installed: the same neighbours, multi-threaded, a heap instead of a partiti
 
 import numpy as np
 
-# Query x gallery products above which `search` uses faiss (backend "auto").
-# Below it NumPy is as fast, and its results are the reference.
-FAISS_MIN_PRODUCTS = 2_000_000_000
+# Query x gallery products from which `search` uses faiss (backend "auto"): a
+# 20k-image self-search, where NumPy's blocks of CHUNK_PRODUCTS (12 bytes each:
+# float32 scores, int64 partition; smaller slow the product) reach twice faiss's
+# memory (BENCHMARKS.md). Below it NumPy is as fast, and its results are the reference.
+FAISS_MIN_PRODUCTS, CHUNK_PRODUCTS = 400_000_000, 2**24
 
 
 def search(queries, gallery, k, chunk=1024, exclude_self=False, backend="auto"):
@@ -20,7 +22,7 @@ def search(queries, gallery, k, chunk=1024, exclude_self=False, backend="auto"):
         queries: `[Q, D]` float32, L2-normalised.
         gallery: `[G, D]` float32, L2-normalised.
         k: neighbours per query (at most G, or G - 1 with `exclude_self`).
-        chunk: queries per block.
+        chunk: queries per block (at most `CHUNK_PRODUCTS / G` with NumPy).
         exclude_self: queries *are* the gallery (same order): query i never gets item i.
         backend: "numpy", "faiss" (exact inner-product index), or "auto"
             (faiss for searches of at least `FAISS_MIN_PRODUCTS` products).
@@ -41,13 +43,15 @@ def search(queries, gallery, k, chunk=1024, exclude_self=False, backend="auto"):
         return _faiss_search(queries, gallery, k, chunk * 16, exclude_self)
     sims = np.empty((len(queries), k), np.float32)
     idx = np.empty((len(queries), k), np.int64)
+    chunk = max(1, min(chunk, CHUNK_PRODUCTS // len(gallery)))
     for start in range(0, len(queries), chunk):
         block = queries[start:start + chunk] @ gallery.T  # [c, G]
         if exclude_self:
             rows = np.arange(len(block))
             block[rows, start + rows] = -np.inf
-        top = np.argpartition(-block, k - 1, axis=1)[:, :k]
-        top_sims = np.take_along_axis(block, top, axis=1)
+        np.negative(block, out=block)  # In place; `top` copied, freeing the partition.
+        top = np.argpartition(block, k - 1, axis=1)[:, :k].copy()
+        top_sims = -np.take_along_axis(block, top, axis=1)
         order = np.argsort(-top_sims, axis=1, kind="stable")
         idx[start:start + len(block)] = np.take_along_axis(top, order, axis=1)
         sims[start:start + len(block)] = np.take_along_axis(top_sims, order, axis=1)

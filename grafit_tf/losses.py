@@ -10,7 +10,7 @@ import tensorflow as tf
 _NEG_INF = -1e9  # Finite, so that masked rows never produce NaN gradients.
 
 
-def nca_loss(queries, query_labels, memory, memory_labels, tau, exclude=None):
+def nca_loss(queries, query_labels, memory, memory_labels, tau, exclude=None, count_mean=None):
     """Neighbourhood-components (soft kNN classifier) loss against a memory.
 
     For query i with label y_i:
@@ -30,6 +30,8 @@ def nca_loss(queries, query_labels, memory, memory_labels, tau, exclude=None):
         tau: temperature.
         exclude: optional `[B]` int, the memory slot that holds each query's
             own image (removed from the candidates), or -1 for none.
+        count_mean: optional `fn(count) -> its mean over replicas` for the count of queries
+            with a positive: the replicas' losses then add up to the global batch's mean.
 
     Returns:
         Scalar: the mean of L_i over the queries that have at least one positive
@@ -66,7 +68,7 @@ def nca_loss(queries, query_labels, memory, memory_labels, tau, exclude=None):
     per_query = tf.where(has_positive, tf.math.log(safe_total) - tf.math.log(safe),
                          tf.zeros_like(total))
     count = tf.reduce_sum(tf.cast(has_positive, per_query.dtype))
-    return tf.reduce_sum(per_query) / tf.maximum(count, 1.0)
+    return tf.math.divide_no_nan(tf.reduce_sum(per_query), (count_mean or tf.identity)(count))
 
 
 def byol_loss(predictions, targets):
@@ -82,24 +84,25 @@ def byol_loss(predictions, targets):
     return tf.reduce_mean(2.0 - 2.0 * tf.reduce_sum(p * t, axis=1))
 
 
-def info_nce_loss(queries, keys, tau):
-    """InfoNCE: query i's positive is key i; the other keys of the batch are negatives.
+def info_nce_loss(queries, keys, tau, offset=0):
+    """InfoNCE: query i's positive is key `offset + i`; every other key is a negative.
 
-        L_i = -log exp(q_i . k_i / tau) / sum_j exp(q_i . k_j / tau)
+        L_i = -log exp(q_i . k_{offset+i} / tau) / sum_j exp(q_i . k_j / tau)
 
     Args:
         queries: `[B, D]` L2-normalised.
-        keys: `[B, D]` L2-normalised embeddings of other views (no gradient).
+        keys: `[K, D]` L2-normalised embeddings of other views (no gradient), K >= offset + B.
         tau: temperature.
+        offset: the row of query 0's positive (int or int32 scalar). Under `tf.distribute`:
+            the global batch's keys and this replica's offset (`cross_replica_concat`).
 
     Returns:
-        Scalar: the mean of L_i over the batch.
+        Scalar: the mean of L_i over the queries.
     """
-    logits = tf.matmul(queries, tf.stop_gradient(keys), transpose_b=True) / tau  # [B, B]
-    own = tf.range(tf.shape(queries)[0])
+    logits = tf.matmul(queries, tf.stop_gradient(keys), transpose_b=True) / tau  # [B, K]
+    positive = tf.range(tf.shape(queries)[0]) + offset
     return tf.reduce_mean(
-        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=own, logits=logits)
-    )
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=positive, logits=logits))
 
 
 def cross_entropy(logits, labels, label_smoothing=0.0):
@@ -114,12 +117,9 @@ def cross_entropy(logits, labels, label_smoothing=0.0):
     num_classes = tf.shape(logits)[1]
     onehot = tf.one_hot(labels, num_classes)
     if label_smoothing:
-        onehot = onehot * (1.0 - label_smoothing) + label_smoothing / tf.cast(
-            num_classes, tf.float32
-        )
-    return tf.reduce_mean(
-        tf.nn.softmax_cross_entropy_with_logits(labels=onehot, logits=logits)
-    )
+        uniform = label_smoothing / tf.cast(num_classes, tf.float32)
+        onehot = onehot * (1.0 - label_smoothing) + uniform
+    return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=onehot, logits=logits))
 
 
 def queue_contrastive_loss(queries, keys, labels, queue, queue_labels, tau, weight=0.5):

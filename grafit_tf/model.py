@@ -10,7 +10,7 @@ import keras
 import tensorflow as tf
 
 from grafit_tf import losses
-from grafit_tf.distribute import num_replicas
+from grafit_tf.distribute import all_gather, cross_replica_concat, num_replicas
 
 # w in w * L_sup + (1 - w) * L_self of grafit_maskcon: MaskCon's value.
 MASKCON_WEIGHT = 0.5
@@ -90,14 +90,10 @@ class GrafitModel(keras.Model):
                  predictor=None, target_backbone=None, target_projector=None,
                  classifier=None, **kwargs):
         super().__init__(**kwargs)
-        self.backbone = backbone
-        self.objective = objective
-        self.knn_head = knn_head
-        self.memory = memory
-        self.projector = projector
-        self.predictor = predictor
-        self.target_backbone = target_backbone
-        self.target_projector = target_projector
+        # In this order: Keras tracks the parts, and so orders the weights, as assigned.
+        self.backbone, self.objective, self.knn_head = backbone, objective, knn_head
+        self.memory, self.projector, self.predictor = memory, projector, predictor
+        self.target_backbone, self.target_projector = target_backbone, target_projector
         self.classifier = classifier
         self.image_shape = tuple(backbone.input_shape[1:])
         self.trackers = {
@@ -187,16 +183,20 @@ class GrafitModel(keras.Model):
             queries = tf.reshape(out["knn"], [-1, out["knn"].shape[-1]])
             terms["nca_loss"] = losses.nca_loss(
                 queries, tf.tile(labels, [v]), self.memory.embeddings, self.memory.labels,
-                obj.tau, exclude=tf.tile(self.memory.exclusion(indices), [v]))
+                obj.tau, exclude=tf.tile(self.memory.exclusion(indices), [v]),
+                # Over the mean count of every replica: the replicas add up to one device.
+                count_mean=lambda count: tf.reduce_mean(all_gather(count[None])))
         if obj.instance:
+            target, instance = out["target"], losses.byol_loss
             if obj.instance_loss == "infonce":
+                # Negatives from every replica's targets, as on one device (no gradient).
+                target, offset = cross_replica_concat(target, axis=1)
+
                 def instance(p, t):
-                    return losses.info_nce_loss(tf.math.l2_normalize(p, -1),
-                                                tf.math.l2_normalize(t, -1), obj.instance_tau)
-            else:
-                instance = losses.byol_loss
+                    p, t = tf.math.l2_normalize(p, -1), tf.math.l2_normalize(t, -1)
+                    return losses.info_nce_loss(p, t, obj.instance_tau, offset)
             terms["instance_loss"] = obj.instance_weight * _over_view_pairs(
-                out["pred"], out["target"], instance)
+                out["pred"], target, instance)
         if obj.cross_entropy:
             v = out["logits"].shape[0]
             terms["ce_loss"] = losses.cross_entropy(
@@ -227,8 +227,7 @@ class GrafitModel(keras.Model):
 
     def ema_decay(self):
         """BYOL's schedule: base decay at step 0, cosine up to 1 at the end. MoCo
-        (grafit_maskcon) keeps the base decay: its key encoder follows to the last step.
-        """
+        (grafit_maskcon) keeps the base decay: its key encoder follows to the last step."""
         base = self.objective.ema_decay
         if self.objective.maskcon:
             return tf.constant(base, tf.float32)
@@ -240,8 +239,7 @@ class GrafitModel(keras.Model):
 
 def _log_value(value):
     """A metric for Keras's logs. Under MultiWorkerMirroredStrategy Keras reduces each
-    with `strategy.reduce("MEAN", v, axis=0)`, which needs a batch axis (Keras 3.15).
-    """
+    with `strategy.reduce("MEAN", v, axis=0)`, which needs a batch axis (Keras 3.15)."""
     if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
         return tf.reshape(value, [1])
     return value
@@ -264,8 +262,8 @@ def _over_view_pairs(pred, target, loss_fn):
 
     Args:
         pred: `[V, b, P]` online predictions.
-        target: `[V, b, P]` target projections.
-        loss_fn: `(pred [b, P], target [b, P]) -> scalar`.
+        target: `[V, K, P]` target projections (K = b, or the global batch's).
+        loss_fn: `(pred [b, P], target [K, P]) -> scalar`.
     """
     v = pred.shape[0]
     pairs = [(pred[i], target[j]) for i in range(v) for j in range(v) if i != j]

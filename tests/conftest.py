@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+import grafit_tf  # noqa: F401  Before any test module imports TensorFlow: oneDNN on.
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FASHION_DIR = os.environ.get("GRAFIT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")

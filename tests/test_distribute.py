@@ -12,29 +12,44 @@ import pytest
 
 from tests.conftest import REPO
 
-# One method per mechanism that replicas must agree on: the kNN memory and the instance
-# loss (grafit), the cross-entropy head (coarse_ce; fine_ce is it with other labels),
-# the queue and key encoder (grafit_maskcon), synchronised batch norm (grafit+bn).
-# `instance` is grafit's instance loss alone; each method costs the suite 15-20 s.
-METHODS = ["grafit", "coarse_ce", "grafit_maskcon", "grafit+bn"]
+# The default recipe (InfoNCE over 3 views against the global batch's keys, a queue
+# memory whose counts of queries with a positive differ between replicas, lambda_inst
+# 0.5, synchronised batch norm) and every other method, without batch norm: grafit
+# (BYOL, full memory), the cross-entropy heads, the instance loss alone, and
+# grafit_maskcon (queue and key encoder).
+VARIANTS = ["default", "grafit", "coarse_ce", "instance", "fine_ce", "grafit_maskcon"]
+REPLICAS = [2, 4]
 
 
-# Four replicas, not also two: the gathering order over more than two shards is the
-# harder case, and each replica count costs the suite about a minute.
-@pytest.mark.parametrize("replicas", [4])
-def test_one_step_matches_single_device(replicas):
-    proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tests", "replicas_worker.py"), str(replicas),
-         *METHODS],
-        capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    for method in METHODS:
-        r = results[method]
-        assert r["weights_changed"] > 1e-3, (method, r)  # The step did something.
-        assert abs(r["loss_one"] - r["loss_mirrored"]) <= 1e-5 * max(1.0, r["loss_one"]), r
-        assert r["weight_diff"] <= 1e-5, (method, r)
-        if method.startswith("grafit"):  # Memory (grafit) or queue (grafit_maskcon).
+@pytest.fixture(scope="module")
+def results():
+    """`{replicas: the worker's JSON}`. The workers run side by side (each is mostly one
+    thread of tracing): about 110 s of CPU between them."""
+    procs = {n: subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tests", "replicas_worker.py"), str(n), *VARIANTS],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) for n in REPLICAS}
+    out = {}
+    try:
+        for n, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=600)
+            assert proc.returncode == 0, stderr[-3000:]
+            out[n] = json.loads(stdout.strip().splitlines()[-1])
+    finally:
+        for proc in procs.values():
+            proc.kill()
+    return out
+
+
+# Two replicas and four: the gathering order over more than two shards is the harder case.
+@pytest.mark.parametrize("replicas", REPLICAS)
+def test_one_step_matches_single_device(results, replicas):
+    for variant in VARIANTS:
+        r = results[replicas][variant]
+        assert r["weights_changed"] > 1e-3, (variant, r)  # The step did something.
+        assert abs(r["loss_one"] - r["loss_mirrored"]) <= 1e-5 * max(1.0, r["loss_one"]), (
+            variant, r)
+        assert r["weight_diff"] <= 1e-5, (variant, r)
+        if variant.startswith("grafit") or variant == "default":  # Memory or queue.
             # Every replica holds the same, complete memory as the single device.
-            assert r["memory_copies"] == replicas, r
-            assert r["memory_diff"] <= 1e-5, r
+            assert r["memory_copies"] == replicas, (variant, r)
+            assert r["memory_diff"] <= 1e-5, (variant, r)

@@ -38,3 +38,20 @@ def test_weighted_vote():
     np.testing.assert_allclose(scores[0], np.array([w[0], w[1] + w[2], 0]) / w.sum(), rtol=1e-5)
     np.testing.assert_array_equal(pred, [0, 2])
     np.testing.assert_allclose(scores.sum(1), 1.0, rtol=1e-6)
+
+
+def test_numpy_search_holds_one_block_of_temporaries(monkeypatch):
+    """At most `CHUNK_PRODUCTS` scores (float32) and partition indices (int64) at a time:
+    12 bytes a product, the block's partition freed before the next block."""
+    import tracemalloc
+
+    monkeypatch.setattr(knn, "CHUNK_PRODUCTS", 200_000)
+    g = unit(np.random.default_rng(2).normal(size=(20_000, 8)))
+    tracemalloc.start()
+    try:
+        sims, idx = knn.search(g[:400], g, 5, backend="numpy")  # Blocks of 10 queries.
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= 14 * knn.CHUNK_PRODUCTS, peak
+    np.testing.assert_array_equal(idx, np.argsort(-(g[:400] @ g.T), axis=1)[:, :5])

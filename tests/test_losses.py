@@ -72,6 +72,22 @@ def test_nca_skips_queries_without_positive(rng):
     assert losses.nca_loss(q, np.array([7, 7, 7]), m, my, 0.2).numpy() == 0.0
 
 
+def test_nca_count_mean_makes_replicas_add_up_to_the_global_mean(rng):
+    # Two replicas whose queries with a positive number 1 and 3 (label 5 has none): with
+    # their mean count, 2 (what GrafitModel gathers), as the divisor, the mean of their
+    # losses is the loss of one device on all 6 queries.
+    q = _unit(rng.normal(size=(6, 4))).astype(np.float32)
+    m = _unit(rng.normal(size=(8, 4))).astype(np.float32)
+    y, my = np.array([5, 0, 5, 1, 0, 1]), np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    halves = [losses.nca_loss(q[s], y[s], m, my, 0.2, count_mean=lambda c: tf.constant(2.0))
+              for s in (slice(0, 3), slice(3, 6))]
+    np.testing.assert_allclose(np.mean(halves), nca_reference(q, y, m, my, 0.2, [-1] * 6),
+                               rtol=1e-5)
+    # A replica without a positive adds 0, though others have some.
+    assert losses.nca_loss(q[:1], y[:1], m, my, 0.2,
+                           count_mean=lambda c: tf.constant(1.0)).numpy() == 0.0
+
+
 def test_nca_gradient_is_zero_not_nan_when_no_slot_is_labelled(rng):
     # An empty queue (every slot labelled -1): the loss is 0 and so is its gradient.
     # Before the fix, 0 * d log(total) with total = 0 gave NaN and poisoned the trunk.
@@ -131,12 +147,12 @@ def test_byol_is_zero_for_aligned_views(rng):
     assert abs(losses.byol_loss(p, 3.0 * p).numpy()) < 1e-6
 
 
-def info_nce_reference(q, k, tau):
-    """Query by query: -log exp(q_i . k_i / tau) / sum_j exp(q_i . k_j / tau)."""
+def info_nce_reference(q, k, tau, offset=0):
+    """Query by query: -log exp(q_i . k_{offset+i} / tau) / sum_j exp(q_i . k_j / tau)."""
     out = []
     for i in range(len(q)):
         logits = k @ q[i] / tau
-        out.append(-(logits[i] - np.log(np.exp(logits).sum())))
+        out.append(-(logits[offset + i] - np.log(np.exp(logits).sum())))
     return np.mean(out)
 
 
@@ -152,6 +168,25 @@ def test_info_nce_matches_reference_and_gradient(rng):
     assert gk is None  # The keys are the EMA target's: no gradient.
     np.testing.assert_allclose(gq.numpy(), numeric_grad(lambda a: info_nce_reference(a, k, 0.2),
                                                         q, eps=1e-6), atol=1e-6)
+
+
+def test_info_nce_with_the_keys_of_the_global_batch(rng):
+    # Two replicas of 3 queries, each against all 6 keys (cross_replica_concat), the
+    # positive of replica r's query i at 3 r + i: the mean of their losses is the loss
+    # of one device on the 6.
+    q = _unit(rng.normal(size=(6, 4)))
+    k = _unit(rng.normal(size=(6, 4)))
+    second = losses.info_nce_loss(q[3:], k, 0.2, offset=tf.constant(3)).numpy()
+    np.testing.assert_allclose(second, info_nce_reference(q[3:], k, 0.2, offset=3), rtol=1e-6)
+    first = losses.info_nce_loss(q[:3], k, 0.2).numpy()
+    np.testing.assert_allclose((first + second) / 2, info_nce_reference(q, k, 0.2), rtol=1e-6)
+    qv = tf.Variable(q[3:])
+    with tf.GradientTape() as tape:
+        loss = losses.info_nce_loss(qv, k, 0.2, offset=3)
+    np.testing.assert_allclose(
+        tape.gradient(loss, qv).numpy(),
+        numeric_grad(lambda a: info_nce_reference(a, k, 0.2, offset=3), q[3:], eps=1e-6),
+        atol=1e-6)
 
 
 def test_info_nce_is_low_for_matching_keys(rng):

@@ -7,6 +7,7 @@ import tensorflow as tf
 from grafit_tf import augment
 from grafit_tf.config import Config
 from grafit_tf.data import hierarchy, pipeline, types
+from grafit_tf.rand_augment import rand_augment
 
 
 def make_source(n=40, size=10):
@@ -112,24 +113,89 @@ def test_view_recipe_follows_the_image_shape():
     rng = np.random.default_rng(2)
     for shape in [(10, 10, 1), (64, 48, 1), (96, 80, 1), (16, 20, 3), (80, 80, 3)]:
         x = tf.constant(rng.uniform(0, 255, shape), tf.float32)
-        view = pipeline.view_fn(config, shape)
         for i in range(4):
             seed = tf.constant([i, 9])
             if shape[-1] == 1:
+                got = pipeline.view_fn(config)(x, seed)
                 want = augment.grayscale_small(x, seed, 0.6, 0.3, 0.5)
             else:
+                got = pipeline.rgb_views(config, shape[:2], [seed], image=x)[0]
                 want = augment.rgb(x, seed, shape[:2], 0.6, 0.3, 0.5)
-            np.testing.assert_array_equal(view(x, seed), want)
-            assert view(x, seed).shape == shape
+            np.testing.assert_array_equal(got, want)
+            assert got.shape == shape
 
 
 def test_rand_augment_comes_after_the_rgb_recipe():
     config = CONFIG.replace(rand_augment=True)
     x = tf.constant(np.random.default_rng(3).uniform(0, 255, (16, 16, 3)), tf.float32)
-    view = pipeline.view_fn(config, (16, 16, 3))
-    rand_augment = augment.make_rand_augment(config.seed)
     for i in range(4):
         seed = tf.constant([i, 1])
         want = rand_augment(augment.rgb(x, seed, (16, 16), config.crop_scale_min,
                                         config.jitter_strength), augment.fold(seed, 5))
-        np.testing.assert_array_equal(view(x, seed), want)
+        np.testing.assert_array_equal(
+            pipeline.rgb_views(config, (16, 16), [seed], image=x)[0], want)
+
+
+def test_crop_windows_decode_what_the_whole_image_gives():
+    """A JPEG's windows, decoded alone, are the windows of the decoded image (libjpeg
+    upsamples the colour of a window's edge pixels from fewer neighbours); other
+    formats are cut from the decoded image exactly."""
+    rng = np.random.default_rng(4)
+    y, x = np.mgrid[0:75, 0:100]
+    pixels = np.clip(np.stack([127 + 100 * np.sin(x / 7 + c + y / 11) for c in range(3)], -1)
+                     + rng.normal(0, 5, (75, 100, 3)), 0, 255).astype(np.uint8)
+    seeds = [tf.constant([s, 2]) for s in range(6)]
+    for data in (tf.io.encode_jpeg(pixels, quality=95), tf.io.encode_png(pixels)):
+        whole = tf.io.decode_image(data, channels=3).numpy().astype(np.float32)
+        for seed, window in zip(seeds, pipeline.crop_windows(data, seeds, (0.08, 1.0))):
+            begin, size = augment.crop_box(tf.constant([75, 100, 3]), augment.fold(seed, 0),
+                                           (0.08, 1.0))
+            want = whole[begin[0]:begin[0] + size[0], begin[1]:begin[1] + size[1]]
+            assert window.dtype == tf.uint8 and window.shape == want.shape
+            diff = np.abs(window.numpy().astype(np.float32) - want)
+            if tf.io.is_jpeg(data):
+                assert diff.mean() < 0.5 and diff[2:-2, 2:-2].max() <= 2
+            else:
+                np.testing.assert_array_equal(diff, 0)
+
+
+def test_files_and_decoded_images_give_the_same_views(tmp_path):
+    """RGB files go through the crop windows; the same images held in memory through
+    the decoded path: the views agree (PNG: exactly)."""
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (8, 30, 40, 3), dtype=np.uint8)
+    paths = []
+    for i, im in enumerate(images):
+        paths.append(str(tmp_path / f"{i}.png"))
+        tf.io.write_file(paths[-1], tf.io.encode_png(im))
+    labels = np.zeros(8, np.int32)
+    hier = hierarchy.from_mapping(["a"], {"a": "x"})
+    make = lambda split: types.Source("t", split, split, hier, (24, 24, 3), (0.0,) * 3,  # noqa
+                                      (1.0,) * 3, resize="resize_center_crop")
+    config = CONFIG.replace(batch_size=4, epochs=1, crop_scale_min=0.3)
+    files = batches(pipeline.train_dataset_fn(make(types.Split(
+        paths=np.asarray(paths), fine=labels, coarse=labels)), config))
+    memory = batches(pipeline.train_dataset_fn(make(types.Split(
+        images=images, fine=labels, coarse=labels)), config))
+    for a, b in zip(files, memory):
+        np.testing.assert_array_equal(a["index"], b["index"])
+        np.testing.assert_array_equal(a["views"], b["views"])
+
+
+def test_eval_decode_of_other_formats_is_unchanged():
+    """`decode_for_eval` == `decode` for PNG, GIF and BMP, even large ones (no DCT scaling;
+    JPEGs: tests/test_serving_images.py)."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    source = types.Source("t", None, None, None, (32, 32, 3), (0.0,), (1.0,),
+                          resize="resize_center_crop")
+    for fmt, (h, w) in (("PNG", (600, 500)), ("GIF", (400, 300)), ("BMP", (320, 300))):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(buffer, fmt)
+        data = tf.constant(buffer.getvalue())
+        got = pipeline.decode_for_eval(data, source).numpy()
+        assert got.shape == (h, w, 3), fmt
+        np.testing.assert_array_equal(got, pipeline.decode(data, 3).numpy())

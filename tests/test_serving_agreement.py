@@ -88,3 +88,19 @@ def test_rgb_resize_center_crop_agrees_with_training_pipeline(rgb_export, rgb_wo
     assert source.resize == "resize_center_crop" and source.image_shape == (32, 32, 3)
     _assert_agree(embeddings, _pipeline_embeddings(rgb_workdir, source, paths,
                                                    rgb_export["embedding_transform"]))
+
+
+def test_full_size_jpegs_agree_with_training_pipeline(rgb_export, rgb_workdir, tmp_path):
+    """Photos that both sides decode at DCT scale 1, 1/2, 1/4 and 1/8 (Pillow's draft,
+    `decode_jpeg`'s ratio), through `pipeline.eval_dataset`'s image-file path."""
+    rng = np.random.default_rng(11)
+    folder = tmp_path / "jpegs"
+    folder.mkdir()
+    sizes = [(60, 80), (100, 133), (200, 260), (375, 500), (1200, 1600), (1600, 1200)]
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rgb_picture(rng, h, w)).save(folder / f"{i}.jpg", quality=90)
+    served, embeddings = _serve(rgb_export["onnx"], str(folder), str(tmp_path / "out"))
+    assert len(served) == len(sizes)
+    paths = [str(folder / p) for p in served]
+    _assert_agree(embeddings, _pipeline_embeddings(rgb_workdir, _source_of(rgb_workdir), paths,
+                                                   rgb_export["embedding_transform"]))

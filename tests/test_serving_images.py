@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from grafit_tf.serving import images
-from tests.image_files import png_header_only
+from tests.image_files import png_header_only, rgb_picture
 
 
 def _tf():
@@ -108,3 +108,31 @@ def test_other_size_is_resized_bilinearly(tmp_path):
     got = images.load(path, images.Spec((28, 28, 1)))
     want = tf.image.resize(pixels[..., None].astype(np.float32), (28, 28)).numpy()
     np.testing.assert_array_equal(got, np.clip(np.rint(want), 0, 255).astype(np.uint8))
+
+
+def test_jpegs_decode_at_the_scale_evaluation_decodes_them_at(tmp_path):
+    """Pillow's draft (serving) and `decode_jpeg`'s ratio (`pipeline.decode_for_eval`) pick
+    the same DCT scale, 1/1 to 1/8 here, and the two preprocessings then agree."""
+    tf = _tf()
+    from grafit_tf.data import pipeline, types
+
+    rng = np.random.default_rng(5)
+    sizes = [(60, 80), (100, 133), (200, 260), (375, 500), (1200, 1600)]
+    paths = [_save(tmp_path / f"{i}.jpg", Image.fromarray(rgb_picture(rng, h, w)), quality=90)
+             for i, (h, w) in enumerate(sizes)]
+    zeros = np.zeros(len(paths), np.int32)
+    split = types.Split(paths=np.asarray(paths), fine=zeros, coarse=zeros)
+    for shape, method, scales in (((32, 32, 3), "resize_center_crop", [1, 2, 4, 8, 8]),
+                                  ((40, 48, 1), "none", [1, 2, 4, 8, 8])):
+        source = types.Source("t", split, split, None, shape, (0.0,), (1.0,), resize=method,
+                              eval_resize="" if method != "none" else "resize")
+        for path, (h, w), scale in zip(paths, sizes, scales):
+            pil = images.decode(path, spec=images.Spec(shape, method))
+            decoded = pipeline.decode_for_eval(tf.io.read_file(path), source)
+            assert pil.size == (-(-w // scale), -(-h // scale)), (path, method)
+            assert tuple(decoded.shape) == (pil.size[1], pil.size[0], shape[-1])
+        want = np.concatenate([b.numpy() for b in pipeline.eval_dataset(split, source)])
+        got = np.stack([images.load(p, images.Spec(shape, method)) for p in paths])
+        # Serving's rounding to uint8, and for grey libjpeg's luma against Pillow's: a
+        # full-size decode against a 1/8 one would differ by tens of levels.
+        assert np.abs(got - want).max() <= (0.5 if shape[-1] == 3 else 3), shape

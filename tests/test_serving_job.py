@@ -31,3 +31,17 @@ def test_rerun_replaces_outputs_and_skips_its_own_folder(tiny_export, fashion_pn
     assert second["embedded"] == 30 and second["errors"] == 0
     assert not (out / "predictions.csv").exists(), "stale predictions of the earlier run"
     assert not (out / "gallery_errors.csv").exists()
+
+
+def test_thread_split_leaves_small_machines_to_onnxruntime(tiny_export, fashion_pngs, tmp_path,
+                                                           monkeypatch):
+    # (workers, cpus) -> (workers, intra-op threads); 0 threads: onnxruntime's default.
+    for args, want in (((None, 1), (0, 0)), ((None, 2), (0, 0)), ((None, 3), (0, 0)),
+                       ((None, 4), (1, 3)), ((None, 16), (4, 12)), ((2, 2), (2, 1)),
+                       ((0, 16), (0, 0)), ((3, 8), (3, 5))):
+        assert job.thread_split(*args) == want, args
+    monkeypatch.setattr(job.os, "cpu_count", lambda: 2)
+    summary = job.run(job.ServeOptions(model=tiny_export["onnx"], images=fashion_pngs["queries"],
+                                       output=str(tmp_path / "out"), progress=False),
+                      log=lambda *a: None)
+    assert summary["workers"] == 0 and summary["embedded"] == 30

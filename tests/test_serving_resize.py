@@ -36,14 +36,19 @@ def test_resize_center_crop_matches_augment():
         size = tuple(int(v) for v in rng.integers(8, 64, 2))
         x = rng.integers(0, 256, (h, w, 3)).astype(np.float32)
         want = augment.resize_center_crop(tf.constant(x), size).numpy()
-        got = resize.resize_center_crop(x, size)
+        got = resize.to_model_size(x.astype(np.uint8), size, "resize_center_crop")
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
-def test_crop_or_pad_matches_tf():
+def test_bilinear_crop_is_the_centre_of_the_whole_resize():
     tf = _tf()
-    x = np.arange(5 * 8 * 2, dtype=np.float32).reshape(5, 8, 2)
-    for th, tw in ((3, 3), (9, 4), (5, 11), (2, 8)):
-        want = tf.image.resize_with_crop_or_pad(x, th, tw).numpy()
-        np.testing.assert_array_equal(resize.crop_or_pad(x, th, tw), want)
+    rng = np.random.default_rng(2)
+    for _ in range(30):
+        h, w, oh, ow = (int(v) for v in rng.integers(1, 90, 4))
+        ch, cw = int(rng.integers(1, oh + 1)), int(rng.integers(1, ow + 1))
+        x = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+        want = tf.image.resize_with_crop_or_pad(
+            tf.image.resize(x, (oh, ow), method="bilinear"), ch, cw).numpy()
+        np.testing.assert_allclose(resize.bilinear(x, oh, ow, crop=(ch, cw)), want, rtol=0,
+                                   atol=1e-4)

@@ -101,7 +101,10 @@ def test_short_default_run_is_pinned(tmp_path, fashion_dir):
     augmentation, seeded initialisation), so metrics equal to the last digit pin that
     the default's random stream (data order, views, initialisation) and computation did
     not change when the options around it were deleted. The values were recorded
-    before the redesign, on the CPU.
+    before the redesign, on a 2-core CPU with oneDNN's kernels (TensorFlow's own default on a
+    CPU with VNNI or AMX, and grafit_tf's on any): with TF_ENABLE_ONEDNN_OPTS=0, or
+    another intra-op thread count (TF_NUM_INTRAOP_THREADS, by default the number of cores),
+    the kernels round differently and the last digits change.
     """
     workdir = tmp_path / "w"
     proc = run_train("--flagfile=configs/fashion_mnist.cfg", f"--data_dir={fashion_dir}",

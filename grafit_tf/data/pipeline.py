@@ -16,6 +16,7 @@ import functools
 import tensorflow as tf
 
 from grafit_tf import augment
+from grafit_tf.rand_augment import rand_augment
 
 
 def steps_per_epoch(num_examples, global_batch):
@@ -56,28 +57,79 @@ class ImageReader:
     def __call__(self, index):
         if self._images is not None:
             return tf.cast(tf.gather(self._images, index), tf.float32)
-        return decode(tf.io.read_file(tf.gather(self._paths, index)), self.image_shape[-1])
+        return decode(self.read(index), self.image_shape[-1])
+
+    def read(self, index):
+        """The encoded bytes of image `index` (a split of files)."""
+        return tf.io.read_file(tf.gather(self._paths, index))
 
 
-def view_fn(config, image_shape):
-    """The augmentation of one view: `(image [H,W,C], seed [2]) -> [H',W',C]`:
-    `augment.grayscale_small` for one-channel images, else `augment.rgb` (to
-    `image_shape`, then with `--rand_augment` RandAugment)."""
-    if image_shape[-1] == 1:
-        return lambda image, seed: augment.grayscale_small(image, seed, config.crop_scale_min,
-                                                           config.jitter_strength,
-                                                           gamma=config.gamma_jitter)
-    size = tuple(image_shape[:2])
-    if config.rand_augment:
-        rand_augment = augment.make_rand_augment(config.seed)
-        # The layer needs a static channel count, which the colour ops lose.
-        return lambda image, seed: rand_augment(tf.ensure_shape(
-            augment.rgb(image, seed, size, config.crop_scale_min, config.jitter_strength,
-                        gamma=config.gamma_jitter),
-            size + (3,)),
-            augment.fold(seed, 5))  # augment.rgb uses folds 0-4, 6 and 7 of the view's seed.
-    return lambda image, seed: augment.rgb(image, seed, size, config.crop_scale_min,
-                                           config.jitter_strength, gamma=config.gamma_jitter)
+def view_fn(config):
+    """The augmentation of a one-channel image: `(image [H,W,1], seed [2]) -> [H,W,1]`,
+    `augment.grayscale_small` (RGB images: `rgb_views`)."""
+    return lambda image, seed: augment.grayscale_small(image, seed, config.crop_scale_min,
+                                                       config.jitter_strength,
+                                                       gamma=config.gamma_jitter)
+
+
+def rgb_views(config, size, seeds, image=None, data=None):
+    """The views of one RGB image (`augment.rgb`), from a decoded or an encoded image.
+
+    Args:
+        config: gives the crop, jitter, gamma and `--rand_augment`.
+        size: `(H, W)` of the views.
+        seeds: the views' `[2]` int32 seeds.
+        image: `[h, w, 3]` a decoded image, or
+        data: `[]` tf.string, an encoded one (a JPEG: only the crop windows decoded).
+
+    Returns:
+        `[V, H, W, 3]` float32: `augment.rgb`, then with `--rand_augment`
+        RandAugment (fold 5 of each view's seed).
+    """
+    scale = (config.crop_scale_min, 1.0)
+    if data is not None:
+        crops = crop_windows(data, seeds, scale)
+    else:
+        crops = [tf.slice(image, *augment.crop_box(tf.shape(image), augment.fold(s, 0), scale))
+                 for s in seeds]
+    views = [augment.colour(augment.rgb_geometry(crop, seed, size), seed,
+                            config.jitter_strength, gamma=config.gamma_jitter)
+             for crop, seed in zip(crops, seeds)]
+    if config.rand_augment:  # augment.rgb uses folds 0-2 of a view's seed.
+        views = [rand_augment(x, augment.fold(seed, 5)) for x, seed in zip(views, seeds)]
+    return tf.stack(views)
+
+
+def crop_windows(data, seeds, scale, channels=3):
+    """The random-resized crop of each view, decoding only that window of a JPEG.
+
+    A JPEG's size is read from its header, each view's box drawn from it (as
+    `view_fn` would from the decoded image), and `decode_and_crop_jpeg` skips the
+    rest of the image. Other formats are decoded whole, once, and cut.
+
+    Args:
+        data: `[]` tf.string, an encoded image.
+        seeds: the views' `[2]` int32 seeds (the box uses fold 0).
+        scale: `(min, max)` area fraction of the crop.
+
+    Returns:
+        A list of uint8 `[h, w, channels]` crops, one per seed.
+    """
+    def cut(shape, crop):  # crop(begin, size) for each view's box.
+        shape = tf.concat([shape[:2], [channels]], axis=0)
+        return tuple(crop(*augment.crop_box(shape, augment.fold(seed, 0), scale))
+                     for seed in seeds)
+
+    def jpeg():
+        return cut(tf.image.extract_jpeg_shape(data), lambda begin, size: (
+            tf.image.decode_and_crop_jpeg(data, tf.stack([begin[0], begin[1], size[0], size[1]]),
+                                          channels=channels)))
+
+    def other():
+        whole = tf.io.decode_image(data, channels=channels, expand_animations=False)
+        return cut(tf.shape(whole), lambda begin, size: tf.slice(whole, begin, size))
+
+    return list(tf.cond(tf.io.is_jpeg(data), jpeg, other))
 
 
 def train_dataset_fn(source, config, start_step=0):
@@ -106,7 +158,8 @@ def train_dataset_fn(source, config, start_step=0):
         )
         shard = global_batch // pipelines
         reader = None if split.stream is not None else ImageReader(split, source.image_shape)
-        one_view = view_fn(config, source.image_shape)
+        rgb = source.image_shape[-1] == 3
+        one_view = None if rgb else view_fn(config)
         label_table = tf.constant(labels, tf.int32)
 
         def epoch_steps(epoch):
@@ -133,11 +186,18 @@ def train_dataset_fn(source, config, start_step=0):
             return ds.skip(skip).unbatch().map(lambda i, data: (tf.constant(epoch), i, data))
 
         def example(epoch, index, data=None):
-            image = reader(index) if data is None else decode(data, source.image_shape[-1])
             base = augment.fold(augment.fold(tf.constant([config.seed, 0]), epoch), index)
-            views = [one_view(image, augment.fold(base, v)) for v in range(config.num_views)]
-            return {"index": index, "label": tf.gather(label_table, index),
-                    "views": tf.stack(views)}
+            seeds = [augment.fold(base, v) for v in range(config.num_views)]
+            size = source.image_shape[:2]
+            if rgb and split.images is None:  # Files and streams: decode crop windows only.
+                data = reader.read(index) if data is None else data
+                views = rgb_views(config, size, seeds, data=data)
+            elif rgb:
+                views = rgb_views(config, size, seeds, image=reader(index))
+            else:
+                image = reader(index) if data is None else decode(data, 1)
+                views = tf.stack([one_view(image, seed) for seed in seeds])
+            return {"index": index, "label": tf.gather(label_table, index), "views": views}
 
         if reader is not None:
             ds = tf.data.Dataset.range(start_epoch, config.epochs).flat_map(epoch_steps)
@@ -168,17 +228,37 @@ def eval_image(image, source):
     return image
 
 
+def decode_for_eval(data, source):
+    """`decode`, but JPEGs as serving's Pillow decodes them: accurate IDCT, DCT scale 1/s,
+    s in (8, 4, 2, 1) the largest <= min(H // h, W // w), `(h, w)` what `eval_image`
+    resizes the `H x W` image to (Pillow's `draft` rule): fast and the same pixels."""
+    channels, size = source.image_shape[-1], source.image_shape[:2]
+
+    def jpeg():
+        shape = tf.image.extract_jpeg_shape(data)[:2]
+        new = tf.constant(size, tf.float32)
+        if (source.eval_resize or source.resize) == "resize_center_crop":  # Its float32 steps.
+            new = tf.cast(shape, tf.float32)
+            new = tf.math.ceil(new * (tf.math.ceil(max(size) / 0.875) / tf.reduce_min(new)))
+        s = tf.reduce_min(shape // tf.cast(new, tf.int32))
+        return tf.cast(tf.switch_case(tf.reduce_sum(tf.cast(s >= [2, 4, 8], tf.int32)), [
+            functools.partial(tf.io.decode_jpeg, data, channels, ratio=r,  # A Python int.
+                              dct_method="INTEGER_ACCURATE") for r in (1, 2, 4, 8)]), tf.float32)
+
+    return tf.ensure_shape(tf.cond(tf.io.is_jpeg(data), jpeg, lambda: decode(data, channels)),
+                           [None, None, channels])
+
+
 def eval_dataset(split, source, batch_size=512):
     """Batches `[b, H, W, C]` float32 of a split in order, evaluation preprocessing."""
-    if split.stream is not None:
-        ds = split.stream.dataset().map(
-            lambda data: eval_image(decode(data, source.image_shape[-1]), source),
-            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    reader = ImageReader(split, source.image_shape)
-    ds = tf.data.Dataset.range(len(split)).map(
-        lambda i: eval_image(reader(tf.cast(i, tf.int32)), source),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
+    if split.images is not None:  # In memory, decoded.
+        reader = ImageReader(split, source.image_shape)
+        ds, load = tf.data.Dataset.range(len(split)), lambda i: reader(tf.cast(i, tf.int32))
+    elif split.stream is not None:
+        ds, load = split.stream.dataset(), lambda data: decode_for_eval(data, source)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices(split.paths)
+        load = lambda path: decode_for_eval(tf.io.read_file(path), source)
+    ds = ds.map(lambda x: eval_image(load(x), source), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -1,10 +1,10 @@
 """Decodes one image file into the model's input, with Pillow and NumPy.
 
-`load(path, spec)` mirrors training's evaluation pipeline (`tf.io.decode_image`
-then `grafit_tf.data.pipeline.eval_image`): decode the first frame (refusing a
-decompression bomb before any pixel is decoded), apply the EXIF orientation,
-convert to the model's channels (dropping alpha as `tf.io.decode_image` does),
-resize as evaluation did and round to uint8, the model's dtype.
+`load(path, spec)` mirrors training's evaluation pipeline (`grafit_tf.data.pipeline`'s
+`decode_for_eval` then `eval_image`): decode the first frame (refusing a decompression
+bomb before any pixel is decoded; a JPEG at evaluation's DCT scale), apply the EXIF
+orientation, convert to the model's channels (dropping alpha as `tf.io.decode_image`
+does), resize as evaluation did and round to uint8, the model's dtype.
 """
 
 import dataclasses
@@ -39,13 +39,14 @@ def load(path, spec):
     Raises:
         ImageError: with the reason the file cannot be served.
     """
-    pixels = to_channels(decode(path, spec.max_pixels), spec.image_shape[-1])
+    pixels = to_channels(decode(path, spec.max_pixels, spec), spec.image_shape[-1])
     resized = resize.to_model_size(pixels, spec.image_shape, spec.resize)
-    return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(resized, out=resized), 0, 255, out=resized).astype(np.uint8)
 
 
-def decode(path, max_pixels=DEFAULT_MAX_PIXELS):
-    """The first frame of an image file as a loaded `PIL.Image.Image`, EXIF orientation applied.
+def decode(path, max_pixels=DEFAULT_MAX_PIXELS, spec=None):
+    """The first frame of an image file as a loaded `PIL.Image.Image`, EXIF orientation applied;
+    with a `Spec`, a JPEG at the DCT scale `pipeline.decode_for_eval` decodes it at.
 
     Raises:
         ImageError: unreadable, empty, not an image, too large, corrupt or truncated.
@@ -70,8 +71,11 @@ def decode(path, max_pixels=DEFAULT_MAX_PIXELS):
                     raise ImageError(
                         f"decompression bomb: {width}x{height} = {width * height} pixels is "
                         f"above the limit of {max_pixels} (--max_image_pixels)")
+                if spec is not None:  # JPEG only; stored orientation, as TensorFlow.
+                    image.draft(None, resize.eval_size((height, width), spec.image_shape,
+                                                       spec.resize)[::-1])
                 image.load()
-                return ImageOps.exif_transpose(image)
+                return ImageOps.exif_transpose(image, in_place=True) or image
     except ImageError:
         raise
     except UnidentifiedImageError:

@@ -54,12 +54,21 @@ class ServeOptions:
     labels_from_dirs: bool = False
     providers: str = ""
     batch_size: int = 256
-    workers: int = 2
+    workers: int = None  # None: `thread_split`'s default.
     knn_backend: str = "auto"
     max_image_pixels: int = images.DEFAULT_MAX_PIXELS
-    intra_op_threads: int = 0
+    intra_op_threads: int = 0  # 0: `thread_split`'s.
     progress: bool = True
     allow_failed_parity: bool = False
+
+
+def thread_split(workers=None, cpus=None):
+    """`(decoding workers, onnxruntime threads)` on `cpus` CPUs: workers default to none below
+    4 CPUs (there they slowed onnxruntime more than they decoded: BENCHMARKS.md), else a
+    quarter; onnxruntime gets the CPUs left (0, its own default, without workers)."""
+    cpus = cpus or os.cpu_count() or 1
+    workers = (0 if cpus < 4 else cpus // 4) if workers is None else workers
+    return workers, max(1, cpus - workers) if workers else 0
 
 
 def check_options(o):
@@ -68,7 +77,7 @@ def check_options(o):
         raise UserError(f"--k={o.k}: use at least 1 neighbour.")
     if o.batch_size < 1:
         raise UserError(f"--batch_size={o.batch_size}: use at least 1.")
-    if o.workers < 0:
+    if o.workers is not None and o.workers < 0:
         raise UserError(f"--workers={o.workers}: use 0 (decode in the main process) or more.")
     if not math.isfinite(o.temperature) or o.temperature < 0:
         raise UserError(f"--temperature={o.temperature}: must be a finite number > 0 (or 0: "
@@ -212,6 +221,8 @@ def run(o, log=print):
         RunError: the run failed once work had started (nothing published).
     """
     check_options(o)
+    workers, threads = thread_split(o.workers)
+    o = dataclasses.replace(o, workers=workers, intra_op_threads=o.intra_op_threads or threads)
     parity = export_parity(o.model, o.allow_failed_parity)
     if parity == "failed":
         log(f"warning: --model={o.model}: its export failed the parity check (parity.json); "
