@@ -298,7 +298,7 @@ def _serving_model():
     import grafit_tf
     from grafit_tf import backbones, export, heads
     from grafit_tf.config import Config
-    from grafit_tf.data import sources, types
+    from grafit_tf.data import types
 
     run = os.path.join(FLAGS.scratch, "serve_run")
     model = os.path.join(run, "export", "embedder.onnx")
@@ -310,9 +310,9 @@ def _serving_model():
     trunk = backbones.small_resnet(shape, *types.IMAGENET_STATS, width=32)
     heads.embedder(trunk).save(os.path.join(run, "embedder.keras"))
     config = Config(dataset="image_folder", image_size=224, width=32)
+    # config.json's data description as `sources.describe` writes it (no folder is read).
     data = {"name": "image_folder", "image_shape": list(shape), "resize": "resize_center_crop",
             "mean": list(types.IMAGENET_STATS[0]), "std": list(types.IMAGENET_STATS[1])}
-    del sources  # The folder is never read: the data description is written here.
     with open(os.path.join(run, "config.json"), "w", encoding="utf-8") as f:
         json.dump(dict(config.to_dict(), version=grafit_tf.__version__, data=data), f)
     images = np.random.default_rng(0).integers(0, 256, (64,) + shape, dtype=np.uint8)
