@@ -166,18 +166,15 @@ def grayscale_small(image, seed, crop_scale_min=0.35, jitter=0.4, gamma=0.0):
 
 
 def rgb(image, seed, size, crop_scale_min=0.08, jitter=0.4, gamma=0.0):
-    """The recipe for full-size RGB images (before RandAugment).
-
-    Random resized crop (area `crop_scale_min`..1, fold 0 of `seed`) and
-    `rgb_geometry`, then `colour` of strength `jitter` (SimCLR / BYOL) and `gamma`.
-    """
+    """The recipe for full-size RGB images (before RandAugment): a random resized crop
+    (area `crop_scale_min`..1, fold 0 of `seed`), then `rgb_from_crop`."""
     begin, crop_size = crop_box(tf.shape(image), fold(seed, 0), (crop_scale_min, 1.0))
-    x = rgb_geometry(tf.slice(image, begin, crop_size), seed, size)
-    return colour(x, seed, jitter, gamma=gamma)
+    return rgb_from_crop(tf.slice(image, begin, crop_size), seed, size, jitter, gamma)
 
 
-def rgb_geometry(crop, seed, size):
-    """A crop resized to `size` and flipped (fold 1 of `seed`) with probability 1/2.
+def rgb_from_crop(crop, seed, size, jitter=0.4, gamma=0.0):
+    """`rgb` after its crop: resized to `size`, flipped (fold 1 of `seed`) with
+    probability 1/2, then `colour` of strength `jitter` (SimCLR / BYOL) and `gamma`.
 
     Args:
         crop: `[h, w, 3]` uint8 or float32 in 0..255 (a decoded JPEG window).
@@ -186,7 +183,7 @@ def rgb_geometry(crop, seed, size):
         `[size[0], size[1], 3]` float32.
     """
     x = tf.image.resize(crop, size, method="bilinear")  # float32 from any dtype.
-    return random_flip(x, fold(seed, 1))
+    return colour(random_flip(x, fold(seed, 1)), seed, jitter, gamma=gamma)
 
 
 def resize_center_crop(image, size, crop_fraction=0.875):
@@ -196,10 +193,15 @@ def resize_center_crop(image, size, crop_fraction=0.875):
         image: `[H, W, C]` float32 of any size.
         size: `(height, width)` of the output.
     """
-    target = tf.cast(tf.math.ceil(max(size) / crop_fraction), tf.float32)
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = target / tf.reduce_min(shape)
-    new = tf.cast(tf.math.ceil(shape * scale), tf.int32)
-    image = tf.image.resize(image, new, method="bilinear")
+    image = tf.image.resize(image, resized_shape(tf.shape(image)[:2], size, crop_fraction),
+                            method="bilinear")
     return tf.image.resize_with_crop_or_pad(image, size[0], size[1])
+
+
+def resized_shape(shape, size, crop_fraction=0.875):
+    """`[2]` int32: what `resize_center_crop` resizes an image of `shape` `[2]` to, the
+    shorter side to `ceil(max(size) / crop_fraction)` (in float32 steps, as serving)."""
+    target = tf.cast(tf.math.ceil(max(size) / crop_fraction), tf.float32)
+    shape = tf.cast(shape, tf.float32)
+    return tf.cast(tf.math.ceil(shape * (target / tf.reduce_min(shape))), tf.int32)
 

@@ -86,15 +86,14 @@ def rgb_views(config, size, seeds, image=None, data=None):
         `[V, H, W, 3]` float32: `augment.rgb`, then with `--rand_augment`
         RandAugment (fold 5 of each view's seed).
     """
-    scale = (config.crop_scale_min, 1.0)
+    jitter, gamma = config.jitter_strength, config.gamma_jitter
     if data is not None:
-        crops = crop_windows(data, seeds, scale)
+        crops = crop_windows(data, seeds, (config.crop_scale_min, 1.0))
+        views = [augment.rgb_from_crop(crop, seed, size, jitter, gamma)
+                 for crop, seed in zip(crops, seeds)]
     else:
-        crops = [tf.slice(image, *augment.crop_box(tf.shape(image), augment.fold(s, 0), scale))
-                 for s in seeds]
-    views = [augment.colour(augment.rgb_geometry(crop, seed, size), seed,
-                            config.jitter_strength, gamma=config.gamma_jitter)
-             for crop, seed in zip(crops, seeds)]
+        views = [augment.rgb(image, seed, size, config.crop_scale_min, jitter, gamma)
+                 for seed in seeds]
     if config.rand_augment:  # augment.rgb uses folds 0-2 of a view's seed.
         views = [rand_augment(x, augment.fold(seed, 5)) for x, seed in zip(views, seeds)]
     return tf.stack(views)
@@ -104,7 +103,7 @@ def crop_windows(data, seeds, scale, channels=3):
     """The random-resized crop of each view, decoding only that window of a JPEG.
 
     A JPEG's size is read from its header, each view's box drawn from it (as
-    `view_fn` would from the decoded image), and `decode_and_crop_jpeg` skips the
+    `augment.rgb` would from the decoded image), and `decode_and_crop_jpeg` skips the
     rest of the image. Other formats are decoded whole, once, and cut.
 
     Args:
@@ -236,11 +235,10 @@ def decode_for_eval(data, source):
 
     def jpeg():
         shape = tf.image.extract_jpeg_shape(data)[:2]
-        new = tf.constant(size, tf.float32)
-        if (source.eval_resize or source.resize) == "resize_center_crop":  # Its float32 steps.
-            new = tf.cast(shape, tf.float32)
-            new = tf.math.ceil(new * (tf.math.ceil(max(size) / 0.875) / tf.reduce_min(new)))
-        s = tf.reduce_min(shape // tf.cast(new, tf.int32))
+        new = tf.constant(size, tf.int32)
+        if (source.eval_resize or source.resize) == "resize_center_crop":
+            new = augment.resized_shape(shape, size)
+        s = tf.reduce_min(shape // new)
         return tf.cast(tf.switch_case(tf.reduce_sum(tf.cast(s >= [2, 4, 8], tf.int32)), [
             functools.partial(tf.io.decode_jpeg, data, channels, ratio=r,  # A Python int.
                               dct_method="INTEGER_ACCURATE") for r in (1, 2, 4, 8)]), tf.float32)
