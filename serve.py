@@ -2,18 +2,22 @@ r"""Embeds a folder of images with the exported ONNX model and labels them by kN
 
     python serve.py --model=W/export/embedder.onnx --images=DIR --output=OUT \
         [--gallery=G | --gallery=G.npz] [--save_gallery=G.npz] [--k=20] [--labels_from_dirs]
-        [--temperature=T] [--allow_failed_parity]
+        [--temperature=T] [--shard_size=100000] [--retry_errors] [--allow_failed_parity]
+
+The outputs are shards of --shard_size images, each published whole; rerunning
+the same command after a kill serves only the shards that are not finished.
 
 Never imports TensorFlow: onnxruntime, Pillow, NumPy (and faiss-cpu for large
 galleries) only. Exit status, with one line on stderr whenever it is not 0:
 
-- 0: at least one image was embedded; the outputs are published. Files that
-  could not be embedded (unreadable, not an image, or a model output that is
-  not finite / not unit norm for that image) are rows of errors.csv.
-- 1: no image was embedded (the outputs are published; errors.csv says why), or
-  the run failed after work started (the model returned a batch of the wrong
-  shape, or the kNN vote gave non-finite scores): then nothing is published
-  and an earlier run's outputs stay as they were.
+- 0: at least one image was embedded; the run is finished (summary.json).
+  Files that could not be embedded (unreadable, not an image, or a model
+  output that is not finite / not unit norm for that image) are rows of the
+  shards' errors.csv.
+- 1: no image was embedded (the run is finished; errors.csv says why), or the
+  run failed after work started (the model returned a batch of the wrong
+  shape, or the kNN vote gave non-finite scores): finished shards stay, no
+  summary.json is written.
 - 2: bad flags (absl's parsing errors too) or bad input, found before any
   image is decoded and before anything is written: a missing, invalid or
   inconsistent model (metadata against graph, output on a probe not a finite
@@ -22,13 +26,13 @@ galleries) only. Exit status, with one line on stderr whenever it is not 0:
   finite number > 0 (flag or model metadata), a missing or empty folder, an
   unusable gallery .npz (arrays of the wrong type or shape, not finite, not
   unit norm, another embedding dimension), an output folder another run is
-  writing into. Also, after embedding it, a gallery folder none of whose
-  images could be embedded (nothing is published).
-- 130 / 143: interrupted by SIGINT (Ctrl-C) / SIGTERM; nothing is published
-  and the decoding workers are stopped.
+  writing into, or that holds the results of a run with other settings. Also,
+  after embedding it, a gallery folder none of whose images could be embedded.
+- 130 / 143: interrupted by SIGINT (Ctrl-C) / SIGTERM; finished shards stay
+  (rerun the same command to go on) and the decoding workers are stopped.
 
-See `grafit_tf.serving.job` for the outputs and `grafit_tf.serving.outputs`
-for how a run is published.
+See `grafit_tf.serving.job` for the outputs and `grafit_tf.serving.shards`
+for the shards and how to read them.
 """
 
 import os
@@ -44,8 +48,9 @@ flags.DEFINE_string("model", None, "Exported model: W/export/embedder.onnx "
                     "(written by export/export_onnx.py).")
 flags.DEFINE_string("images", None, "Folder of query images, searched recursively; with "
                     "--labels_from_dirs laid out as IMAGES/<fine label>/<image>.")
-flags.DEFINE_string("output", None, "Output folder: embeddings.npy, index.csv, errors.csv, "
-                    "predictions.csv (with --gallery) and summary.json.")
+flags.DEFINE_string("output", None, "Output folder: shard-<i>/ folders (embeddings.npy, "
+                    "index.csv, errors.csv, predictions.csv with --gallery), manifest.json and "
+                    "summary.json (written last, when the run is finished).")
 flags.DEFINE_string("gallery", "", "Labelled gallery: a folder GALLERY/<fine label>/<image> "
                     "(embedded now) or a .npz written by --save_gallery. Enables predictions.csv.")
 flags.DEFINE_string("save_gallery", "", "Save the embedded gallery folder to this .npz, to "
@@ -72,6 +77,16 @@ flags.DEFINE_integer("max_image_pixels", images.DEFAULT_MAX_PIXELS, "Decompressi
 flags.DEFINE_integer("intra_op_threads", 0, "onnxruntime threads per operator (0: the CPUs "
                      "the decoding workers leave, or onnxruntime's default with --workers=0).")
 flags.DEFINE_bool("progress", True, "Show a progress bar with images per second (stderr).")
+flags.DEFINE_integer("shard_size", 100_000, "Images per output shard; a shard is published "
+                     "whole, and a rerun of the same command skips the finished ones.")
+flags.DEFINE_bool("retry_errors", False, "On a rerun, decode again the files that finished "
+                  "shards list in errors.csv (e.g. after a storage hiccup).")
+flags.DEFINE_enum("engine", "local", ["local", "ray"], "Who serves the shards: this process, "
+                  "or Ray workers (pip install -r requirements-scale.txt; one shard per task).")
+flags.DEFINE_string("ray_address", "", "--engine=ray: the Ray cluster to join (e.g. auto, or "
+                    "ray://HEAD:10001); empty starts a local one of --engine_workers processes.")
+flags.DEFINE_integer("engine_workers", 2, "--engine=ray: worker processes, one onnxruntime "
+                     "model each.")
 flags.DEFINE_bool("allow_failed_parity", False, "Serve a model whose export failed its "
                   "parity check (parity.json beside the model says passed=false).")
 for _name in ("model", "images", "output"):
@@ -86,11 +101,13 @@ def options_from_flags():
         labels_from_dirs=f.labels_from_dirs, providers=f.providers, batch_size=f.batch_size,
         workers=f.workers, knn_backend=f.knn_backend, max_image_pixels=f.max_image_pixels,
         intra_op_threads=f.intra_op_threads, progress=f.progress,
-        allow_failed_parity=f.allow_failed_parity)
+        allow_failed_parity=f.allow_failed_parity, shard_size=f.shard_size,
+        retry_errors=f.retry_errors, engine=f.engine, ray_address=f.ray_address,
+        engine_workers=f.engine_workers)
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM: ends the run the way Ctrl-C does (nothing published, workers stopped)."""
+    """SIGTERM: ends the run the way Ctrl-C does (finished shards kept, workers stopped)."""
 
 
 def _on_sigterm(signum, frame):
@@ -120,15 +137,16 @@ def main(argv):
         return 1
     except OSError as e:  # A disk that filled or went read-only during the run.
         print(f"error: {e.filename or flags.FLAGS.output}: {e.strerror or _one_line(e)}; "
-              "nothing was published.", file=sys.stderr)
+              "finished shards are kept, the run is not finished.", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        print(f"{what}: no output was published (temporary files removed).", file=sys.stderr)
+        print(f"{what}: finished shards are kept in {flags.FLAGS.output}; rerun the same "
+              "command to serve the rest.", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     if not summary["embedded"]:
         print(f"error: no image under --images={flags.FLAGS.images} could be embedded; "
-              f"reasons in {os.path.join(flags.FLAGS.output, 'errors.csv')}.", file=sys.stderr)
+              f"reasons in the errors.csv of {flags.FLAGS.output}/shard-*/.", file=sys.stderr)
         return 1
     return 0
 

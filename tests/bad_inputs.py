@@ -24,8 +24,8 @@ A case is HANDLED when all of these hold, else NOT HANDLED with the reasons:
 - no half-written outputs: a train.py run refused with exit 2 leaves no files in its
   new work directory (and a refused resume leaves the old one as it was); a failed
   export leaves WORKDIR/export/ as it was (the previous good model intact); serve.py's
-  output folder holds either a complete run (summary.json, index.csv, errors.csv,
-  embeddings.npy with a row per index.csv row, no staging leftovers) or nothing new;
+  output folder holds either a finished run (summary.json, shards with a row of
+  embeddings.npy per index.csv row, no staging leftovers) or nothing new;
 - no process is left behind (every process of the case's session is gone within a
   few seconds of its end; for the kill cases the workers seen during the run too).
 
@@ -352,54 +352,56 @@ def unescape(cell):
 
 
 def csv_formula_problems(out):
-    """Cells of the CSVs in `out` that start like a formula (= + - @, tab, CR), numbers aside."""
+    """Cells of the CSVs in `out` and its shards that start like a formula (= + - @, tab,
+    CR), numbers aside."""
     bad = []
-    for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
-        if not name.endswith(".csv"):
-            continue
-        try:
-            rows = read_csv(os.path.join(out, name))
-        except (UnicodeDecodeError, csv.Error) as e:
-            bad.append(f"{name} is not readable UTF-8 CSV ({e})")
-            continue
-        for row in rows:
-            for cell in row:
-                if cell[:1] in ("=", "+", "-", "@", "\t", "\r") and not NUMBER.match(cell):
-                    bad.append(f"{name} cell {cell[:40]!r} starts like a formula")
+    for folder, _, names in sorted(os.walk(out)) if os.path.isdir(out) else []:
+        for name in sorted(n for n in names if n.endswith(".csv")):
+            try:
+                rows = read_csv(os.path.join(folder, name))
+            except (UnicodeDecodeError, csv.Error) as e:
+                bad.append(f"{name} is not readable UTF-8 CSV ({e})")
+                continue
+            for row in rows:
+                for cell in row:
+                    if cell[:1] in ("=", "+", "-", "@", "\t", "\r") and not NUMBER.match(cell):
+                        bad.append(f"{name} cell {cell[:40]!r} starts like a formula")
     return bad[:3]
 
 
 def serve_outputs(out):
     """(problems, index paths, error paths) of a serve.py output folder."""
-    problems = []
+    from grafit_tf.serving import shards
+
     if not os.path.isdir(out):
         return ["no output folder"], [], []
-    left = [n for n in os.listdir(out) if n.startswith((".serve.tmp.", ".serve.old."))]
-    if left:
-        problems.append(f"staging leftovers {left}")
-    for name in ("summary.json", "index.csv", "errors.csv", "embeddings.npy"):
-        if not os.path.isfile(os.path.join(out, name)):
-            problems.append(f"{name} missing")
-    if problems:
-        return problems, [], []
-    index, errors = [], []
+    problems = [f"staging leftovers {n}" for n in os.listdir(out)
+                if n.startswith((".serve.tmp.", ".serve.old."))]
     try:
-        with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
-            json.load(f)
-        index = [unescape(r[0]) for r in read_csv(os.path.join(out, "index.csv"))[1:]]
-        errors = [unescape(r[0]) for r in read_csv(os.path.join(out, "errors.csv"))[1:]]
-        emb = np.load(os.path.join(out, "embeddings.npy"))
-        if len(emb) != len(index):
-            problems.append(f"embeddings.npy has {len(emb)} rows, index.csv {len(index)}")
+        results = shards.read(out)
+        index = [unescape(p) for p in results.index["path"]]
+        errors = [unescape(p) for p in results.errors.get("path", [])]
+        if len(results.embeddings) != len(index):
+            problems.append(f"{len(results.embeddings)} embeddings, {len(index)} index rows")
     except Exception as e:  # noqa: BLE001 - any unreadable output is a finding
-        problems.append(f"unreadable outputs ({type(e).__name__}: {e})")
+        return problems + [f"unreadable outputs ({type(e).__name__}: {e})"], [], []
     problems += csv_formula_problems(out)
     return problems, index, errors
 
 
-def nothing_new(path, before):
-    """'' when `path` holds nothing new since `before` (an empty folder counts as nothing)."""
-    after = snapshot(path)
+def unfinished(snap):
+    """A snapshot without a serve.py run's finished shards and manifest.json: what a run
+    that stopped after work started may leave (it has no summary.json)."""
+    if snap is None or "summary.json" in snap:
+        return snap
+    return {k: v for k, v in snap.items()
+            if k != "manifest.json" and not k.split(os.sep)[0].startswith("shard-")}
+
+
+def nothing_new(path, before, started=False):
+    """'' when `path` holds nothing new since `before` (an empty folder counts as nothing);
+    `started`: finished shards of a run that stopped after work started are allowed."""
+    after = unfinished(snapshot(path)) if started else snapshot(path)
     if before is None and after is not None and not [k for k, v in after.items() if v != "<dir>"]:
         return ""
     return diff(before, after)
@@ -960,7 +962,7 @@ def serve_case(name, args, expect="error", exits=(2,), prepare=None, check=None,
         if proc.rc == 0 or (proc.rc == 1 and (o / "summary.json").exists()):
             problems += serve_outputs(o)[0]  # A published run must be whole.
         elif not proc.timed_out:
-            change = nothing_new(o, c.state["out_before"])
+            change = nothing_new(o, c.state["out_before"], started=proc.rc in (1, 130, 143))
             if change:
                 problems.append(f"exit {proc.rc} but the output folder {change}")
         return problems + (check(c, proc) if check else [])
@@ -1320,7 +1322,7 @@ def signal_runner(sig, to_group):
             c.state.setdefault("notes", []).append(f"{len(workers)} child process(es) seen")
         if sig == signal.SIGKILL:
             visible = [n for n in (os.listdir(out) if out.is_dir() else [])
-                       if not n.startswith(".serve.")]
+                       if not n.startswith((".serve.", "shard-")) and n != "manifest.json"]
             if visible or (out / "summary.json").exists():
                 problems.append(f"published files after SIGKILL: {visible[:4]}")
             again = run_tool("serve", S(c), str(c.d), 180)
@@ -1328,7 +1330,7 @@ def signal_runner(sig, to_group):
             if again.rc != 0 or outs:
                 problems.append(f"the next run into the folder: exit {again.rc} {outs}")
         else:
-            change = nothing_new(out, None)
+            change = nothing_new(out, None, started=True)
             if change:
                 problems.append(f"output folder {change}")
             problems += error_problems(proc, allow_documented=True)

@@ -4,6 +4,7 @@ import csv
 import os
 import sys
 
+import numpy as np
 import pytest
 
 import grafit_tf  # noqa: F401  Before any test module imports TensorFlow: oneDNN on.
@@ -50,6 +51,19 @@ def read_csv(path):
     with open(path, encoding="utf-8", newline="") as f:
         rows = list(csv.reader(f))
     return rows[0], rows[1:]
+
+
+def served_csv(out, name):
+    """`(header, rows)` of CSV `name` of every shard of a serve.py output, in shard order."""
+    shards = sorted(p for p in os.listdir(out) if p.startswith("shard-"))
+    parts = [read_csv(os.path.join(out, s, name)) for s in shards]
+    return parts[0][0], [r for _, rows in parts for r in rows]
+
+
+def served_embeddings(out):
+    """The embeddings of every shard of a serve.py output, in shard order."""
+    shards = sorted(p for p in os.listdir(out) if p.startswith("shard-"))
+    return np.concatenate([np.load(os.path.join(out, s, "embeddings.npy")) for s in shards])
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from grafit_tf.serving import gallery as gallery_lib, job, outputs
-from tests.conftest import REPO, read_csv
+from tests.conftest import REPO, read_csv, served_csv, served_embeddings
 from tests.image_files import png_bytes, png_header_only
 from tests.test_serving_embedder import onnx_model
 
@@ -223,8 +223,8 @@ def test_every_file_is_accounted_for_once(tiny_export, fashion_pngs, tmp_path):
                 os.chmod(os.path.join(root, path), 0o755)
     assert result.returncode == 0, result.stderr
 
-    _, index_rows = read_csv(out / "index.csv")
-    _, error_rows = read_csv(out / "errors.csv")
+    _, index_rows = served_csv(out, "index.csv")
+    _, error_rows = served_csv(out, "errors.csv")
     served = [r[0] for r in index_rows]
     failed = {r[0]: r[1] for r in error_rows}
     assert len(served) == len(set(served)) and len(failed) == len(error_rows)
@@ -233,7 +233,7 @@ def test_every_file_is_accounted_for_once(tiny_export, fashion_pngs, tmp_path):
     for path, reason in errors.items():
         assert reason in failed[path], (path, failed[path])
 
-    embeddings = np.load(out / "embeddings.npy")
+    embeddings = served_embeddings(out)
     assert embeddings.shape == (len(served), tiny_export["embedding_dim"])
     assert embeddings.dtype == np.float32 and np.isfinite(embeddings).all()
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
@@ -244,7 +244,7 @@ def test_every_file_is_accounted_for_once(tiny_export, fashion_pngs, tmp_path):
     np.testing.assert_allclose(embeddings[row["alias.png"]], embeddings[row["good/00000.png"]],
                                atol=1e-6)
 
-    header, predictions = read_csv(out / "predictions.csv")
+    header, predictions = served_csv(out, "predictions.csv")
     assert [r[0] for r in predictions] == served
     assert header[:4] == ["path", "predicted", "score", "neighbour_1"]
     assert len(header) == 3 + 3 * 5
@@ -304,7 +304,7 @@ def test_all_bad_exits_non_zero(tiny_export, tmp_path):
                        f"--output={tmp_path / 'out'}", "--workers=0")
     assert result.returncode == 1
     assert len(error_lines(result)) == 1
-    _, rows = read_csv(tmp_path / "out" / "errors.csv")
+    _, rows = served_csv(tmp_path / "out", "errors.csv")
     assert [r[0] for r in rows] == ["notes.txt"]
 
 
@@ -425,9 +425,8 @@ def test_non_finite_scores_are_refused_not_written(tmp_path):
     s = synthetic(str(tmp_path / "data"))
     out = tmp_path / "out"
     args = [f"--model={s['model']}", f"--images={s['queries']}", f"--output={out}",
-            f"--gallery={s['gallery']}", "--k=3", "--progress=false", "--workers=0"]
-    assert run_serve(*args[:-2]).returncode == 0
-    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+            f"--gallery={s['gallery']}", "--k=3", "--progress=false", "--workers=0",
+            "--shard_size=2"]
     # The vote itself broken (no valid setting reaches NaN any more): serve.py must refuse.
     code = f"""
 import numpy as np
@@ -443,8 +442,9 @@ app.run(serve.main, argv=["serve.py"] + {args!r}, flags_parser=serve.flags_parse
     assert result.returncode == 1, result.stderr
     lines = stderr_lines(result)
     assert len(lines) == 1 and "non-finite scores" in lines[0], result.stderr
-    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before, \
-        "the earlier run's outputs changed"
+    assert sorted(os.listdir(out)) == ["manifest.json"], "a shard or summary was published"
+    assert run_serve(*args).returncode == 0  # The same command, once the vote works.
+    assert len(served_csv(out, "predictions.csv")[1]) == 5
 
 
 # --- killing serve.py --------------------------------------------------------
@@ -530,16 +530,13 @@ def test_killing_serve_leaves_no_process_behind(sig, tmp_path):
         assert proc.returncode == -signal.SIGKILL
         # A killed run leaves its staging folder; the next run into the folder removes it.
         assert [n for n in os.listdir(out) if n.startswith(outputs.STAGING_PREFIX)]
-        job.run(serve_options(model=s["model"], images=s["queries"], output=str(out)),
-                log=lambda *a: None)
-        assert sorted(os.listdir(out)) == ["embeddings.npy", "errors.csv", "index.csv",
-                                           "summary.json"]
-        return
-    expected = (143, "terminated (SIGTERM)") if sig == signal.SIGTERM else (130, "interrupted")
-    assert proc.returncode == expected[0], stderr
-    lines = [l for l in stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith(expected[1]), stderr
-    assert os.listdir(out) == [], "a run ended by a signal must publish nothing"
+    else:
+        expected = (143, "terminated (SIGTERM)") if sig == signal.SIGTERM else (130, "interrupted")
+        assert proc.returncode == expected[0], stderr
+        lines = [l for l in stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith(expected[1]), stderr
+        assert not [n for n in os.listdir(out) if n.startswith(".")], "temporaries left"
+    assert "summary.json" not in os.listdir(out), "an unfinished run marked finished"
 
 
 # --- file names and CSV cells ------------------------------------------------
@@ -556,7 +553,7 @@ def test_undecodable_and_backslash_names_are_told_apart(tmp_path):
     out = tmp_path / "out"
     job.run(serve_options(model=s["model"], images=os.fsdecode(images), output=str(out)),
             log=lambda *a: None)
-    _, rows = read_csv(out / "index.csv")
+    _, rows = served_csv(out, "index.csv")
     assert [r[0] for r in rows] == ["a\\\\xe9.png", "a\\xe9.png", "b\\\\c.png"]
 
 
@@ -576,8 +573,10 @@ def test_csv_cells_never_start_a_formula(tmp_path):
                           gallery=s["gallery"], k=20), log=lambda *a: None)
     texts = []
     for name in ("index.csv", "errors.csv", "predictions.csv", "gallery_errors.csv"):
-        header, rows = read_csv(out / name)
-        numeric = [h == "score" or h.startswith("similarity_") for h in header]
+        header, rows = (read_csv(out / name) if name == "gallery_errors.csv"
+                        else served_csv(out, name))
+        numeric = [h in ("score", "size", "mtime") or h.startswith("similarity_")
+                   for h in header]
         for row in rows:
             for cell, is_number in zip(row, numeric):
                 if is_number:

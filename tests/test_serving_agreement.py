@@ -6,7 +6,6 @@ them with `embedder.keras` (`grafit_tf.embedding.embed`). serve.py decodes with 
 resizes in NumPy, rounds to uint8 and runs the ONNX export.
 """
 
-import csv
 import dataclasses
 import json
 import os
@@ -15,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from grafit_tf.data import png_folders
-from grafit_tf.serving import job
+from grafit_tf.serving import job, shards
 from tests.image_files import rgb_picture
 
 MIN_COSINE = 0.9999
@@ -24,9 +23,8 @@ MIN_COSINE = 0.9999
 def _serve(model, images, output):
     job.run(job.ServeOptions(model=model, images=images, output=output, workers=0,
                              progress=False), log=lambda *a: None)
-    with open(os.path.join(output, "index.csv"), encoding="utf-8", newline="") as f:
-        served = [row[0] for row in list(csv.reader(f))[1:]]
-    return served, np.load(os.path.join(output, "embeddings.npy"))
+    results = shards.read(output)
+    return results.index["path"], results.embeddings
 
 
 def _pipeline_embeddings(run_dir, source, paths, transform="none"):

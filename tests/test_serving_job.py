@@ -16,21 +16,20 @@ def test_user_error_on_bad_flags(tiny_export, fashion_pngs, tmp_path):
             job.run(job.ServeOptions(**base, **changes), log=lambda *a: None)
 
 
-def test_rerun_replaces_outputs_and_skips_its_own_folder(tiny_export, fashion_pngs, tmp_path):
+def test_a_rerun_skips_its_own_folder_and_finished_shards(tiny_export, fashion_pngs, tmp_path):
     import shutil
 
     images = tmp_path / "queries"
     shutil.copytree(fashion_pngs["queries"], images)
     out = images / "results"  # Inside the query folder: never served itself.
-    base = dict(model=tiny_export["onnx"], images=str(images), output=str(out), workers=0,
-                progress=False)
-    first = job.run(job.ServeOptions(**base, gallery=fashion_pngs["gallery"]),
-                    log=lambda *a: None)
-    assert (out / "predictions.csv").exists() and first["embedded"] == 30
-    second = job.run(job.ServeOptions(**base), log=lambda *a: None)
-    assert second["embedded"] == 30 and second["errors"] == 0
-    assert not (out / "predictions.csv").exists(), "stale predictions of the earlier run"
-    assert not (out / "gallery_errors.csv").exists()
+    options = job.ServeOptions(model=tiny_export["onnx"], images=str(images), output=str(out),
+                               workers=0, progress=False, gallery=fashion_pngs["gallery"],
+                               shard_size=8)
+    first = job.run(options, log=lambda *a: None)
+    assert first["embedded"] == 30 and first["shards"] == 4 and first["served_now"] == 30
+    second = job.run(options, log=lambda *a: None)
+    assert second["embedded"] == 30 and second["errors"] == 0 and second["served_now"] == 0
+    assert second["gallery"] == first["gallery"]
 
 
 def test_thread_split_leaves_small_machines_to_onnxruntime(tiny_export, fashion_pngs, tmp_path,

@@ -1,21 +1,25 @@
-"""One `serve.py` run: embed a folder, optionally classify it against a gallery.
+"""One `serve.py` run: embed a folder in shards, optionally classify it against a gallery.
 
-`run(options)` checks everything that can fail before any work, then embeds,
-predicts and writes into `options.output`, published as a whole (see `outputs`):
+`run(options)` checks everything that can fail before any work, then serves
+the shards that are not finished yet into `options.output`:
 
-- `embeddings.npy` `[N, D]` float32, row i = row i of `index.csv`;
-- `index.csv` (`path`): embedded files, relative to `options.images`;
-- `errors.csv` (`path`, `reason`): every other file under `options.images`;
-- `predictions.csv` with a gallery: per row of `index.csv`, the predicted fine
-  label, its vote share, and the top-k neighbours with similarities;
+- `shard-<i>/`: a whole shard each, published as it ends (`shards`, `work`);
+- `manifest.json`: the run's settings and shard plan, written before any shard;
+  a rerun with other settings is refused, so shards of two runs never mix;
 - `gallery_errors.csv` for a gallery folder: its files that were not embedded;
-- `summary.json`: counts, throughput, providers, the export's parity verdict,
-  and the accuracy with `labels_from_dirs`; written last, it marks the folder
-  complete.
+- `summary.json`: counts, throughput, providers, the export's parity verdict
+  and the accuracy with `labels_from_dirs`; written last, it marks the run
+  finished (`shards.read` reads such a folder in one call).
+
+A rerun of the same command keeps the finished shards whose files did not
+change and serves the rest; `retry_errors` also decodes again the files that
+finished shards list as errors.
 """
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import signal
@@ -28,16 +32,17 @@ from tqdm import tqdm
 
 import grafit_tf
 from grafit_tf.errors import UserError, check_writable
-from grafit_tf.serving import classify, embed, gallery as gallery_lib, images, outputs, report, walk
+from grafit_tf.serving import classify, embed, gallery as gallery_lib, images, outputs, report
+from grafit_tf.serving import engine, shards, walk, work
 from grafit_tf.serving.embedder import OnnxEmbedder, export_parity
+from grafit_tf.serving.work import RunError
 
-OUTPUT_NAMES = ("embeddings.npy", "index.csv", "errors.csv", "predictions.csv",
-                "gallery_errors.csv", "summary.json")
+# Every top-level name a run (of this or an earlier version) may write there.
+OUTPUT_NAMES = ("manifest.json", "gallery_errors.csv", "summary.json", "embeddings.npy",
+                "index.csv", "errors.csv", "predictions.csv")
+MANIFEST_VERSION = 1
 DEFAULT_TEMPERATURE = 0.07  # The training config's default eval_temperature.
-
-
-class RunError(Exception):
-    """The run failed after work started; nothing was published. One-line message."""
+DEFAULT_SHARD_SIZE = 100_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +65,11 @@ class ServeOptions:
     intra_op_threads: int = 0  # 0: `thread_split`'s.
     progress: bool = True
     allow_failed_parity: bool = False
+    shard_size: int = DEFAULT_SHARD_SIZE
+    retry_errors: bool = False
+    engine: str = "local"  # 'local' (this process) or 'ray' (`grafit_tf.serving.engine`).
+    ray_address: str = ""  # '' starts a local Ray cluster of `engine_workers` processes.
+    engine_workers: int = 2
 
 
 def thread_split(workers=None, cpus=None):
@@ -77,6 +87,12 @@ def check_options(o):
         raise UserError(f"--k={o.k}: use at least 1 neighbour.")
     if o.batch_size < 1:
         raise UserError(f"--batch_size={o.batch_size}: use at least 1.")
+    if o.engine not in ("local", "ray"):
+        raise UserError(f"--engine={o.engine!r}: choose local or ray.")
+    if o.engine_workers < 1:
+        raise UserError(f"--engine_workers={o.engine_workers}: use at least 1.")
+    if o.shard_size < 1:
+        raise UserError(f"--shard_size={o.shard_size}: use at least 1 image per shard.")
     if o.workers is not None and o.workers < 0:
         raise UserError(f"--workers={o.workers}: use 0 (decode in the main process) or more.")
     if not math.isfinite(o.temperature) or o.temperature < 0:
@@ -119,11 +135,9 @@ def _list_folder(root, flag, output):
     return files, problems
 
 
-def _embed(embedder, files, o, desc):
-    with tqdm(total=len(files), desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr,
-              disable=not o.progress) as bar:
-        return embed.embed_files(embedder, [f.path for f in files], o.batch_size, o.workers,
-                                 o.max_image_pixels, bar)
+def _bar(o, total, desc):
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr,
+                disable=not o.progress)
 
 
 def _error_rows(files, problems, failed):
@@ -137,7 +151,9 @@ def _build_gallery(embedder, files, problems, o, out, log):
     problems = problems + [walk.Problem(f.relpath, "not in a label folder (expected "
                                         "GALLERY/<fine label>/<image>)")
                            for f in files if gallery_lib.label_of(f.relpath) is None]
-    result = _embed(embedder, labelled, o, "gallery")
+    with _bar(o, len(labelled), "gallery") as bar:
+        result = embed.embed_files(embedder, [f.path for f in labelled], o.batch_size, o.workers,
+                                   o.max_image_pixels, bar)
     rows = _error_rows(labelled, problems, result.errors)
     out.write_csv("gallery_errors.csv", ("path", "reason"), rows)
     if not result.ok:
@@ -191,20 +207,64 @@ def _signals_deferred():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
-def _prediction_rows(files, ok, preds, g, true_names):
-    header = ["path"] + (["label"] if true_names is not None else []) + ["predicted", "score"]
-    for j in range(1, preds.neighbours.shape[1] + 1):
-        header += [f"neighbour_{j}", f"neighbour_{j}_label", f"similarity_{j}"]
-    rows = []
-    for r, i in enumerate(ok):
-        row = [files[i].relpath]
-        if true_names is not None:
-            row.append(true_names[r] or "")
-        row += [g.label_names[preds.labels[r]], float(preds.scores[r])]
-        for n, s in zip(preds.neighbours[r], preds.similarities[r]):
-            row += [g.paths[n], g.label_names[g.labels[n]], float(s)]
-        rows.append(row)
-    return header, rows
+def _fingerprint(files, problems):
+    digest = hashlib.sha256()
+    for e in sorted(list(files) + list(problems), key=lambda e: e.relpath):
+        digest.update(f"{e.relpath}\0{getattr(e, 'size', '')}\0{getattr(e, 'mtime_ns', '')}\0"
+                      f"{getattr(e, 'reason', '')}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def _gallery_identity(o, gallery_files):
+    """What the predictions depend on in the gallery: its files, or the .npz's bytes."""
+    if not o.gallery:
+        return None
+    if gallery_files is not None:
+        return "folder:" + _fingerprint(*gallery_files)
+    with open(o.gallery, "rb") as f:
+        return "npz:" + hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _check_manifest(out, o, run_key):
+    """Refuses an output folder that holds another run's results (see the module docstring)."""
+    try:
+        with open(out.path("manifest.json"), encoding="utf-8") as f:
+            earlier = json.load(f).get("run")
+    except FileNotFoundError:
+        earlier = None
+    except (OSError, ValueError, AttributeError):
+        earlier = "unreadable"
+    if earlier is None:
+        if not (set(OUTPUT_NAMES) & set(os.listdir(o.output)) or shards.published(o.output)):
+            return
+        differs = "written by an earlier version of serve.py"
+    elif earlier == run_key:
+        return
+    elif not isinstance(earlier, dict):
+        differs = "its manifest.json is unreadable"
+    else:
+        differs = "other " + ", ".join(sorted(k for k in run_key if earlier.get(k) != run_key[k]))
+    raise UserError(f"--output={o.output} holds the results of another run ({differs}); "
+                    "remove it or choose another folder (a rerun of the same command goes on "
+                    "where it stopped).")
+
+
+def _publish_manifest(out, manifest):
+    staged = os.path.join(out.staging, "manifest.json")
+    outputs.write_json(staged, manifest)
+    outputs.rename(staged, out.path("manifest.json"))
+    outputs.fsync_dir(out.directory)
+
+
+def _reuse(directory, shard):
+    """`{relpath: embedding}` of a finished shard, for `retry_errors`; None when no listed
+    error is a file that can be decoded again."""
+    _, errors = shards.read_csv(os.path.join(directory, shard.name, "errors.csv"))
+    if not {row[0] for row in errors} & {f.relpath for f in shard.files}:
+        return None
+    _, index = shards.read_csv(os.path.join(directory, shard.name, "index.csv"))
+    embeddings = np.load(os.path.join(directory, shard.name, "embeddings.npy"))
+    return {row[0]: e for row, e in zip(index, embeddings)}
 
 
 def run(o, log=print):
@@ -215,10 +275,11 @@ def run(o, log=print):
         embedded query images.
 
     Raises:
-        UserError: a setting, the model, a folder or the gallery is unusable
-            (found before any image is decoded, but for a gallery folder none
-            of whose images decodes).
-        RunError: the run failed once work had started (nothing published).
+        UserError: a setting, the model, a folder or the gallery is unusable, or
+            the output folder holds another run (found before any image is
+            decoded, but for a gallery folder none of whose images decodes).
+        RunError: the run failed once work had started (finished shards stay;
+            no summary.json).
     """
     check_options(o)
     workers, threads = thread_split(o.workers)
@@ -245,6 +306,10 @@ def run(o, log=print):
             log(f"warning: --gallery={o.gallery} was embedded with another model file; its "
                 "neighbours are only meaningful if the two models are the same.")
     temperature = resolve_temperature(o, embedder) if o.gallery else None
+    run_key = dict(images=os.path.realpath(o.images), model_sha256=embedder.sha256,
+                   gallery=_gallery_identity(o, gallery_files), k=o.k, temperature=temperature,
+                   labels_from_dirs=o.labels_from_dirs, max_image_pixels=o.max_image_pixels,
+                   shard_size=o.shard_size)
     try:
         out = outputs.OutputDir(o.output, OUTPUT_NAMES)
     except outputs.OutputBusy:
@@ -257,14 +322,18 @@ def run(o, log=print):
         f"(resize {embedder.resize}), {embedder.dim}-d embeddings, providers "
         f"{', '.join(embedder.providers)}")
     try:
-        summary = _serve(embedder, files, problems, g, gallery_files, temperature, o, out, log)
+        _check_manifest(out, o, run_key)
+        summary = _serve(embedder, files, problems, g, gallery_files, temperature, o, out,
+                         run_key, log)
         summary["export_parity"] = parity
         out.write_json("summary.json", summary)
         with _signals_deferred() as caught:
-            out.commit(stale=OUTPUT_NAMES, last="summary.json")
-    except embed.ModelOutputError as e:
+            out.commit(stale=[n for n in OUTPUT_NAMES if n != "manifest.json"],
+                       last="summary.json")
+    except RunError as e:
         out.discard()
-        raise RunError(f"--model={o.model}: {e}; nothing was published.") from None
+        raise RunError(f"--model={o.model}: {e}; the finished shards stay in {o.output}, "
+                       "without summary.json.") from None
     except BaseException:
         out.discard()
         raise
@@ -274,45 +343,72 @@ def run(o, log=print):
     return summary
 
 
-def _serve(embedder, files, problems, g, gallery_files, temperature, o, out, log):
+def _serve(embedder, files, problems, g, gallery_files, temperature, o, out, run_key, log):
     started = time.perf_counter()
+    plan = shards.plan(files, problems, o.shard_size)
+    if os.path.lexists(out.path("summary.json")):  # Unfinished until the new one is in.
+        os.remove(out.path("summary.json"))
+    _publish_manifest(out, dict(format_version=MANIFEST_VERSION, run=run_key,
+                                shards=[[s.name, s.fingerprint, len(s)] for s in plan]))
     gallery_errors = None
     if gallery_files is not None:
         g, gallery_errors = _build_gallery(embedder, *gallery_files, o, out, log)
-    result = _embed(embedder, files, o, "embedding")
-    errors = _error_rows(files, problems, result.errors)
-    out.write_npy("embeddings.npy", result.embeddings)
-    out.write_csv("index.csv", ("path",), [(files[i].relpath,) for i in result.ok])
-    out.write_csv("errors.csv", ("path", "reason"), errors)
+    classifier = None if g is None else work.Classifier(g, o.k, temperature, o.knn_backend)
+    settings = work.Settings(o.batch_size, o.workers, o.max_image_pixels, o.labels_from_dirs)
+    done, todo = {}, []
+    for shard in plan:
+        value = shards.stats(o.output, shard.name)
+        if value is None or value.get("fingerprint") != shard.fingerprint:
+            todo.append((shard, None))
+        elif o.retry_errors and value["errors"] and (reuse := _reuse(o.output, shard)):
+            todo.append((shard, reuse))
+        else:
+            done[shard.name] = value
+    if done:
+        log(f"{len(done)} of {len(plan)} shards already finished in {o.output}; serving the "
+            f"other {len(todo)}")
+    served = sum(len(s) - len(reuse or ()) for s, reuse in todo)  # Entries read now.
+    if o.engine == "ray" and todo:
+        done.update(engine.serve_shards(todo, o.model, o.providers, classifier, settings,
+                                        o.output, o.ray_address, o.engine_workers, log))
+    else:
+        with _bar(o, served, "embedding") as bar:
+            for shard, reuse in todo:
+                done[shard.name] = work.serve_shard(shard, embedder, classifier, settings,
+                                                    o.output, reuse, bar)
+    for name in shards.published(o.output):
+        if name not in done:  # Shards of files that are gone.
+            shards.remove(o.output, name)
+    seconds = time.perf_counter() - started
+    return _summary(plan, done, embedder, g, gallery_errors, temperature, o, seconds, served, log)
+
+
+def _summary(plan, done, embedder, g, gallery_errors, temperature, o, seconds, served, log):
+    values = [done[s.name] for s in plan]
+    count = lambda key: sum(v[key] for v in values)  # noqa: E731
     summary = dict(version=grafit_tf.__version__, model=o.model, model_sha256=embedder.sha256,
-                   providers=embedder.providers, images_dir=o.images,
-                   files=len(files) + len(problems), embedded=len(result.ok), errors=len(errors),
-                   embedding_dim=embedder.dim, embed_seconds=result.seconds,
-                   images_per_second=result.images_per_second, batch_size=o.batch_size,
-                   workers=o.workers)
-    log(f"embedded {len(result.ok)} of {summary['files']} files in {result.seconds:.1f} s "
-        f"({result.images_per_second:.0f} images/s); {len(errors)} in errors.csv")
-    if g is not None:
-        preds = classify.predict(result.embeddings, g, o.k, temperature, o.knn_backend)
-        if not (np.isfinite(preds.scores).all() and np.isfinite(preds.similarities).all()):
-            raise RunError(f"the kNN vote gave non-finite scores (temperature {temperature}); "
-                           "nothing was published: check --temperature and the gallery.")
-        true_names = ([gallery_lib.label_of(files[i].relpath) for i in result.ok]
-                      if o.labels_from_dirs else None)
-        header, rows = _prediction_rows(files, result.ok, preds, g, true_names)
-        out.write_csv("predictions.csv", header, rows)
-        summary["gallery"] = {"source": o.gallery, "images": len(g), "labels": list(g.label_names),
-                              "errors": None if gallery_errors is None else len(gallery_errors)}
-        summary.update(k=int(min(o.k, len(g))), temperature=temperature)
-        if true_names is not None:
-            predicted = [g.label_names[p] for p in preds.labels]
-            summary["accuracy"] = acc = report.accuracy(true_names, predicted, g.label_names)
-            if acc["images"]:
-                log(report.format_accuracy(acc))
-                log(f"fine-level accuracy: {100 * acc['accuracy']:.2f}% "
-                    f"({acc['correct']} / {acc['images']}, k={summary['k']})")
-            if acc["labels_not_in_gallery"]:
-                log(f"warning: query labels absent from the gallery: "
-                    f"{', '.join(acc['labels_not_in_gallery'])}")
-    summary["total_seconds"] = time.perf_counter() - started
+                   providers=embedder.providers, images_dir=o.images, files=count("entries"),
+                   embedded=count("embedded"), errors=count("errors"),
+                   embedding_dim=embedder.dim, shards=len(plan), shard_size=o.shard_size,
+                   served_now=served, embed_seconds=seconds,
+                   images_per_second=served / max(seconds, 1e-9),
+                   batch_size=o.batch_size, workers=o.workers, total_seconds=seconds)
+    log(f"embedded {summary['embedded']} of {summary['files']} files in {len(plan)} shards "
+        f"({served} served now in {seconds:.1f} s, {summary['images_per_second']:.0f} "
+        f"images/s); {summary['errors']} in the shards' errors.csv")
+    if g is None:
+        return summary
+    summary["gallery"] = {"source": o.gallery, "images": len(g), "labels": list(g.label_names),
+                          "errors": None if gallery_errors is None else len(gallery_errors)}
+    summary.update(k=int(min(o.k, len(g))), temperature=temperature)
+    if o.labels_from_dirs:
+        counts = report.merge((v["accuracy_counts"], v["unlabelled"]) for v in values)
+        summary["accuracy"] = acc = report.from_counts(*counts, g.label_names)
+        if acc["images"]:
+            log(report.format_accuracy(acc))
+            log(f"fine-level accuracy: {100 * acc['accuracy']:.2f}% "
+                f"({acc['correct']} / {acc['images']}, k={summary['k']})")
+        if acc["labels_not_in_gallery"]:
+            log(f"warning: query labels absent from the gallery: "
+                f"{', '.join(acc['labels_not_in_gallery'])}")
     return summary

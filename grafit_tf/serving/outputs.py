@@ -1,7 +1,8 @@
-"""Output files, published as a whole run: never a mix of two runs, never half-written.
+"""Output files, never half-written: staged, fsynced, then renamed into place.
 
-Outputs are written (and fsynced) into `OUT/.serve.tmp.<pid>/`; `commit`
-publishes them with `summary.json` as the completeness marker:
+`shards` publishes each shard folder with one rename. The top-level files
+are written (and fsynced) into `OUT/.serve.tmp.<pid>/`; `commit` publishes
+them with `summary.json` as the completeness marker:
 
 1. remove `OUT/summary.json`: until step 3 ends, the folder has no marker;
 2. move every output of the earlier run into `OUT/.serve.old.<pid>/`;
@@ -66,12 +67,41 @@ def read_cell(text):
     return text[1:] if text.startswith("'") else text
 
 
-def _rename(src, dst):
+@contextlib.contextmanager
+def _synced(path, mode, **kwargs):
+    """A file opened for writing, fsynced on close: on disk before a rename makes it visible."""
+    encoding = None if "b" in mode else "utf-8"
+    with open(path, mode, encoding=encoding, **kwargs) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_csv(path, header, rows):
+    """Writes a UTF-8 CSV (rows: iterables of cells, see `csv_cell`), fsynced."""
+    with _synced(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([csv_cell(c) for c in header])
+        writer.writerows([csv_cell(c) for c in row] for row in rows)
+
+
+def write_npy(path, array):
+    with _synced(path, "wb") as f:
+        np.save(f, array)
+
+
+def write_json(path, value):
+    with _synced(path, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
+        f.write("\n")
+
+
+def rename(src, dst):
     """Every rename of the publish goes through here (tests interrupt it)."""
     os.replace(src, dst)
 
 
-def _fsync_dir(path):
+def fsync_dir(path):
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -150,31 +180,19 @@ class OutputDir:
         """The final path of output `name`."""
         return os.path.join(self.directory, name)
 
-    @contextlib.contextmanager
-    def _open(self, name, mode, **kwargs):
-        """Staged file `name`, fsynced on close: on disk before a rename makes it visible."""
+    def _staged_path(self, name):
         self._staged.add(name)
-        encoding = None if "b" in mode else "utf-8"
-        with open(os.path.join(self.staging, name), mode, encoding=encoding, **kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        return os.path.join(self.staging, name)
 
     def write_csv(self, name, header, rows):
         """Writes a UTF-8 CSV (rows: iterables of cells, see `csv_cell`)."""
-        with self._open(name, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow([csv_cell(c) for c in header])
-            writer.writerows([csv_cell(c) for c in row] for row in rows)
+        write_csv(self._staged_path(name), header, rows)
 
     def write_npy(self, name, array):
-        with self._open(name, "wb") as f:
-            np.save(f, array)
+        write_npy(self._staged_path(name), array)
 
     def write_json(self, name, value):
-        with self._open(name, "w") as f:
-            json.dump(value, f, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
-            f.write("\n")
+        write_json(self._staged_path(name), value)
 
     def commit(self, stale=(), last="summary.json"):
         """Publishes the staged files as a whole (the module docstring's steps).
@@ -187,19 +205,19 @@ class OutputDir:
         old = os.path.join(self.directory, f"{OLD_PREFIX}{os.getpid()}")
         if os.path.lexists(self.path(last)):
             os.remove(self.path(last))
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         earlier = [n for n in dict.fromkeys(tuple(stale) + tuple(self._staged))
                    if n != last and os.path.lexists(self.path(n))]
         if earlier:
             os.makedirs(old, exist_ok=True)
             for name in earlier:
-                _rename(self.path(name), os.path.join(old, name))
-            _fsync_dir(self.directory)
+                rename(self.path(name), os.path.join(old, name))
+            fsync_dir(self.directory)
         for name in sorted(self._staged, key=lambda n: (n == last, n)):
             if name == last:
-                _fsync_dir(self.directory)  # Every other output is in place first.
-            _rename(os.path.join(self.staging, name), self.path(name))
-        _fsync_dir(self.directory)
+                fsync_dir(self.directory)  # Every other output is in place first.
+            rename(os.path.join(self.staging, name), self.path(name))
+        fsync_dir(self.directory)
         self._staged.clear()
         shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(self.staging, ignore_errors=True)

@@ -22,6 +22,8 @@ class File:
 
     path: str  # To open: `root` joined with the name, as the OS has it.
     relpath: str  # Relative to the root, for the outputs (see `display`).
+    size: int = 0  # Bytes, and the modification time: a changed file is served again.
+    mtime_ns: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +96,7 @@ def _walk_dir(path, rel, ancestors, skip, files, problems):
                 continue
             _walk_dir(entry.path, child_rel, ancestors | {key}, skip, files, problems)
         elif stat.S_ISREG(st.st_mode):
-            files.append(File(entry.path, shown))
+            files.append(File(entry.path, shown, st.st_size, st.st_mtime_ns))
         else:
             kind = next((name for test, name in _SPECIAL_FILES if test(st.st_mode)),
                         "not a regular file")
