@@ -34,16 +34,22 @@ data:
 	       "(or set FASHION_MNIST=DIR to a folder with the four IDX .gz files)."; exit 1; \
 	fi
 
+# The optional engine of serve.py --engine=ray, so that its tests run too.
+$(VENV)/.scale: $(VENV)/.installed requirements-scale.txt
+	$(PY) -m pip install -q -r requirements-scale.txt
+	touch $@
+
 # Two pytest processes (pytest-xdist), a test file each at a time: most of a test's
 # time is tracing graphs, which runs on one core. PYTEST_WORKERS=0 runs in-process.
 PYTEST_WORKERS ?= 2
-test: venv data
+test: venv $(VENV)/.scale data
 	GRAFIT_FASHION_MNIST=$(FASHION_MNIST) $(PY) -m pytest -q -n $(PYTEST_WORKERS) \
 	  --dist loadfile $(PYTEST_ARGS)
 
 # Train (resumes if interrupted), export to ONNX with a parity check, write a
 # gallery (500 training images per class) and the test split as PNG folders,
-# then classify every test PNG at the fine level with serve.py.
+# then classify every test PNG at the fine level with serve.py (into a fresh folder: a
+# folder holding another model's results is refused).
 demo: venv data
 	$(PY) train.py --flagfile=configs/fashion_mnist.cfg --data_dir=$(FASHION_MNIST) \
 	  --workdir=$(WORKDIR) $(TRAIN_ARGS)
@@ -52,6 +58,7 @@ demo: venv data
 	  --max_per_class=500 --output=$(WORKDIR)/png/gallery --overwrite
 	$(PY) export/fashion_mnist_png.py --data_dir=$(FASHION_MNIST) --split=test \
 	  --output=$(WORKDIR)/png/test --overwrite
+	rm -rf $(WORKDIR)/serve
 	$(PY) serve.py --model=$(WORKDIR)/export/embedder.onnx --images=$(WORKDIR)/png/test \
 	  --output=$(WORKDIR)/serve --gallery=$(WORKDIR)/png/gallery \
 	  --save_gallery=$(WORKDIR)/gallery.npz --labels_from_dirs --progress=false

@@ -22,7 +22,7 @@ galleries) only. Exit status, with one line on stderr whenever it is not 0:
   image is decoded and before anything is written: a missing, invalid or
   inconsistent model (metadata against graph, output on a probe not a finite
   unit-norm [N, D]), a model whose export failed its parity check
-  (parity.json; see --allow_failed_parity), a temperature that is not a
+  (its parity report; see --allow_failed_parity), a temperature that is not a
   finite number > 0 (flag or model metadata), a missing or empty folder, an
   unusable gallery .npz (arrays of the wrong type or shape, not finite, not
   unit norm, another embedding dimension), an output folder another run is
@@ -88,7 +88,8 @@ flags.DEFINE_string("ray_address", "", "--engine=ray: the Ray cluster to join (e
 flags.DEFINE_integer("engine_workers", 2, "--engine=ray: worker processes, one onnxruntime "
                      "model each.")
 flags.DEFINE_bool("allow_failed_parity", False, "Serve a model whose export failed its "
-                  "parity check (parity.json beside the model says passed=false).")
+                  "parity check (its report beside it, parity.json or parity.int8.json / "
+                  "parity.fp16.json, says passed=false).")
 for _name in ("model", "images", "output"):
     flags.mark_flag_as_required(_name)
 

@@ -133,10 +133,16 @@ def parity_images(config, count, data_dir=None):
     if data_dir:
         values["data_dir"] = data_dir
     source = sources.load(Config.from_dict(values))
-    images = [np.asarray(b) for b in pipeline.eval_dataset(source.train, source, batch_size=256)]
-    # Integer-valued already for resize 'none'; rounded for resized images, whose
-    # float values the uint8 interface cannot carry (see the module docstring).
-    return np.clip(np.rint(np.concatenate(images)), 0, 255).astype(np.uint8)
+    return np.concatenate(list(uint8_batches(source.train, source)))
+
+
+def uint8_batches(split, source, batch_size=256):
+    """Yields the batches `[b, H, W, C]` uint8 of `split`, in order, as evaluated: what a
+    client of the exported model sends for them."""
+    for batch in pipeline.eval_dataset(split, source, batch_size):
+        # Integer-valued already for resize 'none'; rounded for resized images, whose
+        # float values the uint8 interface cannot carry (see the module docstring).
+        yield np.clip(np.rint(np.asarray(batch)), 0, 255).astype(np.uint8)
 
 
 def parity(embedder, saved_model_dir, onnx_path, images, batch_size=256):

@@ -163,13 +163,21 @@ class OnnxEmbedder:
 
 
 def export_parity(model_path, allow_failed=False):
-    """The verdict of `parity.json` beside `model_path` (does ONNX agree with Keras?).
+    """The verdict of the export's check report beside `model_path`.
+
+    `embedder.onnx` (any name without a variant) has `parity.json` (does ONNX agree
+    with Keras?); `embedder.int8.onnx` / `embedder.fp16.onnx` have `parity.int8.json` /
+    `parity.fp16.json` (does the variant keep the float32 model's accuracy? see
+    `grafit_tf.quantize`), never the float model's report.
 
     Returns:
-        'passed', 'absent' (no parity.json beside the model), or 'failed' (only
-        with `allow_failed`; else a failed or unreadable check raises `UserError`).
+        'passed', 'absent' (no report beside the model), or 'failed' (only with
+        `allow_failed`; else a failed or unreadable check raises `UserError`).
     """
-    report = os.path.join(os.path.dirname(os.path.abspath(model_path)), "parity.json")
+    parts = os.path.basename(model_path).split(".")
+    variant = parts[-2] if len(parts) > 2 and parts[-2] in ("int8", "fp16") else None
+    report = os.path.join(os.path.dirname(os.path.abspath(model_path)),
+                          f"parity.{variant}.json" if variant else "parity.json")
     if not os.path.isfile(model_path) or not os.path.lexists(report):
         # (A missing model is `OnnxEmbedder`'s error to report.)
         return "absent"
@@ -183,9 +191,11 @@ def export_parity(model_path, allow_failed=False):
         return "passed"
     if allow_failed:
         return "failed"
-    raise UserError(f"--model={model_path}: {report} {problem}: the ONNX export disagrees with "
-                    "the trained model; re-export it (export/export_onnx.py), or pass "
-                    "--allow_failed_parity to serve it anyway.")
+    what = (f"the {variant} model loses more accuracy than its tolerance against the float32 "
+            "one" if variant else "the ONNX export disagrees with the trained model")
+    raise UserError(f"--model={model_path}: {report} {problem}: {what}; re-export it "
+                    "(export/export_onnx.py), or pass --allow_failed_parity to serve it "
+                    "anyway.")
 
 
 def row_problems(embeddings):

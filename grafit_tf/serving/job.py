@@ -286,8 +286,8 @@ def run(o, log=print):
     o = dataclasses.replace(o, workers=workers, intra_op_threads=o.intra_op_threads or threads)
     parity = export_parity(o.model, o.allow_failed_parity)
     if parity == "failed":
-        log(f"warning: --model={o.model}: its export failed the parity check (parity.json); "
-            "served anyway (--allow_failed_parity).")
+        log(f"warning: --model={o.model}: its export failed its parity check (the report "
+            "beside it); served anyway (--allow_failed_parity).")
     embedder = OnnxEmbedder(o.model, o.providers, o.intra_op_threads)
     files, problems = _list_folder(o.images, "images", o.output)
     g = gallery_files = None
