@@ -4,18 +4,30 @@ The `.npz` holds plain arrays only, read with `allow_pickle=False`: `embeddings`
 `[G, D]` float32 (L2-normalised), `labels` `[G]` int32 (indices into
 `label_names` `[L]` str), `paths` `[G]` str (relative to the gallery folder),
 `model_sha256` `[]` str (the model file that embedded them), `format_version` `[]` int.
+
+Version 2 adds an optional open-set calibration (`open_set.Calibration`), all of these
+or none, scalars: `calibration_threshold` float (+inf: no score reached the target),
+`calibration_target_precision`, `calibration_precision`, `calibration_kept`,
+`calibration_temperature` float, `calibration_k`, `calibration_queries` int,
+`calibration_score` str. Version-1 files load, without a calibration.
 """
 
 import dataclasses
+import math
 import os
 
 import numpy as np
 
 from grafit_tf.errors import UserError
+from grafit_tf.serving import open_set
 from grafit_tf.serving.embedder import NORM_TOLERANCE
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _KEYS = ("embeddings", "labels", "label_names", "paths", "model_sha256", "format_version")
+# The `open_set.Calibration` fields, saved as scalars "calibration_<name>" of these types.
+_CALIBRATION = {"threshold": float, "target_precision": float, "precision": float,
+                "kept": float, "k": int, "temperature": float, "queries": int, "score": str}
+_DTYPES = {float: np.float64, int: np.int64, str: str}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +39,7 @@ class Gallery:
     label_names: tuple
     paths: tuple
     model_sha256: str = ""  # '' when unknown.
+    calibration: open_set.Calibration = None  # None when not calibrated (or version 1).
 
     def __len__(self):
         return len(self.labels)
@@ -60,13 +73,17 @@ def save(gallery, path):
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}")
     try:
+        cal = gallery.calibration
+        extra = {} if cal is None else {
+            f"calibration_{name}": np.asarray(getattr(cal, name), dtype=_DTYPES[kind])
+            for name, kind in _CALIBRATION.items()}
         with open(tmp, "wb") as f:  # A file object: np.savez would append '.npz' to a name.
             np.savez(f, embeddings=gallery.embeddings.astype(np.float32),
                      labels=gallery.labels.astype(np.int32),
                      label_names=np.asarray(gallery.label_names, dtype=str),
                      paths=np.asarray(gallery.paths, dtype=str),
                      model_sha256=np.asarray(gallery.model_sha256, dtype=str),
-                     format_version=np.asarray(FORMAT_VERSION, np.int32))
+                     format_version=np.asarray(FORMAT_VERSION, np.int32), **extra)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -120,6 +137,41 @@ def _check_arrays(path, values):
                         f"L2-normalised embeddings: {rebuild}.")
 
 
+def _calibration(path, values):
+    """The saved `open_set.Calibration`, or None when there is none.
+
+    Raises:
+        UserError: some of its arrays missing, of another kind, or out of range.
+    """
+    keys = [f"calibration_{name}" for name in _CALIBRATION]
+    missing = [k for k in keys if k not in values]
+    if len(missing) == len(keys):
+        return None
+    if missing:
+        raise UserError(f"--gallery={path}: a partial calibration (missing "
+                        f"{', '.join(missing)}); rebuild the gallery with --save_gallery.")
+    fields = {}
+    for name, kind in _CALIBRATION.items():
+        dtype, what = {float: ("f", "a float scalar"), int: ("iu", "an integer scalar"),
+                       str: ("U", "a string scalar")}[kind]
+        fields[name] = kind(_scalar(path, values, f"calibration_{name}", dtype, what))
+    cal = open_set.Calibration(**fields)
+    checks = (("threshold", not (math.isnan(cal.threshold) or cal.threshold == -math.inf),
+               "a number or +inf"),
+              ("target_precision", 0 < cal.target_precision <= 1, "in (0, 1]"),
+              ("precision", 0 <= cal.precision <= 1, "in [0, 1]"),
+              ("kept", 0 <= cal.kept <= 1, "in [0, 1]"), ("k", cal.k >= 1, "1 or more"),
+              ("queries", cal.queries >= 1, "1 or more"),
+              ("temperature", math.isfinite(cal.temperature) and cal.temperature > 0,
+               "a finite number > 0"),
+              ("score", cal.score in open_set.SCORES, f"one of {', '.join(open_set.SCORES)}"))
+    for name, ok, what in checks:
+        if not ok:
+            raise UserError(f"--gallery={path}: calibration_{name} is {getattr(cal, name)!r}, "
+                            f"not {what}; rebuild the gallery with --save_gallery.")
+    return cal
+
+
 def load(path):
     """Reads a gallery written by `save`.
 
@@ -131,7 +183,8 @@ def load(path):
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in _KEYS if k not in data.files]
-            values = None if missing else {k: data[k] for k in _KEYS}
+            wanted = _KEYS + tuple(f"calibration_{name}" for name in _CALIBRATION)
+            values = None if missing else {k: data[k] for k in wanted if k in data.files}
     except Exception as e:  # Not a zip, a damaged member, arrays that need pickle...
         reason = " ".join(str(e).split()) or type(e).__name__
         raise UserError(f"--gallery={path}: cannot read it as a gallery .npz ({reason}); "
@@ -140,6 +193,8 @@ def load(path):
         raise UserError(f"--gallery={path}: not a gallery .npz (missing "
                         f"{', '.join(missing)}); write one with --save_gallery.")
     _check_arrays(path, values)
+    # Version 1 had no calibration: any such arrays there are not this format's.
+    calibration = _calibration(path, values) if values["format_version"] >= 2 else None
     return Gallery(values["embeddings"].astype(np.float32), values["labels"].astype(np.int32),
                    tuple(map(str, values["label_names"])), tuple(map(str, values["paths"])),
-                   str(values["model_sha256"]))
+                   str(values["model_sha256"]), calibration)
