@@ -97,9 +97,9 @@ bench-speed: venv
 	$(PY) -m bench.speed
 
 # Serving throughput of the finished run in $(WORKDIR) (make demo first): serve.py over
-# the 10,000 test PNGs and embedding-only onnxruntime vs Keras; writes
-# bench/results/serve.json (a few minutes).
-bench-serve: venv data
+# the 10,000 test PNGs, embedding-only onnxruntime vs Keras, --engine=ray vs local, and a
+# rerun after a kill at half the shards; writes bench/results/serve.json (minutes).
+bench-serve: venv $(VENV)/.scale data
 	$(PY) -m bench.serve_throughput --workdir=$(WORKDIR) --data_dir=$(FASHION_MNIST)
 
 clean:

@@ -17,13 +17,14 @@ galleries) only. Exit status, with one line on stderr whenever it is not 0:
 - 1: no image was embedded (the run is finished; errors.csv says why), or the
   run failed after work started (the model returned a batch of the wrong
   shape, or the kNN vote gave non-finite scores): finished shards stay, no
-  summary.json is written.
+  summary.json is written. With --engine=ray, a shard that failed or whose
+  worker process died is named.
 - 2: bad flags (absl's parsing errors too) or bad input, found before any
   image is decoded and before anything is written: a missing, invalid or
   inconsistent model (metadata against graph, output on a probe not a finite
   unit-norm [N, D]), a model whose export failed its parity check
   (its parity report; see --allow_failed_parity), a temperature that is not a
-  finite number > 0 (flag or model metadata), a missing or empty folder, an
+  finite number > 0 (flag or model metadata), a missing or empty folder or file list, an
   unusable gallery .npz (arrays of the wrong type or shape, not finite, not
   unit norm, another embedding dimension), an output folder another run is
   writing into, or that holds the results of a run with other settings. Also,
@@ -46,8 +47,10 @@ from grafit_tf.serving import images, job
 
 flags.DEFINE_string("model", None, "Exported model: W/export/embedder.onnx "
                     "(written by export/export_onnx.py).")
-flags.DEFINE_string("images", None, "Folder of query images, searched recursively; with "
-                    "--labels_from_dirs laid out as IMAGES/<fine label>/<image>.")
+flags.DEFINE_string("images", None, "Folder of query images, searched recursively, or a "
+                    "text file listing image paths (one a line, relative to the list's folder "
+                    "or absolute); with --labels_from_dirs laid out as "
+                    "IMAGES/<fine label>/<image>.")
 flags.DEFINE_string("output", None, "Output folder: shard-<i>/ folders (embeddings.npy, "
                     "index.csv, errors.csv, predictions.csv with --gallery), manifest.json and "
                     "summary.json (written last, when the run is finished).")

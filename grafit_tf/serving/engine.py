@@ -1,21 +1,20 @@
 """`--engine=ray`: the shards served by Ray Data's workers, one onnxruntime model each.
 
-Every shard is one row of a Ray dataset; `ShardServer`, the batch function of
-`map_batches`, runs on a pool of `workers` actors and serves its row's shard
-with `work.serve_shard`, exactly as `serve.py`'s own loop does, so the outputs
-are the same. Each actor decodes in its own process and publishes its shards
-itself: the output folder must be one the workers can write (local, or shared
-storage on a cluster of several machines, whose nodes need this package).
-
-Ray is imported only here, on demand: serving starts without it installed.
+Each shard is a row of a Ray dataset; `ShardServer`, the batch function of
+`map_batches` on a pool of `workers` actors, serves it with `work.serve_shard`
+as `serve.py`'s own loop does, so the outputs are the same. The actors publish
+their shards themselves: on several machines the output folder must be shared
+storage (and each node needs this package). Ray is imported only on demand.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
 import signal
+import socket
 import threading
 import time
 import warnings
@@ -27,8 +26,8 @@ from grafit_tf.serving import outputs, work
 from grafit_tf.serving.embedder import OnnxEmbedder, resolve_providers
 
 # While an actor serves a shard it holds the empty folder `OUT/<MARK>`: when its
-# process dies, Ray's error gives the pid, and the folder names the shard. The
-# prefix is the staging one, so the next run's `OutputDir` removes leftovers.
+# process dies, Ray's error gives the pid and the folder names the shard (the next
+# run's `OutputDir` removes leftovers, as they have the staging prefix).
 MARK = outputs.STAGING_PREFIX + "{pid}.{shard}"
 
 
@@ -99,18 +98,19 @@ def serve_shards(todo, model, providers, classifier, settings, directory, addres
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = ctx.print_on_execution_start = False
         for handler in logging.getLogger("ray.data").handlers:  # Its log file keeps all.
-            if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
-                handler.setLevel(logging.CRITICAL)  # Failures reach the caller as RunError.
+            if not type(handler).__name__.endswith("FileHandler"):
+                handler.setLevel(logging.CRITICAL)  # Its failures reach the caller as RunError.
         gpus = ray.cluster_resources().get("GPU", 0)
         cuda = bool(gpus) and "CUDAExecutionProvider" in resolve_providers(providers)
         parts = [ray.put(part) for part in todo]
         shared = [None if classifier is None else ray.put(classifier)]
-        where = (f"a local cluster started in {time.perf_counter() - started:.1f} s" if owned
-                 else f"the cluster at {address or 'this process joined'}")
+        where = f"a local cluster started in {time.perf_counter() - started:.1f} s" if owned \
+            else f"the cluster at {address or ray.get_runtime_context().gcs_address}"
         log(f"ray: {len(todo)} shards on {workers} workers{' with GPUs' if cuda else ''}, {where}")
-        rows = ray.data.from_items([{"shard": i} for i in range(len(todo))],
-                                   override_num_blocks=len(todo))  # A task per shard.
-        with warnings.catch_warnings():  # max_restarts: deprecated from Ray 2.60 on, kept.
+        with _sigint_deferred(), warnings.catch_warnings():
+            rows = ray.data.from_items([{"shard": i} for i in range(len(todo))],
+                                       override_num_blocks=len(todo))  # A task per shard.
+            # Ray 2.60 deprecates max_restarts here (2.64 drops it): requirements-scale.txt.
             warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
             served = rows.map_batches(
                 ShardServer, batch_size=1, num_cpus=1,
@@ -124,12 +124,12 @@ def serve_shards(todo, model, providers, classifier, settings, directory, addres
                 done[str(row["name"])] = json.loads(str(row["value"]))
         except Exception as e:
             # Ray Data stops at the first failed row (DataContext.max_errored_blocks
-            # is 0) and raises it here: a RayTaskError (or its UserCodeException)
-            # whose cause is the actor's RunError, naming its shard; or, when an
-            # actor's process died (a crash in a native library, the OOM killer),
-            # an ActorDiedError with its pid. Shards that other actors were serving
-            # are dropped unpublished; per-file problems never get here: they are
-            # rows of the shards' errors.csv.
+            # is 0) and raises it here: a RayTaskError(UserCodeException) whose text
+            # holds the actor's traceback, ending in its RunError that names the
+            # shard; or, when an actor's process died (a crash in a native library,
+            # the OOM killer), an ActorDiedError with its pid. Shards that other
+            # actors were serving are dropped unpublished. Per-file problems never
+            # get here: they are rows of the shards' errors.csv.
             raise work.RunError(f"--engine=ray: {_cause(e, directory)}") from None
         return done
     finally:
@@ -137,7 +137,8 @@ def serve_shards(todo, model, providers, classifier, settings, directory, addres
             ray.shutdown()
         for name in os.listdir(directory):
             if name.startswith(outputs.STAGING_PREFIX) and ".shard-" in name:
-                os.rmdir(os.path.join(directory, name))
+                with contextlib.suppress(OSError):  # Gone already, or a killed actor's.
+                    os.rmdir(os.path.join(directory, name))
 
 
 def _connect(ray, address, workers):
@@ -146,16 +147,28 @@ def _connect(ray, address, workers):
         return False
     main = threading.current_thread() is threading.main_thread()
     sigterm = signal.getsignal(signal.SIGTERM) if main else None
-    # Token authentication without its "enabled by default" warning (an explicit choice
-    # of the user's environment wins).
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # Ray's token authentication stays on (RAY_AUTH_MODE decides), without the warning
+    # that it is on by default.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR)
+    host = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)", address)
+    if host:  # Ray would retry an address that does not answer for many minutes.
+        try:
+            socket.create_connection((host[1], int(host[2])), timeout=10).close()
+        except OSError as e:
+            raise UserError(f"--engine=ray: cannot reach Ray at --ray_address={address} "
+                            f"({_one_line(e)}).") from None
     try:
-        if address:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-        else:  # 'local': a new cluster even when RAY_ADDRESS is set; no dashboard server.
-            ray.init(address="local", num_cpus=workers, include_dashboard=False,
-                     logging_level=logging.WARNING, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as e:
+        with _sigint_deferred():
+            if address:
+                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            else:  # 'local': a new cluster even when RAY_ADDRESS is set; no dashboard server.
+                ray.init(address="local", num_cpus=workers, include_dashboard=False,
+                         logging_level=logging.WARNING, log_to_driver=False)
+    except BaseException as e:
+        ray.shutdown()  # Whatever has started (Ctrl-C, or a cluster that cannot come up).
+        if not isinstance(e, (ConnectionError, RuntimeError, ValueError)):
+            raise
         what = f"cannot reach Ray at --ray_address={address}" if address else \
             "cannot start a local Ray cluster"
         raise UserError(f"--engine=ray: {what} ({_one_line(e)}).") from None
@@ -165,22 +178,48 @@ def _connect(ray, address, workers):
     return not address
 
 
+@contextlib.contextmanager
+def _sigint_deferred():
+    """A first Ctrl-C waits for the end of the block, a second one interrupts it.
+
+    A cluster cut short while it starts leaves two of its processes running for a
+    minute, and a Ray Data dataset cut short while it is built prints an error.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+
+    def handler(number, frame):
+        if caught:
+            raise KeyboardInterrupt
+        caught.append(number)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def _cause(error, directory):
-    """One line for a failed Ray execution: the actor's `RunError`, or the shard whose
-    worker process died (found by its pid), else Ray's own first line."""
-    seen, e = set(), error
-    while e is not None and id(e) not in seen:
-        if isinstance(e, work.RunError):
-            return _one_line(e)
-        seen.add(id(e))
-        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
-    pid = re.search(r"^\s*pid: (\d+)$", str(error), re.MULTILINE)
-    prefix = MARK.format(pid=pid[1] if pid else "", shard="")
-    names = [n[len(prefix):] for n in os.listdir(directory) if pid and n.startswith(prefix)]
-    if names:
-        return (f"{names[0]}: its Ray worker process died serving it (a crash, or killed "
-                f"for memory; {type(error).__name__})")
-    return f"{type(error).__name__}: {_one_line(error)}"
+    """One line for a failed Ray execution: the actor's `RunError` (Ray passes on its
+    traceback as text), or the shard whose worker process died (found by the pid that
+    Ray reports), else Ray's first line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # Ray colours its task names.
+    raised = re.findall(rf"^{re.escape(work.RunError.__module__)}\.RunError: (.+)$", text,
+                        re.MULTILINE)
+    if raised:
+        return raised[-1]
+    if pid := re.search(r"^\s*pid: (\d+)$", text, re.MULTILINE):
+        prefix = MARK.format(pid=pid[1], shard="")
+        for name in os.listdir(directory):
+            if name.startswith(prefix):
+                return (f"{name[len(prefix):]}: its Ray worker process died serving it (a "
+                        f"crash, or killed for memory; {type(error).__name__})")
+    return f"{type(error).__name__}: {_one_line(text)}"
 
 
 def _one_line(error):

@@ -109,8 +109,8 @@ def check_options(o):
     if o.labels_from_dirs and not o.gallery:
         raise UserError("--labels_from_dirs needs --gallery: accuracy is measured on the "
                         "gallery's kNN predictions.")
-    if not os.path.isdir(o.images):
-        raise UserError(f"--images={o.images}: no such directory.")
+    if not os.path.exists(o.images):
+        raise UserError(f"--images={o.images}: no such directory or file list.")
     if os.path.realpath(o.output) == os.path.realpath(o.images):
         raise UserError("--output must differ from --images (outputs would mix with inputs).")
     if os.path.exists(o.output) and not os.path.isdir(o.output):
@@ -128,10 +128,12 @@ def check_options(o):
 
 
 def _list_folder(root, flag, output):
-    """Walks a folder; `UserError` when it holds nothing at all."""
-    files, problems = walk.walk(root, exclude=[output])
+    """Walks a folder or reads a file list; `UserError` when it names nothing at all."""
+    files, problems = (walk.walk(root, exclude=[output]) if os.path.isdir(root)
+                       else walk.listed(root))
     if not files and not problems:
-        raise UserError(f"--{flag}={root}: the directory is empty (no files under it).")
+        raise UserError(f"--{flag}={root}: " + ("the directory is empty (no files under it)."
+                        if os.path.isdir(root) else "the list names no file."))
     return files, problems
 
 

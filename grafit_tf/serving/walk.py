@@ -5,12 +5,16 @@ cannot be served (a symlink loop, a broken link, a fifo, an unreadable
 directory) becomes a `Problem` with its reason. Directory symlinks are
 followed unless they point back to an enclosing directory (a loop). Paths are
 relative to the root, as valid UTF-8 text (`display`).
+
+`listed` reads the files to serve from a text file instead, one path a line.
 """
 
 import dataclasses
 import errno
 import os
 import stat
+
+from grafit_tf.errors import UserError
 
 _SPECIAL_FILES = ((stat.S_ISFIFO, "a fifo"), (stat.S_ISSOCK, "a socket"),
                   (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
@@ -80,12 +84,7 @@ def _walk_dir(path, rel, ancestors, skip, files, problems):
         try:
             st = entry.stat(follow_symlinks=True)
         except OSError as e:
-            if e.errno == errno.ELOOP:
-                problems.append(Problem(shown, "symlink loop (the link resolves to itself)"))
-            elif entry.is_symlink() and e.errno == errno.ENOENT:
-                problems.append(Problem(shown, "broken symlink (its target does not exist)"))
-            else:
-                problems.append(Problem(shown, f"cannot stat: {_reason(e)}"))
+            problems.append(Problem(shown, _stat_failure(e, entry.is_symlink())))
             continue
         key = (st.st_dev, st.st_ino)
         if stat.S_ISDIR(st.st_mode):
@@ -98,9 +97,65 @@ def _walk_dir(path, rel, ancestors, skip, files, problems):
         elif stat.S_ISREG(st.st_mode):
             files.append(File(entry.path, shown, st.st_size, st.st_mtime_ns))
         else:
-            kind = next((name for test, name in _SPECIAL_FILES if test(st.st_mode)),
-                        "not a regular file")
-            problems.append(Problem(shown, f"{kind}, not an image file"))
+            problems.append(Problem(shown, _not_a_file(st.st_mode)))
+
+
+def listed(list_path):
+    """`(files, problems)` of the paths that text file `list_path` lists, one a line.
+
+    A relative path is relative to the list's folder. The outputs name a file by
+    its path relative to that folder (an absolute line too), or by its absolute
+    path when it lies outside. Blank lines are skipped and surrounding whitespace
+    ignored; a file listed twice is served once; a listed path that is missing,
+    a directory or not a regular file is a `Problem`.
+
+    Raises:
+        UserError: the list cannot be read or is not text.
+    """
+    try:
+        with open(list_path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"{list_path}: cannot read the list of images ({_reason(e)}).") from None
+    if b"\0" in data:
+        raise UserError(f"{list_path}: not a text file listing image paths (one a line).")
+    base = os.path.dirname(os.path.abspath(list_path))
+    files, problems, seen = [], [], set()
+    for line in data.splitlines():  # Bytes: names that are not UTF-8 open as listed.
+        if not line.strip():
+            continue
+        path = os.path.normpath(os.path.join(base, os.fsdecode(line.strip())))
+        if path in seen:
+            continue
+        seen.add(path)
+        rel = os.path.relpath(path, base)
+        shown = display(path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel)
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            problems.append(Problem(shown, _stat_failure(e, os.path.islink(path))))
+            continue
+        if stat.S_ISREG(st.st_mode):
+            files.append(File(path, shown, st.st_size, st.st_mtime_ns))
+        elif stat.S_ISDIR(st.st_mode):
+            problems.append(Problem(shown, "a directory, not an image file (a list names "
+                                    "files; give a folder itself as --images)"))
+        else:
+            problems.append(Problem(shown, _not_a_file(st.st_mode)))
+    return files, problems
+
+
+def _stat_failure(error, is_link):
+    if error.errno == errno.ELOOP:
+        return "symlink loop (the link resolves to itself)"
+    if is_link and error.errno == errno.ENOENT:
+        return "broken symlink (its target does not exist)"
+    return f"cannot stat: {_reason(error)}"
+
+
+def _not_a_file(mode):
+    kind = next((name for test, name in _SPECIAL_FILES if test(mode)), "not a regular file")
+    return f"{kind}, not an image file"
 
 
 def _reason(error):
