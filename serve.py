@@ -72,8 +72,15 @@ flags.DEFINE_integer("batch_size", 256, "Images per onnxruntime call.")
 flags.DEFINE_integer("workers", None, "Image decoding processes working ahead of inference "
                      "(0: decode in the main process). Default: 0 below 4 CPUs, else CPUs // 4; "
                      "on 2 CPUs decoding workers starve onnxruntime (slower overall).")
-flags.DEFINE_enum("knn_backend", "auto", ["auto", "faiss", "numpy"], "Exact inner-product "
-                  "search: faiss-cpu (IndexFlatIP), NumPy, or auto (faiss for large galleries).")
+flags.DEFINE_enum("index", "auto", ["auto", "flat", "hnsw", "ivf"], "Gallery search: flat "
+                  "(exact), hnsw or ivf (IVF-PQ; approximate, re-ranked exactly), or auto: flat "
+                  "below 100,000 gallery images, else HNSW within --index_memory, else IVF-PQ. "
+                  "Kept beside the gallery .npz (G.index.npz) and reused.")
+flags.DEFINE_string("index_memory", "4G", "Memory budget of --index=auto's choice (e.g. "
+                    "512M, 4G).")
+flags.DEFINE_float("unknown_precision", 0.0, "Open set: predict 'unknown' when an image's top-1 "
+                   "similarity is below a threshold calibrated on the gallery (leave-one-out) "
+                   "for this precision, e.g. 0.95; 0: off. Saved with the gallery .npz.")
 flags.DEFINE_integer("max_image_pixels", images.DEFAULT_MAX_PIXELS, "Decompression-bomb "
                      "limit: images with more pixels (width x height) go to errors.csv "
                      "(default: Pillow's limit).")
@@ -103,7 +110,8 @@ def options_from_flags():
         model=f.model, images=f.images, output=f.output, gallery=f.gallery,
         save_gallery=f.save_gallery, k=f.k, temperature=f.temperature,
         labels_from_dirs=f.labels_from_dirs, providers=f.providers, batch_size=f.batch_size,
-        workers=f.workers, knn_backend=f.knn_backend, max_image_pixels=f.max_image_pixels,
+        workers=f.workers, index=f.index, index_memory=f.index_memory,
+        unknown_precision=f.unknown_precision, max_image_pixels=f.max_image_pixels,
         intra_op_threads=f.intra_op_threads, progress=f.progress,
         allow_failed_parity=f.allow_failed_parity, shard_size=f.shard_size,
         retry_errors=f.retry_errors, engine=f.engine, ray_address=f.ray_address,

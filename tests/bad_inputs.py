@@ -930,6 +930,9 @@ export_case("export --whiten_shrinkage=-1", WD, "--embedding_transform=whiten",
             "--whiten_shrinkage=-1")
 export_case("export --data_dir missing", WD, lambda c: f"--data_dir={c.d / 'nope'}")
 export_case("export --opset=1", WD, "--opset=1", "--parity_images=64")
+export_case("export --quantize=int4", WD, "--quantize=int4")
+export_case("export --calibration_images=10", WD, "--quantize=int8", "--calibration_images=10")
+export_case("export --quantize_tolerance=-1", WD, "--quantize=int8", "--quantize_tolerance=-1")
 
 
 def _export_is_file(c):
@@ -1057,7 +1060,9 @@ serve_case("serve --output is a regular file", lambda c: S(c, out=c.d / "afile")
 for flag in ("--k=abc", "--k=0", "--k=-1", "--batch_size=0", "--batch_size=-3",
              "--temperature=nan", "--temperature=-1", "--temperature=inf", "--workers=-1",
              "--max_image_pixels=0", "--intra_op_threads=-1", "--providers=bogus",
-             "--knn_backend=annoy", "--unknown_flag=1"):
+             "--unknown_flag=1", "--shard_size=0", "--engine=spark",
+             "--engine_workers=0", "--index=annoy", "--index_memory=lots",
+             "--unknown_precision=1.5", "--unknown_precision=nan"):
     serve_case(f"serve {flag}", lambda c, flag=flag: S(c, flag, gallery=c.fx.gallery_npz),
                )
 serve_case("serve positional argument", lambda c: S(c, "extra"))
@@ -1373,6 +1378,17 @@ def second_run(c):
 
 case("serve second run into a folder another run holds", "serve", exits=(2,),
      runner=second_run)
+
+
+def _other_run(c):
+    """A finished run of the fixture model, with --k=3, in the output folder."""
+    ran = run_tool("serve", S(c, "--k=3", gallery=c.fx.gallery_npz), str(c.d), 120)
+    if ran.rc != 0:
+        raise RuntimeError(f"the first run failed: {first_line(ran)}")
+
+
+serve_case("serve rerun with other settings into a finished run's folder",
+           lambda c: S(c, "--k=5", gallery=c.fx.gallery_npz), prepare=_other_run)
 
 
 # ---------------------------------------------------------------- running

@@ -345,7 +345,7 @@ def _bad_input(case, tmp_path):
     if case == "flag_missing":
         return [f"--images={s['queries']}"], "--model"
     if case == "flag_unknown_value":
-        return base + ["--knn_backend=fastest"], "--knn_backend"
+        return base + ["--index=fastest"], "--index"
     if case == "threads_negative":
         return base + ["--intra_op_threads=-1"], "--intra_op_threads=-1"
     if case.startswith("temperature_"):

@@ -1,26 +1,35 @@
-"""grafit_tf.serving.classify: the exact kNN search and vote, faiss against NumPy."""
+"""grafit_tf.serving.classify: the kNN vote over an exact or an approximate searcher."""
 
 import numpy as np
 import pytest
 
-from grafit_tf.serving import classify, gallery as gallery_lib
+from grafit_tf import knn
+from grafit_tf.serving import classify, gallery as gallery_lib, index
 
 
-def test_knn_backends_agree():
+def unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_the_vote_is_over_the_searchers_neighbours():
     rng = np.random.default_rng(0)
-    gallery = rng.normal(size=(3000, 32)).astype(np.float32)
-    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
-    queries = rng.normal(size=(200, 32)).astype(np.float32)
-    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    sims_np, idx_np = classify.search(queries, gallery, 20, backend="numpy")
-    sims_fa, idx_fa = classify.search(queries, gallery, 20, backend="faiss")
-    np.testing.assert_array_equal(idx_np, idx_fa)
-    np.testing.assert_allclose(sims_np, sims_fa, atol=1e-5)
-    g = gallery_lib.Gallery(gallery, rng.integers(0, 7, 3000).astype(np.int32),
-                            tuple(f"c{i}" for i in range(7)), tuple(map(str, range(3000))))
-    a = classify.predict(queries, g, 20, 0.07, backend="numpy")
-    b = classify.predict(queries, g, 20, 0.07, backend="faiss")
-    np.testing.assert_array_equal(a.labels, b.labels)
+    centres = unit(rng.normal(size=(7, 32)))
+    labels = rng.integers(0, 7, 3000).astype(np.int32)
+    embeddings = unit(centres[labels] + 0.1 * rng.normal(size=(3000, 32)))
+    queries = unit(centres[rng.integers(0, 7, 200)] + 0.1 * rng.normal(size=(200, 32)))
+    g = gallery_lib.Gallery(embeddings, labels, tuple(f"c{i}" for i in range(7)),
+                            tuple(map(str, range(3000))))
+    sims, idx = knn.search(queries, embeddings, 20)
+    expected = knn.weighted_vote(sims, labels[idx], 7, 0.07)[0]
+    exact = classify.predict(queries, g, 20, 0.07)  # No searcher: exact.
+    np.testing.assert_array_equal(exact.labels, expected)
+    np.testing.assert_array_equal(exact.neighbours, idx)
+    approximate = index.prepare(embeddings, "hnsw", log=lambda _: None)
+    hnsw = classify.predict(queries, g, 20, 0.07, approximate)
+    assert (hnsw.labels == expected).mean() >= 0.99
+    assert hnsw.similarities.shape == hnsw.neighbours.shape == (200, 20)
+    empty = classify.predict(np.zeros((0, 32), np.float32), g, 20, 0.07)
+    assert empty.labels.shape == (0,) and empty.neighbours.shape == (0, 20)
 
 
 def test_the_vote_refuses_a_temperature_that_is_not_positive_and_finite():
@@ -28,6 +37,5 @@ def test_the_vote_refuses_a_temperature_that_is_not_positive_and_finite():
                             ("a", "b", "c"), ("a/0", "b/1", "c/2"))
     for bad in (0.0, -0.07, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="finite number > 0"):
-            classify.predict(np.eye(3, dtype=np.float32), g, 2, bad, backend="numpy")
-    assert list(classify.predict(np.eye(3, dtype=np.float32), g, 2, 0.07, "numpy").labels) == \
-        [0, 1, 2]
+            classify.predict(np.eye(3, dtype=np.float32), g, 2, bad)
+    assert list(classify.predict(np.eye(3, dtype=np.float32), g, 2, 0.07).labels) == [0, 1, 2]

@@ -1,5 +1,9 @@
 """grafit_tf.serving.job: checking the options, and reruns into the same output folder."""
 
+import dataclasses
+import os
+
+import numpy as np
 import pytest
 
 from grafit_tf.errors import UserError
@@ -44,3 +48,66 @@ def test_thread_split_leaves_small_machines_to_onnxruntime(tiny_export, fashion_
                                        output=str(tmp_path / "out"), progress=False),
                       log=lambda *a: None)
     assert summary["workers"] == 0 and summary["embedded"] == 30
+
+
+def test_the_index_and_the_open_set_threshold_are_kept_with_the_gallery(
+        tiny_export, fashion_pngs, tmp_path):
+    import shutil
+
+    from grafit_tf.serving import gallery as gallery_lib, shards
+
+    gallery = tmp_path / "gallery"  # Two classes left out: their queries have no label.
+    shutil.copytree(fashion_pngs["gallery"], gallery,
+                    ignore=lambda d, names: [n for n in names if n in ("bag", "trouser")])
+    npz = tmp_path / "g.npz"
+    lines = []
+    options = job.ServeOptions(model=tiny_export["onnx"], images=fashion_pngs["queries"],
+                               output=str(tmp_path / "first"), gallery=str(gallery),
+                               save_gallery=str(npz), index="hnsw", unknown_precision=0.5, k=3,
+                               workers=0, progress=False, labels_from_dirs=True)
+    first = job.run(options, log=lines.append)
+    cal = first["calibration"]
+    assert first["index"]["kind"] == "hnsw" and (tmp_path / "g.index.npz").exists()
+    assert cal["target_precision"] == 0.5 and cal["k"] == first["k"]
+    results = shards.read(str(tmp_path / "first"))
+    predicted = results.predictions["predicted"]
+    assert set(predicted) <= set(first["gallery"]["labels"]) | {"unknown"}
+    # The rule, row by row: unknown exactly when the top-1 similarity is below the threshold.
+    top1 = np.array(results.predictions["similarity_1"], float)
+    threshold = cal["threshold"] if cal["threshold"] is not None else np.inf
+    np.testing.assert_array_equal(np.array(predicted) == "unknown", top1 < threshold - 1e-6)
+    assert first["unknown"] == predicted.count("unknown")
+    assert 0 < first["unknown"] < len(predicted), (cal, top1)
+    assert gallery_lib.load(str(npz)).calibration.threshold == pytest.approx(
+        cal["threshold"] if cal["threshold"] is not None else np.inf)
+    assert any(l.startswith("open set:") for l in lines)
+
+    lines.clear()  # The saved gallery: its index and threshold are reused.
+    second = job.run(job.ServeOptions(
+        model=tiny_export["onnx"], images=fashion_pngs["queries"], output=str(tmp_path / "b"),
+        gallery=str(npz), index="hnsw", unknown_precision=0.5, k=3, workers=0, progress=False,
+        labels_from_dirs=True), log=lines.append)
+    assert any(l.startswith("index: reusing") for l in lines), lines
+    assert not any(l.startswith("open set:") for l in lines), "calibrated again"
+    assert second["calibration"] == cal
+    assert shards.read(str(tmp_path / "b")).predictions["predicted"] == predicted
+
+
+def test_a_gallery_label_named_unknown_is_refused_with_the_open_set(tiny_export, fashion_pngs,
+                                                                    tmp_path):
+    import shutil
+
+    gallery = tmp_path / "gallery"
+    shutil.copytree(fashion_pngs["gallery"], gallery)
+    os.rename(gallery / "bag", gallery / "unknown")
+    options = job.ServeOptions(model=tiny_export["onnx"], images=fashion_pngs["queries"],
+                               output=str(tmp_path / "out"), gallery=str(gallery),
+                               unknown_precision=0.5, progress=False)
+    with pytest.raises(UserError, match="label named 'unknown'"):
+        job.run(options, log=lambda *a: None)
+    assert not (tmp_path / "out").exists()
+    for changes, message in (({"index": "annoy"}, "--index"), ({"index_memory": "lots"},
+                             "--index_memory"), ({"unknown_precision": 1.5}, "precision"),
+                             ({"shard_size": 0}, "--shard_size"), ({"engine": "spark"}, "--engine")):
+        with pytest.raises(UserError, match=message):
+            job.run(dataclasses.replace(options, **changes), log=lambda *a: None)

@@ -1,22 +1,18 @@
 """kNN classification of query embeddings against a labelled gallery.
 
-Exact inner-product search (cosine similarity of L2-normalised embeddings):
-faiss-cpu's `IndexFlatIP` for large galleries, `grafit_tf.knn.search` (NumPy)
-for small ones; both are exhaustive, so they agree. The vote is training
-evaluation's `grafit_tf.knn.weighted_vote`.
+The neighbours come from an `index.Searcher` over the gallery's embeddings: exact
+(flat: NumPy or faiss `IndexFlatIP` by size, the same neighbours) unless the caller
+prepared an approximate one (`index.prepare`). The vote is training evaluation's
+`grafit_tf.knn.weighted_vote`.
 """
 
 import dataclasses
-import logging
 import math
 
 import numpy as np
 
 from grafit_tf import knn
-
-BACKENDS = ("auto", "faiss", "numpy")
-# Below this many gallery rows NumPy's blocked matmul is as fast as faiss.
-FAISS_MIN_GALLERY = 20_000
+from grafit_tf.serving import index as index_lib
 
 
 @dataclasses.dataclass
@@ -29,48 +25,25 @@ class Predictions:
     neighbours: np.ndarray  # [Q, k] int64, gallery rows of the neighbours.
 
 
-def search(queries, gallery, k, backend="auto"):
-    """Top-k inner-product neighbours of `[Q, D]` queries in a `[G, D]` gallery (k clipped to G).
-
-    Args:
-        backend: 'auto' (faiss from `FAISS_MIN_GALLERY` rows), 'faiss' or 'numpy'.
-
-    Returns:
-        `(similarities [Q, k] float32, indices [Q, k] int64)`, best first.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown kNN backend {backend!r}; choose one of {BACKENDS}")
-    k = min(k, len(gallery))
-    if len(queries) == 0:
-        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-    queries = np.ascontiguousarray(queries, np.float32)
-    if backend == "numpy" or (backend == "auto" and len(gallery) < FAISS_MIN_GALLERY):
-        return knn.search(queries, gallery, k)
-    # Its loader logs each SIMD variant it tries at INFO; only problems matter here.
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    import faiss  # Deferred: only large galleries need it.
-
-    index = faiss.IndexFlatIP(gallery.shape[1])
-    index.add(np.ascontiguousarray(gallery, np.float32))
-    sims, idx = index.search(queries, k)
-    return sims.astype(np.float32), idx.astype(np.int64)
-
-
-def predict(queries, gallery, k=20, temperature=0.07, backend="auto"):
+def predict(queries, gallery, k=20, temperature=0.07, searcher=None):
     """`Predictions`: the similarity-weighted vote of the k neighbours of each query.
 
     Args:
         queries: `[Q, D]` float32, L2-normalised.
         gallery: a `gallery.Gallery`.
+        k: neighbours per query (clipped to the gallery's size).
         temperature: T of the weights exp(sim / T).
-        backend: see `search`.
+        searcher: an `index.Searcher` over `gallery.embeddings` (`index.prepare`); None:
+            exact search.
 
     Raises:
         ValueError: a temperature that is not a finite number > 0 (NaN votes).
     """
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"kNN temperature {temperature!r}: must be a finite number > 0")
-    sims, idx = search(queries, gallery.embeddings, k, backend)
+    if searcher is None:
+        searcher = index_lib.prepare(gallery.embeddings, "flat")
+    sims, idx = searcher.search(queries, k)
     if len(queries) == 0:
         return Predictions(np.zeros(0, np.int64), np.zeros(0, np.float32), sims, idx)
     labels, scores = knn.weighted_vote(sims, gallery.labels[idx], len(gallery.label_names),

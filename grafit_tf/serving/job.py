@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 import grafit_tf
 from grafit_tf.errors import UserError, check_writable
-from grafit_tf.serving import classify, embed, gallery as gallery_lib, images, outputs, report
-from grafit_tf.serving import engine, shards, walk, work
+from grafit_tf.serving import embed, engine, gallery as gallery_lib, images, index as index_lib
+from grafit_tf.serving import open_set, outputs, report, shards, walk, work
 from grafit_tf.serving.embedder import OnnxEmbedder, export_parity
 from grafit_tf.serving.work import RunError
 
@@ -60,7 +60,9 @@ class ServeOptions:
     providers: str = ""
     batch_size: int = 256
     workers: int = None  # None: `thread_split`'s default.
-    knn_backend: str = "auto"
+    index: str = "auto"  # Gallery search: `index.KINDS`.
+    index_memory: str = index_lib.DEFAULT_MEMORY
+    unknown_precision: float = 0.0  # 0: off; else the open-set threshold's target precision.
     max_image_pixels: int = images.DEFAULT_MAX_PIXELS
     intra_op_threads: int = 0  # 0: `thread_split`'s.
     progress: bool = True
@@ -103,9 +105,18 @@ def check_options(o):
                         "default) or more.")
     if o.max_image_pixels < 1:
         raise UserError(f"--max_image_pixels={o.max_image_pixels}: must be positive.")
-    if o.knn_backend not in classify.BACKENDS:
-        raise UserError(f"--knn_backend={o.knn_backend!r}: choose one of "
-                        f"{', '.join(classify.BACKENDS)}.")
+    if o.index not in index_lib.KINDS:
+        raise UserError(f"--index={o.index!r}: choose one of {', '.join(index_lib.KINDS)}.")
+    try:
+        index_lib.parse_memory(o.index_memory)
+    except UserError as e:
+        raise UserError(f"--index_memory: {e}") from None
+    if not (o.unknown_precision == 0 or 0 < o.unknown_precision <= 1):
+        raise UserError(f"--unknown_precision={o.unknown_precision}: use a precision in (0, 1] "
+                        "(e.g. 0.95), or 0 to always name a gallery label.")
+    if o.unknown_precision and not o.gallery:
+        raise UserError("--unknown_precision needs --gallery: the threshold is calibrated on "
+                        "the gallery.")
     if o.labels_from_dirs and not o.gallery:
         raise UserError("--labels_from_dirs needs --gallery: accuracy is measured on the "
                         "gallery's kNN predictions.")
@@ -166,10 +177,37 @@ def _build_gallery(embedder, files, problems, o, out, log):
                                   embedder.sha256)
     log(f"gallery: {len(g)} images of {len(g.label_names)} labels from {o.gallery} "
         f"({len(rows)} not embedded, see gallery_errors.csv)")
-    if o.save_gallery:
-        gallery_lib.save(g, o.save_gallery)
-        log(f"gallery saved to {o.save_gallery}")
     return g, rows
+
+
+def _classifier(g, o, temperature, log):
+    """The gallery side of the vote: its index and, with `unknown_precision`, its threshold.
+
+    The index is kept beside the gallery's `.npz` (`--gallery` or `--save_gallery`), and
+    the threshold in it, so that a later run reuses both.
+    """
+    npz = o.save_gallery or (o.gallery if not os.path.isdir(o.gallery) else "")
+    searcher = index_lib.prepare(g.embeddings, o.index, o.index_memory,
+                                 index_lib.index_path(npz) if npz else None, log)
+    calibration, save = g.calibration, bool(o.save_gallery)
+    if o.unknown_precision and not (calibration and calibration.matches(
+            o.unknown_precision, o.k, temperature)):
+        calibration = open_set.calibrate(g.embeddings, g.labels, len(g.label_names),
+                                         o.unknown_precision, o.k, temperature, searcher.search)
+        g, save = dataclasses.replace(g, calibration=calibration), True
+        log(f"open set: a top-1 similarity below {calibration.threshold:.4f} is unknown "
+            f"(precision {calibration.precision:.4f} on {calibration.queries} leave-one-out "
+            f"gallery votes, target {o.unknown_precision:g})")
+    if o.unknown_precision and calibration.warning():
+        log(f"warning: {calibration.warning()}")
+    if save and npz:
+        try:
+            gallery_lib.save(g, npz)
+            log(f"gallery saved to {npz}")
+        except OSError as e:  # A read-only gallery: calibrated again next time.
+            log(f"warning: cannot save the gallery to {npz} ({e.strerror or e}).")
+    return work.Classifier(g, o.k, temperature, searcher,
+                           calibration if o.unknown_precision else None)
 
 
 def resolve_temperature(o, embedder):
@@ -217,14 +255,17 @@ def _fingerprint(files, problems):
     return digest.hexdigest()
 
 
-def _gallery_identity(o, gallery_files):
-    """What the predictions depend on in the gallery: its files, or the .npz's bytes."""
-    if not o.gallery:
-        return None
+def _gallery_identity(g, gallery_files):
+    """What the predictions depend on in the gallery: its files, or the .npz's arrays
+    (not its bytes: a saved calibration changes those)."""
     if gallery_files is not None:
         return "folder:" + _fingerprint(*gallery_files)
-    with open(o.gallery, "rb") as f:
-        return "npz:" + hashlib.file_digest(f, "sha256").hexdigest()
+    if g is None:
+        return None
+    digest = hashlib.sha256()
+    for part in (g.embeddings, g.labels, "\n".join(g.label_names), "\n".join(g.paths)):
+        digest.update(part.tobytes() if isinstance(part, np.ndarray) else part.encode())
+    return "npz:" + digest.hexdigest()
 
 
 def _check_manifest(out, o, run_key):
@@ -288,7 +329,7 @@ def run(o, log=print):
     o = dataclasses.replace(o, workers=workers, intra_op_threads=o.intra_op_threads or threads)
     parity = export_parity(o.model, o.allow_failed_parity)
     if parity == "failed":
-        log(f"warning: --model={o.model}: its export failed its parity check (the report "
+        log(f"warning: --model={o.model}: its export failed the parity check (the report "
             "beside it); served anyway (--allow_failed_parity).")
     embedder = OnnxEmbedder(o.model, o.providers, o.intra_op_threads)
     files, problems = _list_folder(o.images, "images", o.output)
@@ -307,11 +348,17 @@ def run(o, log=print):
         if g.model_sha256 and g.model_sha256 != embedder.sha256:
             log(f"warning: --gallery={o.gallery} was embedded with another model file; its "
                 "neighbours are only meaningful if the two models are the same.")
+    names = (g.label_names if g is not None else [gallery_lib.label_of(f.relpath) for f in
+                                                  gallery_files[0]] if gallery_files else [])
+    if o.unknown_precision and work.UNKNOWN in names:
+        raise UserError(f"--gallery={o.gallery} has a label named {work.UNKNOWN!r}, the word "
+                        "predictions.csv gives below the open-set threshold; rename that label.")
     temperature = resolve_temperature(o, embedder) if o.gallery else None
     run_key = dict(images=os.path.realpath(o.images), model_sha256=embedder.sha256,
-                   gallery=_gallery_identity(o, gallery_files), k=o.k, temperature=temperature,
+                   gallery=_gallery_identity(g, gallery_files), k=o.k, temperature=temperature,
                    labels_from_dirs=o.labels_from_dirs, max_image_pixels=o.max_image_pixels,
-                   shard_size=o.shard_size)
+                   shard_size=o.shard_size, index=o.index, index_memory=o.index_memory,
+                   unknown_precision=o.unknown_precision)
     try:
         out = outputs.OutputDir(o.output, OUTPUT_NAMES)
     except outputs.OutputBusy:
@@ -355,7 +402,7 @@ def _serve(embedder, files, problems, g, gallery_files, temperature, o, out, run
     gallery_errors = None
     if gallery_files is not None:
         g, gallery_errors = _build_gallery(embedder, *gallery_files, o, out, log)
-    classifier = None if g is None else work.Classifier(g, o.k, temperature, o.knn_backend)
+    classifier = None if g is None else _classifier(g, o, temperature, log)
     settings = work.Settings(o.batch_size, o.workers, o.max_image_pixels, o.labels_from_dirs)
     done, todo = {}, []
     for shard in plan:
@@ -382,10 +429,10 @@ def _serve(embedder, files, problems, g, gallery_files, temperature, o, out, run
         if name not in done:  # Shards of files that are gone.
             shards.remove(o.output, name)
     seconds = time.perf_counter() - started
-    return _summary(plan, done, embedder, g, gallery_errors, temperature, o, seconds, served, log)
+    return _summary(plan, done, embedder, classifier, gallery_errors, o, seconds, served, log)
 
 
-def _summary(plan, done, embedder, g, gallery_errors, temperature, o, seconds, served, log):
+def _summary(plan, done, embedder, classifier, gallery_errors, o, seconds, served, log):
     values = [done[s.name] for s in plan]
     count = lambda key: sum(v[key] for v in values)  # noqa: E731
     summary = dict(version=grafit_tf.__version__, model=o.model, model_sha256=embedder.sha256,
@@ -398,11 +445,19 @@ def _summary(plan, done, embedder, g, gallery_errors, temperature, o, seconds, s
     log(f"embedded {summary['embedded']} of {summary['files']} files in {len(plan)} shards "
         f"({served} served now in {seconds:.1f} s, {summary['images_per_second']:.0f} "
         f"images/s); {summary['errors']} in the shards' errors.csv")
-    if g is None:
+    if classifier is None:
         return summary
+    g = classifier.gallery
     summary["gallery"] = {"source": o.gallery, "images": len(g), "labels": list(g.label_names),
                           "errors": None if gallery_errors is None else len(gallery_errors)}
-    summary.update(k=int(min(o.k, len(g))), temperature=temperature)
+    summary.update(k=int(min(o.k, len(g))), temperature=classifier.temperature,
+                   index=classifier.searcher.describe())
+    if classifier.calibration is not None:
+        c = dataclasses.asdict(classifier.calibration)
+        c["threshold"] = c["threshold"] if math.isfinite(c["threshold"]) else None  # JSON.
+        summary.update(calibration=c, unknown=count("unknown"))
+        log(f"unknown: {summary['unknown']} of {summary['embedded']} images (top-1 similarity "
+            f"below the threshold)")
     if o.labels_from_dirs:
         counts = report.merge((v["accuracy_counts"], v["unlabelled"]) for v in values)
         summary["accuracy"] = acc = report.from_counts(*counts, g.label_names)

@@ -6,8 +6,8 @@ its files, the model and the `Classifier` only.
 
 `predictions.csv` has per embedded file (a row of `index.csv`): `path`, the
 `label` read from its folder with `labels_from_dirs`, the `predicted` fine
-label, its vote `score`, then per neighbour j its gallery path, label and
-similarity.
+label (`unknown` when the top-1 similarity is below the open-set threshold),
+its vote `score`, then per neighbour j its gallery path, label and similarity.
 """
 
 import dataclasses
@@ -15,7 +15,11 @@ import time
 
 import numpy as np
 
-from grafit_tf.serving import classify, embed, gallery as gallery_lib, outputs, report, shards
+from grafit_tf.serving import classify, embed, gallery as gallery_lib, open_set, outputs, report
+from grafit_tf.serving import shards
+
+
+UNKNOWN = "unknown"  # The predicted label below the open-set threshold.
 
 
 class RunError(Exception):
@@ -29,16 +33,26 @@ class Classifier:
     gallery: gallery_lib.Gallery
     k: int
     temperature: float
-    knn_backend: str = "auto"
+    searcher: object = None  # An `index.Searcher` (None: exact search).
+    calibration: open_set.Calibration = None  # Open-set threshold (None: always a label).
 
     def predict(self, embeddings):
-        """`classify.Predictions` of `[Q, D]` embeddings; `RunError` on non-finite scores."""
+        """`(classify.Predictions, [Q] bool unknown)` of `[Q, D]` embeddings.
+
+        Raises:
+            RunError: non-finite scores.
+        """
         preds = classify.predict(embeddings, self.gallery, self.k, self.temperature,
-                                 self.knn_backend)
+                                 self.searcher)
         if not (np.isfinite(preds.scores).all() and np.isfinite(preds.similarities).all()):
             raise RunError(f"the kNN vote gave non-finite scores (temperature "
                            f"{self.temperature}): check --temperature and the gallery.")
-        return preds
+        unknown = np.zeros(len(embeddings), bool)
+        if self.calibration is not None:
+            c = self.calibration
+            unknown = open_set.unknown_mask(
+                open_set.scores(preds.similarities, preds.scores, c.score), c.threshold)
+        return preds, unknown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,14 +65,15 @@ class Settings:
     labels_from_dirs: bool = False
 
 
-def _prediction_rows(relpaths, preds, g, true_names):
+def _prediction_rows(relpaths, preds, unknown, g, true_names):
     header = ["path"] + (["label"] if true_names is not None else []) + ["predicted", "score"]
     for j in range(1, preds.neighbours.shape[1] + 1):
         header += [f"neighbour_{j}", f"neighbour_{j}_label", f"similarity_{j}"]
     rows = []
     for r, path in enumerate(relpaths):
         row = [path] + ([true_names[r] or ""] if true_names is not None else [])
-        row += [g.label_names[preds.labels[r]], float(preds.scores[r])]
+        row += [UNKNOWN if unknown[r] else g.label_names[preds.labels[r]],
+                float(preds.scores[r])]
         for n, s in zip(preds.neighbours[r], preds.similarities[r]):
             row += [g.paths[n], g.label_names[g.labels[n]], float(s)]
         rows.append(row)
@@ -108,15 +123,16 @@ def serve_shard(shard, embedder, classifier, settings, directory, reuse=None, pr
         value = dict(fingerprint=shard.fingerprint, entries=len(shard), embedded=len(ok),
                      errors=len(reasons), seconds=time.perf_counter() - started)
         if classifier is not None:
-            preds = classifier.predict(embeddings)
+            preds, unknown = classifier.predict(embeddings)
             g = classifier.gallery
             true = ([gallery_lib.label_of(f.relpath) for f in ok] if settings.labels_from_dirs
                     else None)
-            header, rows = _prediction_rows([f.relpath for f in ok], preds, g, true)
+            header, rows = _prediction_rows([f.relpath for f in ok], preds, unknown, g, true)
             outputs.write_csv(writer.path("predictions.csv"), header, rows)
+            value["unknown"] = int(unknown.sum())
             if true is not None:  # Counts, so the summary never re-reads finished shards.
                 value["accuracy_counts"], value["unlabelled"] = report.count(
-                    true, [g.label_names[p] for p in preds.labels])
+                    true, [r[2] for r in rows])
         outputs.write_json(writer.path("shard.json"), value)
         writer.publish()
     except BaseException:
