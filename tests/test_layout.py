@@ -49,12 +49,14 @@ def test_no_import_cycle_in_grafit_tf():
 def test_the_repository_stays_within_its_limits():
     lines = sum(len(open(p, encoding="utf-8").readlines()) for p in _modules().values())
     # 5,200 until RandAugment moved in house (rand_augment.py, 176 lines: Keras's layer ran
-    # all 11 of its ops per image) with JPEG crop-window and reduced-size decoding.
-    assert lines <= 5500, f"grafit_tf has {lines} lines"
+    # all 11 of its ops per image) with JPEG crop-window and reduced-size decoding; 5,500
+    # until serving went past one folder and one machine (shards.py and work.py: resumable
+    # shards; engine.py: Ray; index.py: faiss indexes; open_set.py; quantize.py: int8, fp16).
+    assert lines <= 7100, f"grafit_tf has {lines} lines"
     assert len(glob.glob(os.path.join(REPO, "configs", "*.cfg"))) <= 12
     bench = [f for f in os.listdir(os.path.join(REPO, "bench")) if f.endswith(".py")]
-    assert len(bench) <= 9, bench
-    for name, limit in (("README.md", 12000), ("BENCHMARKS.md", 40000)):
+    assert len(bench) <= 11, bench
+    for name, limit in (("README.md", 14000), ("BENCHMARKS.md", 44000)):
         with open(os.path.join(REPO, name), encoding="utf-8") as f:
             assert len(f.read()) <= limit, name
     for path in glob.glob(os.path.join(REPO, "configs", "*.cfg")):

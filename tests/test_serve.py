@@ -500,7 +500,7 @@ def test_killing_serve_leaves_no_process_behind(sig, tmp_path):
     images.mkdir()
     y, x = np.mgrid[0:1200, 0:1200]
     (images / "0000.png").write_bytes(png_bytes(((x * y) % 251).astype(np.uint8)))
-    for i in range(1, 2000):  # Hard links: 2000 slow-to-decode files, one on disk.
+    for i in range(1, 5000):  # Hard links: 5000 slow-to-decode files, one on disk.
         os.link(images / "0000.png", images / f"{i:04d}.png")
     out = tmp_path / "out"
     marker = uuid.uuid4().hex
