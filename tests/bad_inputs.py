@@ -206,8 +206,10 @@ def start(tool, args, cwd, env=None, tag="p"):
         del full_env[k]
     out = open(os.path.join(cwd, f".{tag}.stdout"), "wb")
     err = open(os.path.join(cwd, f".{tag}.stderr"), "wb")
+    # SIGINT's default action: a background job (`cmd &`) inherits it ignored.
     popen = subprocess.Popen(argv, cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
-                             stdout=out, stderr=err, start_new_session=True)
+                             stdout=out, stderr=err, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     popen._files = (out, err, cwd, tag, argv, time.time())
     return popen
 
@@ -1330,10 +1332,12 @@ def signal_runner(sig, to_group):
                        if not n.startswith((".serve.", "shard-")) and n != "manifest.json"]
             if visible or (out / "summary.json").exists():
                 problems.append(f"published files after SIGKILL: {visible[:4]}")
-            again = run_tool("serve", S(c), str(c.d), 180)
-            outs = serve_outputs(out)[0]
-            if again.rc != 0 or outs:
-                problems.append(f"the next run into the folder: exit {again.rc} {outs}")
+            # The same command again: it serves the unfinished shards.
+            again = run_tool("serve", S(c, images=c.fx.slow_dir, out=out), str(c.d), 300)
+            outs, index, _ = serve_outputs(out)
+            if again.rc != 0 or outs or len(index) != SLOW_IMAGES:
+                problems.append(f"the rerun of the command: exit {again.rc} {outs}, "
+                                f"{len(index)} rows")
         else:
             change = nothing_new(out, None, started=True)
             if change:

@@ -111,3 +111,16 @@ def test_a_gallery_label_named_unknown_is_refused_with_the_open_set(tiny_export,
                              ({"shard_size": 0}, "--shard_size"), ({"engine": "spark"}, "--engine")):
         with pytest.raises(UserError, match=message):
             job.run(dataclasses.replace(options, **changes), log=lambda *a: None)
+
+
+def test_a_gallery_folder_that_cannot_be_embedded_writes_nothing(tiny_export, fashion_pngs,
+                                                                 tmp_path):
+    gallery = tmp_path / "gallery" / "a"
+    gallery.mkdir(parents=True)
+    (gallery / "x.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="none of its 1 files could be embedded"):
+        job.run(job.ServeOptions(model=tiny_export["onnx"], images=fashion_pngs["queries"],
+                                 output=str(out), gallery=str(gallery.parent), progress=False),
+                log=lambda *a: None)
+    assert os.listdir(out) == [], "an exit-2 error wrote into the output folder"

@@ -395,14 +395,14 @@ def run(o, log=print):
 def _serve(embedder, files, problems, g, gallery_files, temperature, o, out, run_key, log):
     started = time.perf_counter()
     plan = shards.plan(files, problems, o.shard_size)
+    gallery_errors = None
+    if gallery_files is not None:  # A gallery none of whose images embeds: nothing written.
+        g, gallery_errors = _build_gallery(embedder, *gallery_files, o, out, log)
+    classifier = None if g is None else _classifier(g, o, temperature, log)
     if os.path.lexists(out.path("summary.json")):  # Unfinished until the new one is in.
         os.remove(out.path("summary.json"))
     _publish_manifest(out, dict(format_version=MANIFEST_VERSION, run=run_key,
                                 shards=[[s.name, s.fingerprint, len(s)] for s in plan]))
-    gallery_errors = None
-    if gallery_files is not None:
-        g, gallery_errors = _build_gallery(embedder, *gallery_files, o, out, log)
-    classifier = None if g is None else _classifier(g, o, temperature, log)
     settings = work.Settings(o.batch_size, o.workers, o.max_image_pixels, o.labels_from_dirs)
     done, todo = {}, []
     for shard in plan:
