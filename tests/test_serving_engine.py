@@ -15,7 +15,7 @@ from grafit_tf.errors import UserError
 from grafit_tf.serving import engine, job, shards
 from tests.conftest import REPO
 from tests.image_files import png_bytes
-from tests.test_serve import serve_options, synthetic
+from tests.test_serve import default_sigint, serve_options, synthetic
 
 ray = pytest.importorskip("ray")  # Fallback only: `make test` installs requirements-scale.txt.
 
@@ -167,7 +167,7 @@ def test_ctrl_c_stops_the_cluster_serve_py_started(tmp_path):
         [sys.executable, os.path.join(REPO, "serve.py"), f"--model={s['model']}",
          f"--images={s['queries']}", f"--output={tmp_path / 'out'}", "--engine=ray",
          "--shard_size=1", "--progress=false"], cwd=REPO, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, process_group=0,
+        stderr=subprocess.PIPE, text=True, process_group=0, preexec_fn=default_sigint,
         env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
         for line in proc.stdout:  # The cluster is up; its actors take seconds to start.

@@ -247,19 +247,12 @@ def _signals_deferred():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
-def _fingerprint(files, problems):
-    digest = hashlib.sha256()
-    for e in sorted(list(files) + list(problems), key=lambda e: e.relpath):
-        digest.update(f"{e.relpath}\0{getattr(e, 'size', '')}\0{getattr(e, 'mtime_ns', '')}\0"
-                      f"{getattr(e, 'reason', '')}\n".encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()
-
-
 def _gallery_identity(g, gallery_files):
     """What the predictions depend on in the gallery: its files, or the .npz's arrays
     (not its bytes: a saved calibration changes those)."""
     if gallery_files is not None:
-        return "folder:" + _fingerprint(*gallery_files)
+        entries = sorted(gallery_files[0] + gallery_files[1], key=lambda e: e.relpath)
+        return "folder:" + shards.fingerprint(entries)
     if g is None:
         return None
     digest = hashlib.sha256()

@@ -26,7 +26,7 @@ import shutil
 
 import numpy as np
 
-from grafit_tf.serving import outputs
+from grafit_tf.serving import outputs, walk
 
 PREFIX = "shard-"
 NAME = re.compile(r"shard-(\d{5,})")
@@ -50,19 +50,25 @@ class Shard:
         return len(self.files) + len(self.problems)
 
 
+def fingerprint(entries):
+    """sha256 of `walk.File`s (path, size, mtime) and `walk.Problem`s (path, reason)."""
+    digest = hashlib.sha256()
+    for e in entries:
+        digest.update(f"{e.relpath}\0{getattr(e, 'size', None)}\0"
+                      f"{getattr(e, 'mtime_ns', None)}\0{getattr(e, 'reason', '')}\n"
+                      .encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
 def plan(files, problems, shard_size):
     """Cuts the entries, sorted by path, into `Shard`s of `shard_size` (the last one shorter)."""
     entries = sorted(list(files) + list(problems), key=lambda e: e.relpath)
     shards = []
     for number, start in enumerate(range(0, len(entries), shard_size)):
         part = entries[start:start + shard_size]
-        digest = hashlib.sha256()
-        for e in part:  # A File has a size; a Problem has a reason.
-            digest.update(f"{e.relpath}\0{getattr(e, 'size', None)}\0"
-                          f"{getattr(e, 'mtime_ns', None)}\0{getattr(e, 'reason', '')}\n"
-                          .encode("utf-8", "surrogateescape"))
-        shards.append(Shard(number, tuple(e for e in part if hasattr(e, "size")),
-                            tuple(e for e in part if not hasattr(e, "size")), digest.hexdigest()))
+        shards.append(Shard(number, tuple(e for e in part if isinstance(e, walk.File)),
+                            tuple(e for e in part if not isinstance(e, walk.File)),
+                            fingerprint(part)))
     return shards
 
 
