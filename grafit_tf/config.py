@@ -11,7 +11,9 @@ import math
 
 from grafit_tf.errors import UserError
 
-METHODS = ("grafit", "coarse_ce", "instance", "fine_ce", "grafit_maskcon", "finetune")
+METHODS = ("grafit", "coarse_ce", "instance", "fine_ce", "grafit_maskcon", "maskcon",
+           "finetune")
+MOCO_METHODS = ("grafit_maskcon", "maskcon")  # MaskCon's recipe: a queue of coarse-labelled keys.
 DATASETS = ("fashion_mnist", "image_folder",
             # TensorFlow Datasets: coarse-to-fine, then fine labels only (transfer).
             "cifar100", "stanford_online_products", "i_naturalist2018", "cars196",
@@ -69,7 +71,8 @@ class Config:
 
     # --- Model ----------------------------------------------------------------
     method: str = setting("grafit", "grafit, or a baseline: coarse_ce, instance, fine_ce "
-                                    "(oracle), grafit_maskcon (MaskCon's reading of Grafit); "
+                                    "(oracle), grafit_maskcon (MaskCon's reading of Grafit), "
+                                    "maskcon (MaskCon's own soft targets over the queue); "
                                     "finetune: fine-label cross-entropy (see --init_from).",
                           choices=METHODS)
     backbone: str = setting("small_resnet", "Trunk: small_resnet or resnet18 (3x3 stem, for "
@@ -91,16 +94,17 @@ class Config:
                           choices=("full", "queue"))
     memory_momentum: float = setting(0.5, "mu in m_i <- normalise(mu m_i + (1 - mu) z_i) "
                                           "(full memory).", low=0.0, below=1.0)
-    queue_size: int = setting(8192, "FIFO queue length (--memory=queue, grafit_maskcon).", low=1)
+    queue_size: int = setting(8192, "FIFO queue length (--memory=queue, the maskcon methods).",
+                              low=1)
     lambda_inst: float = setting(1.0, "Weight of the instance loss in grafit.", low=0.0,
                                  high=100.0)
     instance_loss: str = setting("byol", "byol (predictor + EMA target) or infonce (in-batch "
                                          "negatives against the EMA target's keys).",
                                  choices=("byol", "infonce"))
     instance_tau: float = setting(0.1, "Temperature of --instance_loss=infonce and of "
-                                       "grafit_maskcon.", above=0.0, high=10.0)
+                                       "the maskcon methods (T1).", above=0.0, high=10.0)
     ema_decay: float = setting(0.99, "Base EMA decay of the target (cosine to 1, as BYOL; "
-                                     "constant for grafit_maskcon).", low=0.0, high=1.0)
+                                     "constant for the maskcon methods).", low=0.0, high=1.0)
     label_smoothing: float = setting(0.0, "Label smoothing of the cross-entropy methods.",
                                      low=0.0, below=1.0)
 
@@ -189,7 +193,7 @@ class Config:
             raise UserError(
                 f"--num_views={self.num_views}: --method={self.method} needs at least 2 views "
                 "(only the cross-entropy methods coarse_ce, fine_ce and finetune train on 1).")
-        uses_queue = self.memory == "queue" or self.method == "grafit_maskcon"
+        uses_queue = self.memory == "queue" or self.method in MOCO_METHODS
         if uses_queue and self.queue_size < self.batch_size:
             raise UserError(
                 f"--queue_size={self.queue_size} is smaller than one global batch "

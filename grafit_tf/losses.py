@@ -157,3 +157,44 @@ def queue_contrastive_loss(queries, keys, labels, queue, queue_labels, tau, weig
     return tf.reduce_mean(weight * sup + (1.0 - weight) * self_term)
 
 
+
+
+def maskcon_loss(queries, keys, labels, queue, queue_labels, tau, soft_tau, weight=0.5):
+    """MaskCon (Feng and Patras, CVPR 2023): soft targets over the queue from the key.
+
+    logits_i = [q_i . k_i, q_i . queue_j for all j] / tau, and the target row of query i
+    (no gradient) mixes one-hot on its own key with MaskCon's relations: queue entries of
+    the same coarse label weighted by exp(k_i . queue_j / soft_tau) (the masked logits
+    shifted by their row maximum, as MaskCon's code does), rescaled so the largest is 1,
+    the own key 1, the row normalised:
+
+        L = -mean_i sum_j [w * z_ij + (1 - w) * onehot_j] * log_softmax(logits_i)_j
+
+    Args:
+        queries: `[B, D]` L2-normalised online embeddings.
+        keys: `[B, D]` L2-normalised key-encoder embeddings of another view.
+        labels: `[B]` int coarse labels.
+        queue: `[Q, D]` past keys (no gradient).
+        queue_labels: `[Q]` int labels (-1: empty slot, never a relation).
+        tau: T1, temperature of the logits.
+        soft_tau: T2, temperature of the relations.
+        weight: w of the relations' part of the target.
+
+    Returns:
+        Scalar mean over the batch.
+    """
+    keys, queue = tf.stop_gradient(keys), tf.stop_gradient(queue)
+    same = tf.cast(tf.equal(tf.cast(labels, tf.int32)[:, None],
+                            tf.cast(queue_labels, tf.int32)[None, :]), queries.dtype)  # [B, Q]
+    relation = tf.matmul(keys, queue, transpose_b=True) / soft_tau * same
+    relation = tf.exp(relation - tf.reduce_max(relation, axis=1, keepdims=True)) * same
+    # divide_no_nan: a query with no same-label entry has only its own key (MaskCon: NaN).
+    relation = tf.math.divide_no_nan(relation, tf.reduce_sum(relation, axis=1, keepdims=True))
+    relation = tf.math.divide_no_nan(relation, tf.reduce_max(relation, axis=1, keepdims=True))
+    soft = tf.concat([tf.ones_like(relation[:, :1]), relation], axis=1)
+    soft = soft / tf.reduce_sum(soft, axis=1, keepdims=True)
+    onehot = tf.one_hot(tf.zeros_like(labels, tf.int32), tf.shape(soft)[1], dtype=soft.dtype)
+    target = tf.stop_gradient(weight * soft + (1.0 - weight) * onehot)
+    own = tf.reduce_sum(queries * keys, axis=1, keepdims=True)
+    logits = tf.concat([own, tf.matmul(queries, queue, transpose_b=True)], axis=1) / tau
+    return -tf.reduce_mean(tf.reduce_sum(target * tf.nn.log_softmax(logits, axis=1), axis=1))

@@ -10,10 +10,12 @@ import keras
 import tensorflow as tf
 
 from grafit_tf import losses
+from grafit_tf.config import MOCO_METHODS
 from grafit_tf.distribute import all_gather, cross_replica_concat, num_replicas
 
-# w in w * L_sup + (1 - w) * L_self of grafit_maskcon: MaskCon's value.
-MASKCON_WEIGHT = 0.5
+# w in w * L_sup + (1 - w) * L_self of grafit_maskcon, and of maskcon's target mix:
+# MaskCon's value; T2 of maskcon's soft relations: MaskCon's CIFAR-100 setting.
+MASKCON_WEIGHT, MASKCON_SOFT_TAU = 0.5, 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,13 +23,13 @@ class Objective:
     """What `train_step` optimises.
 
     Attributes:
-        method: grafit | coarse_ce | instance | fine_ce | grafit_maskcon.
+        method: grafit | coarse_ce | instance | fine_ce | grafit_maskcon | maskcon.
         tau: NCA temperature.
         lambda_inst: weight of the instance loss in `grafit`.
         instance_loss: byol | infonce (the instance term of grafit and instance).
-        instance_tau: temperature of infonce and of grafit_maskcon.
+        instance_tau: temperature of infonce and of the maskcon methods (T1).
         ema_decay: base decay of the target network, cosine-raised to 1 over
-            `total_steps` (BYOL); constant for grafit_maskcon (MoCo).
+            `total_steps` (BYOL); constant for the maskcon methods (MoCo).
         total_steps: planned optimizer steps, for the EMA schedule.
         label_smoothing: for the cross-entropy methods.
     """
@@ -59,7 +61,8 @@ class Objective:
 
     @property
     def maskcon(self):
-        return self.method == "grafit_maskcon"
+        """MaskCon's MoCo recipe (a queue of coarse-labelled keys): both its losses."""
+        return self.method in MOCO_METHODS
 
     @property
     def ema_target(self):
@@ -204,9 +207,12 @@ class GrafitModel(keras.Model):
                 obj.label_smoothing)
         if obj.maskcon:
             # View 0 queries, view 1 is the key (MaskCon's strong / weak pair).
-            terms["maskcon_loss"] = losses.queue_contrastive_loss(
-                out["query"][0], out["key"][1], labels, self.memory.embeddings,
-                self.memory.labels, obj.instance_tau, MASKCON_WEIGHT)
+            args = (out["query"][0], out["key"][1], labels, self.memory.embeddings,
+                    self.memory.labels, obj.instance_tau)
+            terms["maskcon_loss"] = (
+                losses.maskcon_loss(*args, MASKCON_SOFT_TAU, MASKCON_WEIGHT)
+                if obj.method == "maskcon" else
+                losses.queue_contrastive_loss(*args, MASKCON_WEIGHT))
         return terms
 
     def update_state(self, out, labels, indices):

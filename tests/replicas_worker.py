@@ -133,7 +133,7 @@ def run(variant):
 
 if __name__ == "__main__":
     variants = sys.argv[2:] or ["default", "grafit", "coarse_ce", "instance", "fine_ce",
-                                "grafit_maskcon"]
+                                "grafit_maskcon", "maskcon"]
     for v in variants:
         if v != "default" and v.partition("+")[2] not in ("", "bn"):
             sys.exit(f"unknown variant {v!r}: default, METHOD or METHOD+bn")

@@ -16,8 +16,8 @@ from tests.conftest import REPO
 # memory whose counts of queries with a positive differ between replicas, lambda_inst
 # 0.5, synchronised batch norm) and every other method, without batch norm: grafit
 # (BYOL, full memory), the cross-entropy heads, the instance loss alone, and
-# grafit_maskcon (queue and key encoder).
-VARIANTS = ["default", "grafit", "coarse_ce", "instance", "fine_ce", "grafit_maskcon"]
+# grafit_maskcon and maskcon (queue and key encoder).
+VARIANTS = ["default", "grafit", "coarse_ce", "instance", "fine_ce", "grafit_maskcon", "maskcon"]
 REPLICAS = [2, 4]
 
 
@@ -49,7 +49,7 @@ def test_one_step_matches_single_device(results, replicas):
         assert abs(r["loss_one"] - r["loss_mirrored"]) <= 1e-5 * max(1.0, r["loss_one"]), (
             variant, r)
         assert r["weight_diff"] <= 1e-5, (variant, r)
-        if variant.startswith("grafit") or variant == "default":  # Memory or queue.
+        if variant.startswith("grafit") or variant in ("default", "maskcon"):  # Memory, queue.
             # Every replica holds the same, complete memory as the single device.
             assert r["memory_copies"] == replicas, (variant, r)
             assert r["memory_diff"] <= 1e-5, (variant, r)

@@ -269,3 +269,57 @@ def test_queue_contrastive_weight_0_is_infonce_against_own_key_and_queue(rng):
     np.testing.assert_allclose(
         losses.queue_contrastive_loss(q, k, y, queue, qy, 0.2, weight=0.0).numpy(), want,
         rtol=1e-6)
+
+
+def maskcon_reference(q, k, y, queue, qy, t1, t2, w):
+    """`MaskCon.forward` (MaskCon_CVPR2023, models/model.py) transcribed line by line in
+    NumPy: the queue is `[Q, D]` here, `[D, K]` there."""
+    n, big_k = len(q), len(queue)
+    coarse_z = np.ones((n, big_k)) * (y.reshape(-1, 1) == qy.reshape(1, -1))
+    logits_pd = k @ queue.T / t2
+    logits_pd = logits_pd * coarse_z
+    logits_pd = logits_pd - logits_pd.max(axis=1, keepdims=True)
+    pseudo_soft_z = np.exp(logits_pd) * coarse_z
+    pseudo_sum = pseudo_soft_z.sum(axis=1, keepdims=True)
+    maskcon_z = np.zeros((n, big_k + 1))
+    maskcon_z[:, 0] = 1
+    tmp = pseudo_soft_z / pseudo_sum
+    tmp = tmp / tmp.max(axis=1, keepdims=True)
+    maskcon_z[:, 1:] = tmp
+    maskcon_z = maskcon_z / maskcon_z.sum(axis=1, keepdims=True)
+    self_z = np.zeros((n, big_k + 1))
+    self_z[:, 0] = 1.0
+    labels = w * maskcon_z + (1 - w) * self_z
+    logits_all = np.concatenate([np.sum(q * k, 1)[:, None], q @ queue.T], axis=1) / t1
+    log_softmax = logits_all - np.log(np.exp(logits_all).sum(axis=1, keepdims=True))
+    return -np.mean(np.sum(log_softmax * labels, axis=1))
+
+
+@pytest.mark.parametrize("args", [(0.1, 0.05, 0.5), (0.2, 1.0, 0.3)],
+                         ids=["maskcon_cifar", "spread_relations"])
+def test_maskcon_matches_its_code_and_gradient(rng, args):
+    q = _unit(rng.normal(size=(4, 6)))
+    k = _unit(rng.normal(size=(4, 6)))
+    queue = _unit(rng.normal(size=(7, 6)))
+    y, qy = np.array([0, 1, 2, 0]), np.array([0, 1, 0, 2, 1, 0, 2])
+    got = losses.maskcon_loss(q, k, y, queue, qy, *args).numpy()
+    np.testing.assert_allclose(got, maskcon_reference(q, k, y, queue, qy, *args), rtol=1e-5)
+    qv, kv, queue_v = tf.Variable(q), tf.Variable(k), tf.Variable(queue)
+    with tf.GradientTape() as tape:
+        loss = losses.maskcon_loss(qv, kv, y, queue_v, qy, *args)
+    gq, gk, g_queue = tape.gradient(loss, [qv, kv, queue_v])
+    assert gk is None and g_queue is None  # Keys, queue and targets carry no gradient.
+    np.testing.assert_allclose(
+        gq.numpy(), numeric_grad(lambda a: maskcon_reference(a, k, y, queue, qy, *args), q,
+                                 eps=1e-6), atol=1e-5)
+
+
+def test_maskcon_without_same_label_entries_is_infonce_on_the_own_key(rng):
+    q = _unit(rng.normal(size=(2, 4)))
+    k = _unit(rng.normal(size=(2, 4)))
+    queue = _unit(rng.normal(size=(3, 4)))
+    y, qy = np.array([5, 6]), np.array([0, 1, -1])  # MaskCon's code gives NaN here.
+    logits = np.concatenate([np.sum(q * k, 1, keepdims=True), q @ queue.T], axis=1) / 0.1
+    want = -np.mean(logits[:, 0] - np.log(np.exp(logits).sum(1)))
+    np.testing.assert_allclose(losses.maskcon_loss(q, k, y, queue, qy, 0.1, 0.05).numpy(),
+                               want, rtol=1e-6)

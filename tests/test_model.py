@@ -80,6 +80,7 @@ def test_target_starts_as_copy_and_follows_by_ema():
     ("grafit", [0.9, 0.95, 1.0]),  # BYOL: 1 - (1 - base) (cos(pi t) + 1) / 2.
     ("instance", [0.9, 0.95, 1.0]),
     ("grafit_maskcon", [0.9, 0.9, 0.9]),  # MoCo: always constant.
+    ("maskcon", [0.9, 0.9, 0.9]),
 ])
 def test_ema_decay_schedule(method, want):
     source = synthetic_source()
@@ -95,7 +96,7 @@ def test_ema_decay_schedule(method, want):
 
 
 @pytest.mark.parametrize("method", ["grafit", "coarse_ce", "instance", "fine_ce",
-                                    "grafit_maskcon", "grafit+infonce"])
+                                    "grafit_maskcon", "maskcon", "grafit+infonce"])
 def test_each_method_has_its_losses_and_embeds(method):
     source = synthetic_source()
     method, _, instance_loss = method.partition("+")
@@ -110,10 +111,10 @@ def test_each_method_has_its_losses_and_embeds(method):
     logs = tf.function(model.train_step)(batch(source))
     expected = {"grafit": {"nca_loss", "instance_loss"}, "coarse_ce": {"ce_loss"},
                 "instance": {"instance_loss"}, "fine_ce": {"ce_loss"},
-                "grafit_maskcon": {"maskcon_loss"}}[method]
+                "grafit_maskcon": {"maskcon_loss"}, "maskcon": {"maskcon_loss"}}[method]
     assert set(logs) == expected | {"loss"}
     assert all(np.isfinite(float(v)) for v in logs.values())
-    if method == "grafit_maskcon":  # The step's keys went into the FIFO queue.
+    if method in ("grafit_maskcon", "maskcon"):  # The step's keys went into the FIFO queue.
         assert int(model.memory.pointer.numpy()) == 8
         np.testing.assert_array_equal(model.memory.labels.numpy()[:8], source.train.coarse[:8])
     z = heads.embedder(model.backbone)(np.zeros((3, 12, 12, 1), np.float32))
