@@ -206,7 +206,8 @@ class GrafitModel(keras.Model):
                 tf.reshape(out["logits"], [-1, out["logits"].shape[-1]]), tf.tile(labels, [v]),
                 obj.label_smoothing)
         if obj.maskcon:
-            # View 0 queries, view 1 is the key (MaskCon's strong / weak pair).
+            # View 0 queries, view 1 gives the key: both drawn by the same recipe here,
+            # not MaskCon's separate query and key augmentations.
             args = (out["query"][0], out["key"][1], labels, self.memory.embeddings,
                     self.memory.labels, obj.instance_tau)
             terms["maskcon_loss"] = (
