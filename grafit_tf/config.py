@@ -96,7 +96,8 @@ class Config:
                                           "(full memory).", low=0.0, below=1.0)
     queue_size: int = setting(8192, "FIFO queue length (--memory=queue, the maskcon methods).",
                               low=1)
-    lambda_inst: float = setting(1.0, "Weight of the instance loss in grafit.", low=0.0,
+    lambda_inst: float = setting(1.0, "Weight of the instance loss in grafit, on its mean over "
+                                      "ordered view pairs (BYOL's sum of both: 2x).", low=0.0,
                                  high=100.0)
     instance_loss: str = setting("byol", "byol (predictor + EMA target) or infonce (in-batch "
                                          "negatives against the EMA target's keys).",

@@ -193,3 +193,15 @@ def test_nca_term_queries_every_view_against_the_memory_without_its_own_slot():
     want_slots /= np.linalg.norm(want_slots, axis=1, keepdims=True)
     np.testing.assert_allclose(model.memory.embeddings.numpy()[index[:8]], want_slots, rtol=1e-5,
                                atol=1e-6)
+
+
+def test_the_instance_loss_is_the_mean_over_ordered_view_pairs():
+    # The convention the configs' --lambda_inst follows: BYOL sums its two directions,
+    # so BYOL's weight 1 is --lambda_inst=2 here (the full-size configs use 2).
+    from grafit_tf.model import _over_view_pairs
+
+    pred = tf.constant([[[1.0]], [[2.0]], [[3.0]]])  # [V=3, b=1, P=1]
+    target = tf.constant([[[10.0]], [[20.0]], [[30.0]]])
+    pairs = [(1, 20), (1, 30), (2, 10), (2, 30), (3, 10), (3, 20)]
+    got = _over_view_pairs(pred, target, lambda p, t: tf.reduce_sum(p * t))
+    np.testing.assert_allclose(float(got), np.mean([p * t for p, t in pairs]))
