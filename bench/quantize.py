@@ -18,13 +18,12 @@ random images too: speed only), e.g. a ResNet-50 at 224 px. Writes
 """
 
 import os
-import statistics
 import time
 
 from absl import app, flags
 
 import grafit_tf  # noqa: F401  Before TensorFlow: its oneDNN setting.
-from bench.runs import publish
+from bench.runs import interleaved, publish
 
 flags.DEFINE_string("workdir", None, "Work directory with export/embedder.onnx; the variants "
                     "and their reports are written beside it.")
@@ -32,24 +31,12 @@ flags.DEFINE_list("variants", ["int8", "fp16"], "Variants to write and measure."
 flags.DEFINE_integer("rounds", 5, "Alternations (A, B) per figure; the median is kept.")
 flags.DEFINE_integer("batch_size", 256, "Images per onnxruntime call (serve.py's default).")
 flags.DEFINE_integer("speed_images", 2048, "Test images per timed turn.")
-flags.DEFINE_string("speed_model", "/tmp/gbench/run_resnet50/export/embedder.onnx",
+flags.DEFINE_string("speed_model", "",
                     "Exported model timed on random images too ('' or missing: skipped).")
 flags.DEFINE_integer("speed_model_images", 32, "Images per timed turn of --speed_model.")
 flags.DEFINE_integer("speed_model_batch", 8, "Batch size of --speed_model.")
 flags.mark_flag_as_required("workdir")
 FLAGS = flags.FLAGS
-
-
-def interleaved(fns, rounds):
-    """`{name: median of fn()}` with the fns taking turns `rounds` times (one warm-up)."""
-    for fn in fns.values():
-        fn()
-    values = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            values[name].append(fn())
-    return {name: tuple(statistics.median(v[i] for v in values[name]) for i in range(2))
-            for name in fns}
 
 
 def rates(embedder, batches):

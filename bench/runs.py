@@ -10,10 +10,25 @@ The benches are modules of the `bench` package, run from the repository root as
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def interleaved(fns, rounds):
+    """`{name: median of fn()}` with the fns taking turns `rounds` times (one warm-up):
+    the 2 cores are shared, so only figures timed in turns compare. A fn returning a
+    tuple gets the median of each of its values."""
+    for fn in fns.values():
+        fn()
+    values = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            values[name].append(fn())
+    return {name: tuple(map(statistics.median, zip(*v))) if isinstance(v[0], tuple)
+            else statistics.median(v) for name, v in values.items()}
 
 
 def over_seeds(results, keys):

@@ -34,7 +34,7 @@ import time
 from absl import app, flags
 
 import grafit_tf  # noqa: F401  Before the parts' TensorFlow: its oneDNN setting.
-from bench.runs import ROOT, publish
+from bench.runs import ROOT, interleaved, publish
 
 flags.DEFINE_list("parts", ["pipeline", "steps", "backends", "knn", "serve"], "What to measure.")
 flags.DEFINE_integer("rounds", 5, "Alternations (A, B) per figure; the median is kept.")
@@ -61,17 +61,6 @@ def jpegs(n=128, size=(375, 500)):
             pixels = np.stack(waves, -1) + rng.normal(0, 8, size + (3,))
             Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(paths[-1], quality=90)
     return np.asarray(paths)
-
-
-def interleaved(fns, rounds):
-    """`{name: median of fn()}` with the fns taking turns `rounds` times (one warm-up)."""
-    for fn in fns.values():
-        fn()
-    values = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            values[name].append(fn())
-    return {name: statistics.median(v) for name, v in values.items()}
 
 
 def pipeline_part(rounds):

@@ -122,6 +122,19 @@ def cross_entropy(logits, labels, label_smoothing=0.0):
     return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=onehot, logits=logits))
 
 
+def _queue_logits(queries, keys, queue, tau):
+    """MoCo's logits `[B, 1 + Q]`: `[q_i . k_i, q_i . queue_j] / tau`; no gradient to the
+    keys or the queue (the key encoder's)."""
+    keys, queue = tf.stop_gradient(keys), tf.stop_gradient(queue)
+    own = tf.reduce_sum(queries * keys, axis=1, keepdims=True)
+    return tf.concat([own, tf.matmul(queries, queue, transpose_b=True)], axis=1) / tau
+
+
+def _same_label(labels, queue_labels):
+    """`[B, Q]` bool: queue entry j has query i's label (an empty slot, -1, never does)."""
+    return tf.equal(tf.cast(labels, tf.int32)[:, None], tf.cast(queue_labels, tf.int32)[None, :])
+
+
 def queue_contrastive_loss(queries, keys, labels, queue, queue_labels, tau, weight=0.5):
     """MaskCon's "Grafit" baseline: MoCo logits with a coarse-label supervised term.
 
@@ -143,20 +156,13 @@ def queue_contrastive_loss(queries, keys, labels, queue, queue_labels, tau, weig
     Returns:
         Scalar mean over the batch.
     """
-    keys = tf.stop_gradient(keys)
-    queue = tf.stop_gradient(queue)
-    labels = tf.cast(labels, tf.int32)
-    own = tf.reduce_sum(queries * keys, axis=1, keepdims=True)  # [B, 1]
-    logits = tf.concat([own, tf.matmul(queries, queue, transpose_b=True)], axis=1) / tau
-    log_prob = tf.nn.log_softmax(logits, axis=1)  # [B, 1 + Q]
-    same = tf.equal(labels[:, None], tf.cast(queue_labels, tf.int32)[None, :])
-    positive = tf.concat([tf.ones_like(own, tf.bool), same], axis=1)
+    log_prob = tf.nn.log_softmax(_queue_logits(queries, keys, queue, tau), axis=1)
+    same = _same_label(labels, queue_labels)
+    positive = tf.concat([tf.ones_like(same[:, :1]), same], axis=1)
     mask = tf.cast(positive, log_prob.dtype)
     sup = -tf.reduce_sum(log_prob * mask, axis=1) / tf.reduce_sum(mask, axis=1)
     self_term = -log_prob[:, 0]
     return tf.reduce_mean(weight * sup + (1.0 - weight) * self_term)
-
-
 
 
 def maskcon_loss(queries, keys, labels, queue, queue_labels, tau, soft_tau, weight=0.5):
@@ -183,10 +189,9 @@ def maskcon_loss(queries, keys, labels, queue, queue_labels, tau, soft_tau, weig
     Returns:
         Scalar mean over the batch.
     """
-    keys, queue = tf.stop_gradient(keys), tf.stop_gradient(queue)
-    same = tf.cast(tf.equal(tf.cast(labels, tf.int32)[:, None],
-                            tf.cast(queue_labels, tf.int32)[None, :]), queries.dtype)  # [B, Q]
-    relation = tf.matmul(keys, queue, transpose_b=True) / soft_tau * same
+    same = tf.cast(_same_label(labels, queue_labels), queries.dtype)
+    relation = tf.matmul(tf.stop_gradient(keys), tf.stop_gradient(queue),
+                         transpose_b=True) / soft_tau * same
     relation = tf.exp(relation - tf.reduce_max(relation, axis=1, keepdims=True)) * same
     # divide_no_nan: a query with no same-label entry has only its own key (MaskCon: NaN).
     relation = tf.math.divide_no_nan(relation, tf.reduce_sum(relation, axis=1, keepdims=True))
@@ -195,6 +200,5 @@ def maskcon_loss(queries, keys, labels, queue, queue_labels, tau, soft_tau, weig
     soft = soft / tf.reduce_sum(soft, axis=1, keepdims=True)
     onehot = tf.one_hot(tf.zeros_like(labels, tf.int32), tf.shape(soft)[1], dtype=soft.dtype)
     target = tf.stop_gradient(weight * soft + (1.0 - weight) * onehot)
-    own = tf.reduce_sum(queries * keys, axis=1, keepdims=True)
-    logits = tf.concat([own, tf.matmul(queries, queue, transpose_b=True)], axis=1) / tau
-    return -tf.reduce_mean(tf.reduce_sum(target * tf.nn.log_softmax(logits, axis=1), axis=1))
+    log_prob = tf.nn.log_softmax(_queue_logits(queries, keys, queue, tau), axis=1)
+    return -tf.reduce_mean(tf.reduce_sum(target * log_prob, axis=1))
