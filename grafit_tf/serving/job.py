@@ -285,13 +285,6 @@ def _check_manifest(out, o, run_key):
                     "where it stopped).")
 
 
-def _publish_manifest(out, manifest):
-    staged = os.path.join(out.staging, "manifest.json")
-    outputs.write_json(staged, manifest)
-    outputs.rename(staged, out.path("manifest.json"))
-    outputs.fsync_dir(out.directory)
-
-
 def _reuse(directory, shard):
     """`{relpath: embedding}` of a finished shard, for `retry_errors`; None when no listed
     error is a file that can be decoded again."""
@@ -394,8 +387,9 @@ def _serve(embedder, files, problems, g, gallery_files, temperature, o, out, run
     classifier = None if g is None else _classifier(g, o, temperature, log)
     if os.path.lexists(out.path("summary.json")):  # Unfinished until the new one is in.
         os.remove(out.path("summary.json"))
-    _publish_manifest(out, dict(format_version=MANIFEST_VERSION, run=run_key,
-                                shards=[[s.name, s.fingerprint, len(s)] for s in plan]))
+    out.publish_json("manifest.json", dict(format_version=MANIFEST_VERSION, run=run_key,
+                                           shards=[[s.name, s.fingerprint, len(s)]
+                                                   for s in plan]))
     settings = work.Settings(o.batch_size, o.workers, o.max_image_pixels, o.labels_from_dirs)
     done, todo = {}, []
     for shard in plan:

@@ -188,11 +188,15 @@ class OutputDir:
         """Writes a UTF-8 CSV (rows: iterables of cells, see `csv_cell`)."""
         write_csv(self._staged_path(name), header, rows)
 
-    def write_npy(self, name, array):
-        write_npy(self._staged_path(name), array)
-
     def write_json(self, name, value):
         write_json(self._staged_path(name), value)
+
+    def publish_json(self, name, value):
+        """Writes JSON output `name` into place now (staged, then one rename), not at `commit`."""
+        staged = os.path.join(self.staging, name)
+        write_json(staged, value)
+        rename(staged, self.path(name))
+        fsync_dir(self.directory)
 
     def commit(self, stale=(), last="summary.json"):
         """Publishes the staged files as a whole (the module docstring's steps).
