@@ -153,11 +153,6 @@ def _bar(o, total, desc):
                 disable=not o.progress)
 
 
-def _error_rows(files, problems, failed):
-    rows = [(p.relpath, p.reason) for p in problems] + [(files[i].relpath, r) for i, r in failed]
-    return sorted(rows, key=lambda r: r[0])
-
-
 def _build_gallery(embedder, files, problems, o, out, log):
     """Embeds a labelled folder. Returns `(Gallery, error rows)`."""
     labelled = [f for f in files if gallery_lib.label_of(f.relpath) is not None]
@@ -167,7 +162,7 @@ def _build_gallery(embedder, files, problems, o, out, log):
     with _bar(o, len(labelled), "gallery") as bar:
         result = embed.embed_files(embedder, [f.path for f in labelled], o.batch_size, o.workers,
                                    o.max_image_pixels, bar)
-    rows = _error_rows(labelled, problems, result.errors)
+    rows = work.error_rows(labelled, problems, result.errors)
     out.write_csv("gallery_errors.csv", ("path", "reason"), rows)
     if not result.ok:
         first = f"{rows[0][0]}: {rows[0][1]}" if rows else "no files"

@@ -30,7 +30,6 @@ from grafit_tf.serving import outputs, walk
 
 PREFIX = "shard-"
 NAME = re.compile(r"shard-(\d{5,})")
-FILES = ("embeddings.npy", "index.csv", "errors.csv", "predictions.csv", "shard.json")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -65,6 +65,13 @@ class Settings:
     labels_from_dirs: bool = False
 
 
+def error_rows(files, problems, failed):
+    """`(path, reason)` rows, by path, of `walk.Problem`s and of the `(index into files,
+    reason)` pairs of files that failed."""
+    rows = [(p.relpath, p.reason) for p in problems] + [(files[i].relpath, r) for i, r in failed]
+    return sorted(rows, key=lambda r: r[0])
+
+
 def _prediction_rows(relpaths, preds, unknown, g, true_names):
     header = ["path"] + (["label"] if true_names is not None else []) + ["predicted", "score"]
     for j in range(1, preds.neighbours.shape[1] + 1):
@@ -109,8 +116,7 @@ def serve_shard(shard, embedder, classifier, settings, directory, reuse=None, pr
     except embed.ModelOutputError as e:
         raise RunError(f"the model failed: {e}") from None
     new = {todo[i].relpath: row for i, row in zip(result.ok, result.embeddings)}
-    reasons = {todo[i].relpath: reason for i, reason in result.errors}
-    reasons.update((p.relpath, p.reason) for p in shard.problems)
+    errors = error_rows(todo, shard.problems, result.errors)
     ok = [f for f in shard.files if f.relpath in reuse or f.relpath in new]
     rows = [reuse.get(f.relpath, new.get(f.relpath)) for f in ok]
     embeddings = (np.stack(rows) if rows else np.zeros((0, embedder.dim))).astype(np.float32)
@@ -119,9 +125,9 @@ def serve_shard(shard, embedder, classifier, settings, directory, reuse=None, pr
         outputs.write_npy(writer.path("embeddings.npy"), embeddings)
         outputs.write_csv(writer.path("index.csv"), ("path", "size", "mtime"),
                           [(f.relpath, f.size, f.mtime_ns / 1e9) for f in ok])
-        outputs.write_csv(writer.path("errors.csv"), ("path", "reason"), sorted(reasons.items()))
+        outputs.write_csv(writer.path("errors.csv"), ("path", "reason"), errors)
         value = dict(fingerprint=shard.fingerprint, entries=len(shard), embedded=len(ok),
-                     errors=len(reasons), seconds=time.perf_counter() - started)
+                     errors=len(errors), seconds=time.perf_counter() - started)
         if classifier is not None:
             preds, unknown = classifier.predict(embeddings)
             g = classifier.gallery
