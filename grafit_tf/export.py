@@ -235,7 +235,7 @@ def export(run_dir, num_parity_images=256, tolerance=TOLERANCE, data_dir=None, o
         onnx.helper.set_model_props(model, metadata(config, embedding_dim, transform))
         model.doc_string = "grafit_tf embedder: uint8 images [N, H, W, C] -> L2-normalised [N, D]."
         onnx.checker.check_model(model, full_check=True)
-        _write_atomic(os.path.join(stage, "embedder.onnx"), model.SerializeToString())
+        write_atomic(os.path.join(stage, "embedder.onnx"), model.SerializeToString())
         report = dict(parity(embedder, os.path.join(stage, "saved_model"),
                              os.path.join(stage, "embedder.onnx"), images),
                       images=int(len(images)), tolerance=tolerance,
@@ -245,13 +245,13 @@ def export(run_dir, num_parity_images=256, tolerance=TOLERANCE, data_dir=None, o
                                report["keras_vs_onnxruntime"]) <= tolerance
         text = json.dumps(report, indent=2, sort_keys=True).encode()
         if not report["passed"]:
-            _write_atomic(failed, text)
+            write_atomic(failed, text)
             raise ParityError(
                 f"export parity failed on {len(images)} images: max |Keras - SavedModel| = "
                 f"{report['keras_vs_saved_model']:.3g}, max |Keras - onnxruntime| = "
                 f"{report['keras_vs_onnxruntime']:.3g} (tolerance {tolerance:g}); nothing was "
                 f"published (see {failed}).")
-        _write_atomic(os.path.join(stage, "parity.json"), text)
+        write_atomic(os.path.join(stage, "parity.json"), text)
         _publish(stage, out_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -274,7 +274,8 @@ def _publish(stage, out_dir):
         os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
 
 
-def _write_atomic(path, data):
+def write_atomic(path, data):
+    """Writes `data` (bytes) to `path` through a temporary name and one rename."""
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)

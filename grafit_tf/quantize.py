@@ -122,7 +122,7 @@ def _finish(variant, model, name, out_path):
     for value in list(variant.graph.input) + list(variant.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = export.BATCH_DIM
     onnx.checker.check_model(variant, full_check=True)
-    export._write_atomic(out_path, variant.SerializeToString())
+    export.write_atomic(out_path, variant.SerializeToString())
 
 
 def compare(float_path, variant_path, config, data_dir=None):
@@ -218,14 +218,14 @@ def quantize(run_dir, variant, tolerance=0.5, calibration_images=512, data_dir=N
         report["passed"] = bad == 0 and min(change.values()) >= -tolerance
         text = json.dumps(report, indent=2, sort_keys=True).encode()
         if not report["passed"]:
-            export._write_atomic(failed, text)
+            export.write_atomic(failed, text)
             raise export.ParityError(
                 f"{variant} check failed: fine kNN top-1 {change['fine_knn_top1']:+.2f}, "
                 f"fine Recall@1 {change['fine_recall_at_1']:+.2f} points against float32 "
                 f"(tolerance {tolerance:g}), {bad} embeddings not unit norm; nothing was "
                 f"published (see {failed}).")
         os.replace(tmp, os.path.join(out_dir, model_name(variant)))
-        export._write_atomic(os.path.join(out_dir, report_name(variant)), text)
+        export.write_atomic(os.path.join(out_dir, report_name(variant)), text)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
