@@ -15,7 +15,7 @@ import os
 
 from absl import app, flags
 
-from bench.runs import ROOT, publish, train_or_reuse
+from bench.runs import publish, train_or_reuse
 from grafit_tf import evaluation
 
 VARIANTS = {
@@ -58,19 +58,18 @@ VARIANTS = {
     # A narrower kNN-loss head: the coarse NCA constrains a lower-dimensional image of the
     # trunk, leaving more of it to the instance loss.
     "knn_dim_32": ["--knn_dim=32"],
-    "grafit_maskcon": "configs/fashion_mnist_grafit_maskcon.cfg",
+    # MaskCon's reading of Grafit (one head, a queue of coarse-labelled keys, w = 0.5) with
+    # its SGD, on the default's data, trunk and epochs in their two-view form.
+    "grafit_maskcon": ["--num_views=2", "--gamma_jitter=0", "--method=grafit_maskcon",
+                       "--lambda_inst=1", "--proj_hidden=512", "--proj_dim=256",
+                       "--queue_size=8192", "--instance_tau=0.1", "--ema_decay=0.99",
+                       "--optimizer=sgd_l2", "--learning_rate=0.02", "--weight_decay=5e-4"],
 }
 
 
 def variant_flags(variant):
-    """A variant's flags; a preset file's own lines minus its nested default flagfile
-    (which would undo --base)."""
-    spec = VARIANTS[variant]
-    if isinstance(spec, list):
-        return spec
-    lines = open(os.path.join(ROOT, spec), encoding="utf-8").read().splitlines()
-    return [l.strip() for l in lines
-            if l.strip().startswith("--") and not l.strip().startswith("--flagfile=")]
+    """A variant's train.py flags (added to --base's)."""
+    return VARIANTS[variant]
 
 
 def define_flags():

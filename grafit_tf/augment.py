@@ -187,14 +187,15 @@ def rgb_from_crop(crop, seed, size, jitter=0.4, gamma=0.0):
 
 
 def resize_center_crop(image, size, crop_fraction=0.875):
-    """Evaluation resize: shorter side to size/crop_fraction, then centre crop.
+    """Evaluation resize: shorter side to size/crop_fraction (antialiased bilinear, as
+    PIL / torchvision shrink photos), then centre crop.
 
     Args:
         image: `[H, W, C]` float32 of any size.
         size: `(height, width)` of the output.
     """
     image = tf.image.resize(image, resized_shape(tf.shape(image)[:2], size, crop_fraction),
-                            method="bilinear")
+                            method="bilinear", antialias=True)
     return tf.image.resize_with_crop_or_pad(image, size[0], size[1])
 
 

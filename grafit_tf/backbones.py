@@ -5,6 +5,7 @@ embedder takes raw pixels and no client needs the statistics.
 """
 
 import os
+import warnings
 
 import keras
 from keras import layers
@@ -94,12 +95,35 @@ def _stem_resnet(input_shape, mean, std, stem, stages, use_bn, sync_bn, name):
     return keras.Model(inputs, x, name=name)
 
 
+def _check_weights(weights):
+    if weights and not os.path.isfile(weights):
+        raise UserError(f"--weights={weights}: no such file (a local .weights.h5 is needed).")
+
+
+def after_stem(trunk):
+    """The layers of a `resnet18_small` trunk after its stem convolution, as a model
+    sharing them: what `--weights` holds for resnet18 (convert_resnet18.py), so that
+    neither the input statistics nor the stem (fresh, as MaskCon's) are in the file."""
+    return keras.Model(trunk.get_layer("stem_conv").output, trunk.output, name="after_stem")
+
+
+def _load_after_stem(trunk, weights):
+    _check_weights(weights)
+    try:
+        with warnings.catch_warnings():  # Keras's warnings per layer before its error.
+            warnings.simplefilter("ignore")
+            after_stem(trunk).load_weights(weights)
+    except (ValueError, OSError) as e:
+        raise UserError(f"--weights={weights}: not a resnet18 file of convert_resnet18.py "
+                        f"({str(e).splitlines()[0].rstrip(':.')}).") from None
+    return trunk
+
+
 def _full_size_trunk(body, input_shape, mean, std, weights, name):
     """Normalisation + `body`, a `keras.Model` `[N, H, W, 3] -> [N, F]`, with `weights`
     (a local `.weights.h5`: Keras's ImageNet file for ResNet-50, or one saved from
     this trunk's body) loaded into `body`."""
-    if weights and not os.path.isfile(weights):
-        raise UserError(f"--weights={weights}: no such file (a local .weights.h5 is needed).")
+    _check_weights(weights)
     inputs = keras.Input(input_shape, name="image")
     x = normalization(mean, std)(inputs)
     if weights:
@@ -117,7 +141,8 @@ def build(config, input_shape, mean, std, use_bn=True, sync_bn=False):
     if config.backbone == "small_resnet":
         return small_resnet(input_shape, mean, std, config.width, use_bn=use_bn, sync_bn=sync_bn)
     if config.backbone == "resnet18":
-        return resnet18_small(input_shape, mean, std, use_bn=use_bn, sync_bn=sync_bn)
+        trunk = resnet18_small(input_shape, mean, std, use_bn=use_bn, sync_bn=sync_bn)
+        return _load_after_stem(trunk, config.weights) if config.weights else trunk
     if config.backbone == "resnet50":
         body = keras.applications.ResNet50(include_top=False, weights=None,
                                            input_shape=input_shape, pooling="avg")

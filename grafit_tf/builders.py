@@ -49,11 +49,13 @@ def build_model(config, source, total_steps, use_bn=True, sync_bn=False, init_tr
                                      seed=config.seed, name="memory")
     if obj.ema_target:
         # A projection head and its EMA copy (on an EMA copy of the trunk): BYOL's
-        # target network, or MoCo's key encoder for grafit_maskcon.
+        # target network, or MoCo's key encoder for the maskcon methods, whose head is
+        # MaskCon's Linear-ReLU-Linear with biases (no batch norm).
+        head_bn = use_bn and not obj.maskcon
         parts["projector"] = heads.mlp(config.proj_hidden, config.proj_dim, "projector",
-                                       sync_bn, use_bn)
+                                       sync_bn, head_bn)
         parts["target_projector"] = heads.mlp(config.proj_hidden, config.proj_dim,
-                                              "target_projector", sync_bn, use_bn)
+                                              "target_projector", sync_bn, head_bn)
         parts["target_backbone"] = backbones.build(config, shape, mean, std, use_bn=use_bn,
                                                    sync_bn=sync_bn)
     if obj.instance:
@@ -90,9 +92,30 @@ def _build(model, shape):
     model.build((None,) + tuple(shape))
 
 
+class CoupledL2SGD(keras.optimizers.SGD):
+    """torch's `SGD(momentum=0.9, weight_decay=l2)`, as MaskCon trains: `l2 * w` added to
+    every weight's gradient (norms and biases too), heavy-ball momentum, no Nesterov.
+
+    Keras folds the learning rate into the velocity (`v <- 0.9 v - lr g`), torch applies
+    it after (`b <- 0.9 b + g; w <- w - lr b`): the same steps at a constant rate, within
+    a fraction of a step's change while the cosine schedule moves.
+    """
+
+    def __init__(self, learning_rate, l2, **kwargs):
+        super().__init__(learning_rate, momentum=0.9, **kwargs)
+        self.l2 = l2
+
+    def update_step(self, gradient, variable, learning_rate):
+        gradient = gradient + self.l2 * keras.ops.cast(variable, gradient.dtype)
+        super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self):
+        return dict(super().get_config(), l2=self.l2)
+
+
 def build_optimizer(config, total_steps, steps_per_epoch):
-    """AdamW, or SGD (nesterov momentum 0.9), with decoupled weight decay, warm-up and
-    cosine decay."""
+    """AdamW or SGD (nesterov momentum 0.9) with decoupled weight decay, or torch's SGD
+    with coupled L2 (`sgd_l2`); warm-up and cosine decay."""
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     warmup = min(warmup, max(0, total_steps - 1))
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -102,6 +125,8 @@ def build_optimizer(config, total_steps, steps_per_epoch):
         warmup_target=config.learning_rate if warmup else None,
         warmup_steps=warmup,
     )
+    if config.optimizer == "sgd_l2":
+        return CoupledL2SGD(schedule, config.weight_decay)
     if config.optimizer == "adamw":
         optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
     else:

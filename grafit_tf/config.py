@@ -17,7 +17,7 @@ MOCO_METHODS = ("grafit_maskcon", "maskcon")  # MaskCon's recipe: a queue of coa
 DATASETS = ("fashion_mnist", "image_folder",
             # TensorFlow Datasets: coarse-to-fine, then fine labels only (transfer).
             "cifar100", "stanford_online_products", "i_naturalist2018", "cars196",
-            "food101", "oxford_flowers102", "caltech_birds2011")
+            "food101", "oxford_flowers102", "caltech_birds2011", "imagenet2012")
 
 # Settings that do not change what a run learns or how it is scored: a work
 # directory may be resumed, or its results reused, with other values of these.
@@ -41,7 +41,8 @@ class Config:
     dataset: str = setting(
         "fashion_mnist", "Dataset: fashion_mnist (IDX files), image_folder "
         "(root/{train,test}/...), or a prepared TFDS one: cifar100, stanford_online_products, "
-        "i_naturalist2018, cars196, food101, oxford_flowers102, caltech_birds2011.",
+        "i_naturalist2018, cars196, food101, oxford_flowers102, caltech_birds2011, "
+        "imagenet2012.",
         choices=DATASETS)
     data_dir: str = setting("/usr/share/datasets/fashion-mnist",
                             "Folder of the dataset (IDX .gz files, or the image_folder root).")
@@ -54,6 +55,10 @@ class Config:
                                      "~/tensorflow_datasets). Nothing is downloaded.")
     skip_bad_images: bool = setting(False, "image_folder: train without the files that do not "
                                            "decode (listed in WORKDIR/skipped_images.csv).")
+    sop_split: str = setting("full", "stanford_online_products split: full (TFDS's 59,551 / "
+                                     "60,502 images), or MaskCon's maskcon1 (25,368 / 25,278, "
+                                     "disjoint products) or maskcon2 (14,980 / 2,996, the same "
+                                     "products).", choices=("full", "maskcon1", "maskcon2"))
     shuffle_buffer: int = setting(10000, "Shuffle buffer (images) of streamed TFDS data; bigger "
                                          "mixes better, holds more in RAM.", low=1)
 
@@ -69,6 +74,10 @@ class Config:
     num_views: int = setting(2, "Augmented views per image per step (>= 2, except for the "
                                 "cross-entropy methods).", low=1, high=16)
 
+    key_view: str = setting("same", "View 1 (the key of the maskcon methods): the same recipe "
+                                    "as the others, or weak: crop and flip only (MaskCon's "
+                                    "--aug_k weak).", choices=("same", "weak"))
+
     # --- Model ----------------------------------------------------------------
     method: str = setting("grafit", "grafit, or a baseline: coarse_ce, instance, fine_ce "
                                     "(oracle), grafit_maskcon (MaskCon's reading of Grafit), "
@@ -79,7 +88,8 @@ class Config:
                                             "<= 64 px), resnet50 or regnety8gf.",
                             choices=("small_resnet", "resnet18", "resnet50", "regnety8gf"))
     width: int = setting(32, "Stem width of small_resnet (stages double it).", low=1, high=1024)
-    weights: str = setting("", "Local .weights.h5 to initialise a resnet50 / regnety8gf trunk.")
+    weights: str = setting("", "Local .weights.h5 to initialise a resnet18 / resnet50 / "
+                               "regnety8gf trunk (resnet18: see convert_resnet18.py).")
     init_from: str = setting("", "Start the trunk from a Grafit work directory (embedder.keras, "
                                  "else its latest checkpoint); same --backbone and --width.")
     knn_dim: int = setting(128, "Width of the kNN-loss embedding head.", low=1, high=65536)
@@ -89,7 +99,8 @@ class Config:
                             high=65536)
 
     # --- Losses ---------------------------------------------------------------
-    tau: float = setting(0.05, "Temperature of the kNN (NCA) loss.", above=0.0, high=10.0)
+    tau: float = setting(0.05, "Temperature of the kNN (NCA) loss; of maskcon's soft "
+                               "targets (T2).", above=0.0, high=10.0)
     memory: str = setting("full", "kNN-loss memory: full (a slot per image) or queue (FIFO).",
                           choices=("full", "queue"))
     memory_momentum: float = setting(0.5, "mu in m_i <- normalise(mu m_i + (1 - mu) z_i) "
@@ -97,7 +108,8 @@ class Config:
     queue_size: int = setting(8192, "FIFO queue length (--memory=queue, the maskcon methods).",
                               low=1)
     lambda_inst: float = setting(1.0, "Weight of the instance loss in grafit, on its mean over "
-                                      "ordered view pairs (BYOL's sum of both: 2x).", low=0.0,
+                                      "ordered view pairs (BYOL's sum of both: 2x); the maskcon "
+                                      "methods' w is 1 / (1 + lambda_inst).", low=0.0,
                                  high=100.0)
     instance_loss: str = setting("byol", "byol (predictor + EMA target) or infonce (in-batch "
                                          "negatives against the EMA target's keys).",
@@ -112,11 +124,13 @@ class Config:
     # --- Optimisation ---------------------------------------------------------
     epochs: int = setting(10, "Training epochs.", low=1, high=100000)
     batch_size: int = setting(256, "Global batch size (split over replicas).", low=2)
-    optimizer: str = setting("adamw", "adamw, or sgd (momentum 0.9, nesterov).",
-                             choices=("adamw", "sgd"))
+    optimizer: str = setting("adamw", "adamw, sgd (momentum 0.9, nesterov), or sgd_l2 (torch's "
+                                      "SGD: momentum 0.9, L2 weight decay on every weight).",
+                             choices=("adamw", "sgd", "sgd_l2"))
     learning_rate: float = setting(2e-3, "Peak learning rate after warm-up; cosine decay to 0.",
                                    above=0.0, high=100.0)
-    weight_decay: float = setting(0.05, "Decoupled weight decay (not on biases and norms).",
+    weight_decay: float = setting(0.05, "Weight decay: decoupled, not on biases and norms "
+                                        "(sgd_l2: coupled L2 on all).",
                                   low=0.0, high=100.0)
     warmup_epochs: float = setting(1.0, "Linear warm-up length in epochs (at most --epochs).",
                                    low=0.0)
@@ -207,9 +221,13 @@ class Config:
         if self.method == "finetune" and not self.init_from:
             raise UserError("--method=finetune fine-tunes a trained trunk: give --init_from=W "
                             "(a Grafit work directory).")
-        if self.weights and self.backbone in ("small_resnet", "resnet18"):
-            raise UserError(f"--weights is for resnet50 / regnety8gf; --backbone={self.backbone} "
-                            "trains from scratch (use --init_from=W to start from a run).")
+        if self.weights and self.backbone == "small_resnet":
+            raise UserError("--weights is for resnet18 / resnet50 / regnety8gf; --backbone="
+                            "small_resnet trains from scratch (use --init_from=W to start from "
+                            "a run).")
+        if self.sop_split != "full" and self.dataset != "stanford_online_products":
+            raise UserError(f"--sop_split={self.sop_split} is for --dataset="
+                            "stanford_online_products; drop it.")
         if self.batch_size % replicas:
             raise UserError(
                 f"--batch_size={self.batch_size} does not divide by the {replicas} replicas; "

@@ -66,7 +66,10 @@ def per_class_knn_top1(train_emb, train_labels, test_emb, test_labels, num_class
 
 def recall_at_k(embeddings, labels, ks=RECALL_KS, prefix="fine_"):
     """Recall@K with the set as its own gallery (query excluded): a query scores 1 if
-    any of its K nearest neighbours shares its label."""
+    any of its K nearest neighbours shares its label (the figure of MaskCon's protocol).
+    The query is excluded by index; MaskCon's `retrieval` drops each query's first
+    neighbour (top-(K+1) minus the first), which differs when an exact duplicate ties with
+    it. MaskCon scores before training epochs 0, 10, ..., 190; this project after the last."""
     labels = np.asarray(labels)
     _, idx = knn.search(embeddings, embeddings, max(ks), exclude_self=True)
     hits = labels[idx] == labels[:, None]  # [Q, K]

@@ -23,7 +23,8 @@ def search(queries, gallery, k, chunk=1024, exclude_self=False, backend="auto"):
         gallery: `[G, D]` float32, L2-normalised.
         k: neighbours per query (at most G, or G - 1 with `exclude_self`).
         chunk: queries per block (at most `CHUNK_PRODUCTS / G` with NumPy).
-        exclude_self: queries *are* the gallery (same order): query i never gets item i.
+        exclude_self: queries *are* the gallery (same order): query i never gets item i
+            (by index, not by dropping the top hit: see `evaluation.recall_at_k`).
         backend: "numpy", "faiss" (exact inner-product index), or "auto"
             (faiss for searches of at least `FAISS_MIN_PRODUCTS` products).
 

@@ -13,10 +13,6 @@ from grafit_tf import losses
 from grafit_tf.config import MOCO_METHODS
 from grafit_tf.distribute import all_gather, cross_replica_concat, num_replicas
 
-# w in w * L_sup + (1 - w) * L_self of grafit_maskcon, and of maskcon's target mix:
-# MaskCon's value; T2 of maskcon's soft relations: MaskCon's CIFAR-100 setting.
-MASKCON_WEIGHT, MASKCON_SOFT_TAU = 0.5, 0.05
-
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
@@ -24,8 +20,9 @@ class Objective:
 
     Attributes:
         method: grafit | coarse_ce | instance | fine_ce | grafit_maskcon | maskcon.
-        tau: NCA temperature.
-        lambda_inst: weight of the instance loss in `grafit`.
+        tau: NCA temperature; T2 of maskcon's soft relations.
+        lambda_inst: weight of the instance loss in `grafit`; the maskcon methods'
+            `w = 1 / (1 + lambda_inst)` (`maskcon_weight`).
         instance_loss: byol | infonce (the instance term of grafit and instance).
         instance_tau: temperature of infonce and of the maskcon methods (T1).
         ema_decay: base decay of the target network, cosine-raised to 1 over
@@ -63,6 +60,12 @@ class Objective:
     def maskcon(self):
         """MaskCon's MoCo recipe (a queue of coarse-labelled keys): both its losses."""
         return self.method in MOCO_METHODS
+
+    @property
+    def maskcon_weight(self):
+        """MaskCon's w in `w * L_sup + (1 - w) * L_self` (grafit_maskcon) and in its target
+        mix (maskcon): Grafit's `L_sup + lambda_inst * L_self`, scaled to sum to 1."""
+        return 1.0 / (1.0 + self.lambda_inst)
 
     @property
     def ema_target(self):
@@ -140,16 +143,17 @@ class GrafitModel(keras.Model):
         return {name: _log_value(t.result()) for name, t in self.trackers.items()}
 
     def forward(self, views, training=True):
-        """Runs every active branch on all views at once.
+        """Runs every active branch on all views at once (the maskcon methods: `moco`).
 
         Args:
             views: `[b, V, H, W, C]`.
 
         Returns:
             A dict of `[V, b, ...]` float32 tensors, for the active branches:
-            `knn` (normalised), `pred` and `target` (instance loss), `logits`,
-            `query` and `key` (normalised, grafit_maskcon).
+            `knn` (normalised), `pred` and `target` (instance loss), `logits`.
         """
+        if self.objective.maskcon:
+            return self.moco(views, training)
         b, v = tf.shape(views)[0], views.shape[1]
         x = _view_major(views)
 
@@ -159,9 +163,9 @@ class GrafitModel(keras.Model):
 
         feats = self.backbone(x, training=training)
         out = {}
-        if self.objective.ema_target:
-            # The target uses batch statistics too (training=True), as in BYOL and
-            # MoCo; it gets no gradient.
+        if self.objective.instance:
+            # The target uses batch statistics too (training=True), as in BYOL; it gets
+            # no gradient.
             target = self.target_projector(self.target_backbone(x, training=True),
                                            training=True)
         if self.objective.nca:
@@ -172,11 +176,24 @@ class GrafitModel(keras.Model):
             out["target"] = tf.stop_gradient(per_view(target))
         if self.objective.cross_entropy:
             out["logits"] = per_view(self.classifier(feats, training=training))
-        if self.objective.maskcon:
-            out["query"] = tf.math.l2_normalize(
-                per_view(self.projector(feats, training=training)), -1)
-            out["key"] = tf.stop_gradient(tf.math.l2_normalize(per_view(target), -1))
         return out
+
+    def moco(self, views, training=True):
+        """MaskCon's MoCo branch: each encoder on its own view, as MaskCon (batch-norm
+        statistics never mix the two).
+
+        Args:
+            views: `[b, V, H, W, C]`: view 0 is the query, view 1 the key.
+
+        Returns:
+            `{"query": [b, P], "key": [b, P]}`, float32, L2-normalised; no gradient to
+            the key (the EMA key encoder, with batch statistics as MoCo).
+        """
+        query = self.projector(self.backbone(views[:, 0], training=training), training=training)
+        key = self.target_projector(self.target_backbone(views[:, 1], training=True),
+                                    training=True)
+        return {"query": tf.math.l2_normalize(tf.cast(query, tf.float32), -1),
+                "key": tf.stop_gradient(tf.math.l2_normalize(tf.cast(key, tf.float32), -1))}
 
     def loss_terms(self, out, labels, indices):
         """The active losses (each a scalar mean over the local batch), by name."""
@@ -206,14 +223,13 @@ class GrafitModel(keras.Model):
                 tf.reshape(out["logits"], [-1, out["logits"].shape[-1]]), tf.tile(labels, [v]),
                 obj.label_smoothing)
         if obj.maskcon:
-            # View 0 queries, view 1 gives the key: both drawn by the same recipe here,
-            # not MaskCon's separate query and key augmentations.
-            args = (out["query"][0], out["key"][1], labels, self.memory.embeddings,
+            # View 0 queries, view 1 gives the key (--key_view=weak: MaskCon's weak one).
+            args = (out["query"], out["key"], labels, self.memory.embeddings,
                     self.memory.labels, obj.instance_tau)
             terms["maskcon_loss"] = (
-                losses.maskcon_loss(*args, MASKCON_SOFT_TAU, MASKCON_WEIGHT)
+                losses.maskcon_loss(*args, obj.tau, obj.maskcon_weight)
                 if obj.method == "maskcon" else
-                losses.queue_contrastive_loss(*args, MASKCON_WEIGHT))
+                losses.queue_contrastive_loss(*args, obj.maskcon_weight))
         return terms
 
     def update_state(self, out, labels, indices):
@@ -221,7 +237,7 @@ class GrafitModel(keras.Model):
         if self.objective.nca:
             self.memory.update(_mean_view(out["knn"]), labels, indices)
         if self.objective.maskcon:
-            self.memory.update(out["key"][1], labels, indices)
+            self.memory.update(out["key"], labels, indices)
         if self.objective.ema_target:
             decay = self.ema_decay()
             for online, target in self._ema_pairs():

@@ -11,6 +11,7 @@ import time
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 import grafit_tf
 from grafit_tf import builders, checkpointing, evaluation, heads, workdir as workdir_lib
@@ -75,16 +76,36 @@ def append_csv(path, row):
         f.write(",".join(str(v) for v in row.values()) + "\n")
 
 
-def prefill_memory(model, source):
-    """Fills the memory with real embeddings of the (un-augmented) training images."""
-    if model.objective.maskcon:  # The queue holds keys: the key encoder's embeddings.
-        head = heads.embedder(model.target_backbone, model.target_projector)
-    else:
-        head = heads.embedder(model.backbone, model.knn_head)
+def prefill_memory(model, source, config):
+    """Fills the memory with real embeddings: of the (un-augmented) training images in
+    order (grafit), or MaskCon's keys (`augmented_keys`)."""
+    if model.objective.maskcon:
+        model.memory.fill(*augmented_keys(model, source, config))
+        return
+    head = heads.embedder(model.backbone, model.knn_head)
     split = source.train if model.memory.kind == "full" else source.train.take(model.memory.size)
     z = embed(embedding_fn(head, source), split, source)
-    labels = source.train.coarse[: len(z)]
-    model.memory.fill(z, labels)
+    model.memory.fill(z, source.train.coarse[: len(z)])
+
+
+def augmented_keys(model, source, config):
+    """MaskCon's queue prefill: the key encoder's keys (batch statistics, as in training)
+    of key views (view 1) of shuffled training images, from a pass of the training
+    pipeline under another seed (MaskCon: one more pass of its shuffled loader).
+
+    Returns:
+        `keys [n, P]` float32 (L2-normalised), `coarse labels [n]`; n <= the queue size.
+    """
+    other = config.replace(seed=(config.seed + 1) % 2**31)
+    key_fn = tf.function(lambda x: tf.math.l2_normalize(tf.cast(model.target_projector(
+        model.target_backbone(x, training=True), training=True), tf.float32), -1))
+    keys, labels, size = [], [], model.memory.size
+    for batch in pipeline.train_dataset_fn(source, other)():
+        keys.append(key_fn(batch["views"][:, 1]).numpy())
+        labels.append(batch["label"].numpy())
+        if len(keys) * len(labels[0]) >= size:
+            break
+    return np.concatenate(keys)[:size], np.concatenate(labels)[:size]
 
 
 def train_and_evaluate(config, workdir):
@@ -145,7 +166,7 @@ def run(config, workdir):
     if start_step:
         print(f"Resuming from step {start_step} of {total_steps} ({ckpt_dir}).", flush=True)
     elif model.memory is not None:
-        prefill_memory(model, source)
+        prefill_memory(model, source, config)
 
     periodic = PeriodicEvaluation(embedder, source, config, config.eval_every,
                                   os.path.join(logs, "eval.csv"), write=chief)

@@ -61,9 +61,27 @@ def test_local_weights_file_is_loaded(name, body, tmp_path):
     np.testing.assert_allclose(second(images), first(images), rtol=1e-5, atol=1e-5)
 
 
+def test_resnet18_weights_are_all_but_the_stem_convolution(tmp_path):
+    # convert_resnet18.py writes such a file (tests/test_torchvision_resnet.py).
+    first = build("resnet18")
+    path = str(tmp_path / "after_stem.weights.h5")
+    backbones.after_stem(first).save_weights(path)
+    second = build("resnet18", weights=path)
+    for a, b in zip(first.weights, second.weights):
+        same = np.array_equal(a.numpy(), b.numpy())
+        assert same == (not a.path.startswith("stem_conv/")), a.path  # The stem is fresh.
+    assert build("resnet18", (28, 28, 1), weights=path).output_shape == (None, 512)
+
+
 def test_weights_errors(tmp_path):
-    with pytest.raises(UserError, match="no such file"):
-        build("resnet50", weights=str(tmp_path / "absent.weights.h5"))
-    for small in ("resnet18", "small_resnet"):  # Checked with the rest of the flags.
-        with pytest.raises(UserError, match=f"backbone={small} trains from scratch"):
-            Config(backbone=small, weights=str(tmp_path / "x.weights.h5")).validate()
+    for name in ("resnet50", "resnet18"):
+        with pytest.raises(UserError, match="no such file"):
+            build(name, weights=str(tmp_path / "absent.weights.h5"))
+    other = str(tmp_path / "resnet50.weights.h5")
+    build("resnet50").get_layer("resnet50").save_weights(other)
+    with pytest.raises(UserError, match="not a resnet18 file of convert_resnet18.py") as e:
+        build("resnet18", weights=other)
+    assert "\n" not in str(e.value)
+    # Checked with the rest of the flags.
+    with pytest.raises(UserError, match="backbone=small_resnet trains from scratch"):
+        Config(backbone="small_resnet", weights=str(tmp_path / "x.weights.h5")).validate()

@@ -12,9 +12,3 @@ def test_every_variant_sets_existing_train_flags():
     for variant in ablation.VARIANTS:
         names = {flag[2:].split("=")[0] for flag in ablation.variant_flags(variant)}
         assert names <= known, (variant, sorted(names - known))
-
-
-def test_a_preset_variant_drops_its_nested_flagfile():
-    got = ablation.variant_flags("grafit_maskcon")
-    assert "--method=grafit_maskcon" in got
-    assert not any(flag.startswith("--flagfile=") for flag in got)

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import keras
 import numpy as np
 
 from grafit_tf import builders
@@ -88,3 +89,18 @@ def test_optimizer_warms_up_then_decays_to_zero():
     np.testing.assert_allclose(got, [0.0, 0.05, 0.1, 0.05, 0.0], atol=1e-6)
     sgd = builders.build_optimizer(config.replace(optimizer="sgd"), 40, 10)
     assert sgd.momentum == 0.9 and sgd.nesterov
+
+
+def test_sgd_l2_steps_as_torch_sgd_with_weight_decay():
+    """--optimizer=sgd_l2 is torch.optim.SGD(momentum=0.9, weight_decay=wd), transcribed:
+    g <- g + wd w (every weight); b <- 0.9 b + g; w <- w - lr b (at a constant rate)."""
+    config = Config(optimizer="sgd_l2", learning_rate=0.1, weight_decay=0.05, epochs=1,
+                    warmup_epochs=0)
+    optimizer = builders.build_optimizer(config, total_steps=10**6, steps_per_epoch=10**6)
+    w = keras.Variable(np.array([1.0, -2.0, 0.5], "float32"), name="bn_gamma")
+    want, buf = w.numpy().astype(np.float64), np.zeros(3)
+    for g in ([0.3, 0.1, -0.2], [0.0, 0.4, 0.1], [-0.1, 0.0, 0.2]):
+        optimizer.apply([np.array(g, "float32")], [w])
+        buf = 0.9 * buf + np.array(g) + 0.05 * want
+        want = want - 0.1 * buf
+        np.testing.assert_allclose(w.numpy(), want, rtol=2e-6)

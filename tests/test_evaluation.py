@@ -39,6 +39,16 @@ def test_recall_at_k_brute_force():
         assert abs(got[f"fine_recall_at_{k}"] - want) < 1e-9
 
 
+def test_recall_at_k_excludes_the_query_by_index_not_its_first_neighbour():
+    """Exact duplicates with other labels: the query itself never counts, where MaskCon's
+    top-(K+1) minus the first can keep the query and drop its twin (up to R@1 = 1 here)."""
+    x = np.asarray([[1, 0], [1, 0], [0, 1], [0, 1]], np.float32)
+    for backend in ("numpy", "faiss") if evaluation.knn._faiss() else ("numpy",):
+        _, idx = evaluation.knn.search(x, x, 1, exclude_self=True, backend=backend)
+        np.testing.assert_array_equal(idx[:, 0], [1, 0, 3, 2])
+    assert evaluation.recall_at_k(x, [0, 1, 2, 2], ks=(1,))["fine_recall_at_1"] == 0.5
+
+
 def test_format_table():
     text = evaluation.format_table([{"method": "grafit", "fine_knn_top1": 0.9012}],
                                    evaluation.METRIC_COLUMNS[:2])

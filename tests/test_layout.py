@@ -51,8 +51,10 @@ def test_the_repository_stays_within_its_limits():
     # 5,200 until RandAugment moved in house (rand_augment.py, 176 lines: Keras's layer ran
     # all 11 of its ops per image) with JPEG crop-window and reduced-size decoding; 5,500
     # until serving went past one folder and one machine (shards.py and work.py: resumable
-    # shards; engine.py: Ray; index.py: faiss indexes; open_set.py; quantize.py: int8, fp16).
-    assert lines <= 7100, f"grafit_tf has {lines} lines"
+    # shards; engine.py: Ray; index.py: faiss indexes; open_set.py; quantize.py: int8, fp16);
+    # 7,100 until the paper configs were made comparable with MaskCon's (torchvision_resnet.py:
+    # ImageNet ResNet-18 weights; MaskCon's SOP splits; its MoCo branch, prefill, torch's SGD).
+    assert lines <= 7400, f"grafit_tf has {lines} lines"
     assert len(glob.glob(os.path.join(REPO, "configs", "*.cfg"))) <= 12
     bench = [f for f in os.listdir(os.path.join(REPO, "bench")) if f.endswith(".py")]
     assert len(bench) <= 11, bench
@@ -62,4 +64,5 @@ def test_the_repository_stays_within_its_limits():
     for path in glob.glob(os.path.join(REPO, "configs", "*.cfg")):
         with open(path, encoding="utf-8") as f:
             header = [line for line in f if line.startswith("#")]
-        assert 1 <= len(header) <= 5, path
+        # A paper config's header says, line by line, where it matches the cited setting.
+        assert 1 <= len(header) <= 10, path

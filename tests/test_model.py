@@ -205,3 +205,32 @@ def test_the_instance_loss_is_the_mean_over_ordered_view_pairs():
     pairs = [(1, 20), (1, 30), (2, 10), (2, 30), (3, 10), (3, 20)]
     got = _over_view_pairs(pred, target, lambda p, t: tf.reduce_sum(p * t))
     np.testing.assert_allclose(float(got), np.mean([p * t for p, t in pairs]))
+
+
+def test_maskcon_encoders_each_see_their_own_view_and_head_has_no_batch_norm():
+    """As MaskCon: the query encoder sees view 0 only, the key encoder view 1 only (their
+    batch-norm statistics never mix), through a Linear-ReLU-Linear head with biases."""
+    source = synthetic_source()
+    for method in ("maskcon", "grafit_maskcon"):
+        model = builders.build_model(small_config(method=method, queue_size=16), source, 4)
+        kinds = [type(layer).__name__ for layer in model.projector.layers]
+        assert kinds == ["Dense", "ReLU", "Dense"]
+        assert all(layer.use_bias for layer in model.projector.layers
+                   if isinstance(layer, keras.layers.Dense))
+        views = batch(source)["views"].numpy()
+        out = model.moco(tf.constant(views), training=True)
+        other = views.copy()
+        other[:, 1] = 255 - other[:, 1]  # Another key view: the query does not move.
+        moved = model.moco(tf.constant(other), training=True)
+        np.testing.assert_allclose(moved["query"], out["query"], atol=1e-6)
+        assert not np.allclose(moved["key"], out["key"], atol=1e-3)
+        other = views.copy()
+        other[:, 0] = 255 - other[:, 0]  # Another query view: the key does not move.
+        np.testing.assert_allclose(model.moco(tf.constant(other), training=True)["key"],
+                                   out["key"], atol=1e-6)
+
+
+def test_maskcon_weight_is_grafit_weighting_scaled_to_one():
+    assert model_lib.Objective(method="maskcon", lambda_inst=1.0).maskcon_weight == 0.5
+    assert model_lib.Objective(method="maskcon", lambda_inst=0.25).maskcon_weight == 0.8
+    assert model_lib.Objective(method="maskcon", lambda_inst=0.0).maskcon_weight == 1.0

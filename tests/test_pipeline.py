@@ -199,3 +199,24 @@ def test_eval_decode_of_other_formats_is_unchanged():
         got = pipeline.decode_for_eval(data, source).numpy()
         assert got.shape == (h, w, 3), fmt
         np.testing.assert_array_equal(got, pipeline.decode(data, 3).numpy())
+
+
+def test_weak_key_view_is_crop_and_flip_only():
+    """--key_view=weak: view 1 (the maskcon methods' key) is cropped and flipped, never
+    jittered or RandAugmented; the other views keep the full recipe."""
+    config = CONFIG.replace(key_view="weak", crop_scale_min=0.6, jitter_strength=0.4,
+                            gamma_jitter=0.5, rand_augment=True)
+    rng = np.random.default_rng(4)
+    seeds = [tf.constant([i, 3]) for i in range(3)]
+    x = tf.constant(rng.uniform(0, 255, (20, 16, 3)), tf.float32)
+    got = pipeline.rgb_views(config, (16, 16), seeds, image=x).numpy()
+    box = augment.crop_box(tf.shape(x), augment.fold(seeds[1], 0), (0.6, 1.0))
+    weak = augment.random_flip(tf.image.resize(tf.slice(x, *box), (16, 16)),
+                               augment.fold(seeds[1], 1))
+    np.testing.assert_array_equal(got[1], weak)
+    strong = pipeline.rgb_views(config.replace(key_view="same"), (16, 16), seeds, image=x)
+    np.testing.assert_array_equal(got[[0, 2]], strong.numpy()[[0, 2]])
+    assert not np.array_equal(got[1], strong[1])
+    gray = tf.constant(rng.uniform(0, 255, (12, 12, 1)), tf.float32)
+    np.testing.assert_array_equal(pipeline.view_fn(config, weak=True)(gray, seeds[0]),
+                                  augment.grayscale_small(gray, seeds[0], 0.6, 0.0, 0.0))

@@ -102,11 +102,13 @@ def test_bad_files_raise_image_error_with_reason(tmp_path):
 
 
 def test_other_size_is_resized_bilinearly(tmp_path):
+    """Antialiased, as `pipeline.eval_image` resizes for `--eval_protocol=maskcon`."""
     tf = _tf()
     pixels = np.random.default_rng(5).integers(0, 256, (50, 40), np.uint8)
     path = _save(tmp_path / "big.png", Image.fromarray(pixels))
     got = images.load(path, images.Spec((28, 28, 1)))
-    want = tf.image.resize(pixels[..., None].astype(np.float32), (28, 28)).numpy()
+    want = tf.image.resize(pixels[..., None].astype(np.float32), (28, 28),
+                           antialias=True).numpy()
     np.testing.assert_array_equal(got, np.clip(np.rint(want), 0, 255).astype(np.uint8))
 
 

@@ -2,7 +2,10 @@
 builder's real feature structure, from the metadata shipped in the package. Nothing
 is downloaded; the absent-dataset path is checked without the mock."""
 
+import gzip
 import json
+import os
+from unittest import mock as um
 
 import numpy as np
 import pytest
@@ -173,3 +176,209 @@ def test_streamed_sop_trains_and_evaluates_under_maskcon(mock, tmp_path):
     assert set(metrics) >= {"fine_recall_at_1", "fine_recall_at_10", "coarse_knn_top1"}
     saved = json.load(open(tmp_path / "run" / "config.json", encoding="utf-8"))
     assert saved["eval_protocol"] == "maskcon" and saved["data"]["name"] == source.name
+
+
+# --- ImageNet: the 1,000 classes at both levels ----------------------------------
+
+
+def test_imagenet_trains_on_its_1000_classes(mock):
+    source = sources.load(Config(dataset="imagenet2012", tfds_data_dir=mock))
+    h = source.hierarchy
+    assert h.num_fine == h.num_coarse == 1000 and h.fine_names == h.coarse_names
+    assert h.fine_names[0] == "n01440764" and h.fine_to_coarse == tuple(range(1000))
+    raw = raw_labels("imagenet2012", "validation", ["label"], mock)["label"]
+    np.testing.assert_array_equal(source.test.fine, raw)  # Validation serves as test.
+    np.testing.assert_array_equal(source.train.coarse, source.train.fine)
+
+
+def test_absent_imagenet_says_how_to_build_it(tmp_path):
+    with pytest.raises(UserError, match="tfds build imagenet2012 --data_dir=.* --manual_dir="
+                                        "DIR` beforehand, DIR holding ILSVRC2012_img_train.tar"
+                       ) as e:
+        sources.load(Config(dataset="imagenet2012", tfds_data_dir=str(tmp_path)))
+    assert "\n" not in str(e.value)
+
+
+# --- Stanford Online Products: MaskCon's splits (--sop_split) --------------------
+
+SUPER = ("bicycle", "cabinet", "chair", "coffee_maker", "fan", "kettle", "lamp", "mug", "sofa",
+         "stapler", "table", "toaster")
+
+
+def _products(paths):
+    """`{product: [its paths]}` in path order."""
+    out = {}
+    for p in paths:
+        out.setdefault(p.rsplit("_", 1)[0], []).append(p)
+    return out
+
+
+def test_shipped_maskcon_splits_are_as_documented():
+    with gzip.open(f"{hierarchy.MAPS_DIR}/maskcon/sop_splits.json.gz") as f:
+        lists = json.load(f)
+    for split, (n_train, n_test) in (("sop_split1", (25368, 25278)),
+                                     ("sop_split2", (14980, 2996))):
+        get = lambda part, key: lists[f"{split}/{part}_{key}"]  # noqa: E731
+        assert (len(get("train", "path")), len(get("test", "path"))) == (n_train, n_test)
+        for part in ("train", "test"):
+            paths = get(part, "path")
+            assert len(set(paths)) == len(paths)
+            # MaskCon's coarse label is the folder's super class, in TFDS's super_class_id
+            # order; its fine label is the product, one per product.
+            assert [SUPER.index(p.split("/")[0].removesuffix("_final")) for p in paths] == \
+                get(part, "coarse_label")
+            fine = {}
+            for p, f in zip(paths, get(part, "fine_label")):
+                fine.setdefault(p.rsplit("_", 1)[0], set()).add(f)
+            assert all(len(v) == 1 for v in fine.values())
+            assert len({f for v in fine.values() for f in v}) == len(fine)
+        train, test = (_products(get(part, "path")) for part in ("train", "test"))
+        if split == "sop_split1":
+            assert (len(train), len(test)) == (2517, 2518) and not set(train) & set(test)
+        else:  # The same 1,498 products, 10 training and 2 test images each.
+            assert set(train) == set(test) and len(train) == 1498
+            assert {len(v) for v in train.values()} == {10}
+            assert {len(v) for v in test.values()} == {2}
+    assert tfds_sources.maskcon_sop_split("maskcon2")["test"] == lists["sop_split2/test_path"]
+    names = tfds.builder("stanford_online_products", data_dir="/nonexistent").info.features[
+        "super_class_id"].names
+    assert tuple(names) == SUPER
+
+
+def _few_products(paths, k):
+    """The `k` products of `paths` with the fewest images: `{product: paths}`."""
+    return dict(sorted(_products(paths).items(), key=lambda kv: (len(kv[1]), kv[0]))[:k])
+
+
+@pytest.fixture(scope="module")
+def sop(tmp_path_factory):
+    """A real TFDS `stanford_online_products`, built by TFDS's own builder from a fake
+    official folder: a few products of MaskCon's split 1 and 2 among others, each image
+    a flat colour that names it. Returns `(tfds_data_dir, MaskCon subset, colour of each path)`."""
+    root = str(tmp_path_factory.mktemp("sop_tfds"))
+    folder = f"{root}/downloads/extracted/ZIP.fake/Stanford_Online_Products"
+    want, products = {"maskcon1": {}, "maskcon2": {}}, {}
+    for name in want:
+        full = tfds_sources.maskcon_sop_split(name)
+        for part in ("train", "test"):
+            few = _few_products(full[part], 2)
+            want[name][part] = [p for v in few.values() for p in v]
+            for product in few:
+                products[product] = [p for q in full.values() for p in q
+                                     if p.startswith(product + "_")]
+    for n in range(3):  # Products MaskCon leaves out.
+        products[f"{SUPER[n]}_final/99{n}"] = [f"{SUPER[n]}_final/99{n}_{k}.JPG" for k in range(3)]
+    ebay = {"train": [], "test": []}  # Some of each kind in each TFDS split.
+    for i, product in enumerate(sorted(products)):
+        ebay[("train", "test")[i % 2]].append(products[product])
+    grey, class_id = {}, 0
+    for split, products in ebay.items():
+        lines = ["image_id class_id super_class_id path"]
+        for paths in sorted(products):
+            class_id += 1
+            for p in sorted(paths):
+                grey[p] = (len(grey) % 60 * 4 + 2, len(grey) // 60 * 4 + 2, 0)
+                lines.append(f"{len(lines)} {class_id} "
+                             f"{SUPER.index(p.split('/')[0][:-6]) + 1} {p}")
+                tf.io.write_file(f"{folder}/{p}", tf.io.encode_png(
+                    np.full([6, 6, 3], grey[p], np.uint8)))
+        tf.io.write_file(f"{folder}/Ebay_{split}.txt", "\n".join(lines) + "\n")
+    manager = um.MagicMock()
+    manager.download_and_extract.return_value = os.path.dirname(folder)
+    with um.patch.object(tfds.core.DatasetBuilder, "_make_download_manager",
+                         return_value=manager):
+        tfds.builder("stanford_online_products", data_dir=root).download_and_prepare(
+            download_config=tfds.download.DownloadConfig(
+                compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    return root, want, grey
+
+
+def _greys(split):
+    return [tuple(int(round(v)) for v in tf.io.decode_image(b, channels=3).numpy().mean((0, 1)))
+            for b in split.stream.dataset()]
+
+
+@pytest.mark.parametrize("name", ["maskcon1", "maskcon2"])
+def test_maskcon_split_selects_exactly_its_images(sop, monkeypatch, name):
+    root, want, grey = sop
+    monkeypatch.setattr(tfds_sources, "maskcon_sop_split", lambda s: want[s])
+    source = sources.load(Config(dataset="stanford_online_products", sop_split=name,
+                                 tfds_data_dir=root))
+    h, by_grey = source.hierarchy, {g: p for p, g in grey.items()}
+    assert h.coarse_names == SUPER
+    assert h.fine_names == tuple(sorted(_products(want[name]["train"] + want[name]["test"])))
+    for part, split in (("train", source.train), ("test", source.test)):
+        paths = [by_grey[g] for g in _greys(split)]
+        assert sorted(paths) == sorted(want[name][part]) and len(split) == len(paths)
+        # Labels in the stream's order: the product, and the super class of its folder.
+        assert [h.fine_names[f] for f in split.fine] == [p.rsplit("_", 1)[0] for p in paths]
+        assert [SUPER[c] + "_final" for c in split.coarse] == [p.split("/")[0] for p in paths]
+
+
+def test_sop_full_split_is_unchanged(sop):
+    root, _, grey = sop
+    source = sources.load(Config(dataset="stanford_online_products", tfds_data_dir=root))
+    assert len(source.train) + len(source.test) == len(grey)
+    assert source.hierarchy.num_fine == 22634
+    raw = raw_labels("stanford_online_products", "train", ["class_id"], root)["class_id"]
+    np.testing.assert_array_equal(source.train.fine, raw)
+
+
+def test_maskcon_image_missing_from_the_data_is_one_line(sop, monkeypatch):
+    root, want, _ = sop
+    gone = {**want["maskcon1"], "test": want["maskcon1"]["test"] + ["mug_final/1_0.JPG"]}
+    monkeypatch.setattr(tfds_sources, "maskcon_sop_split", lambda s: gone)
+    with pytest.raises(UserError, match=r"^1 images of --sop_split=maskcon1 are not in the "
+                                        r"prepared stanford_online_products .*tfds build") as e:
+        sources.load(Config(dataset="stanford_online_products", sop_split="maskcon1",
+                            tfds_data_dir=root))
+    assert "\n" not in str(e.value)
+
+
+def test_maskcon_split_needs_the_official_lists_in_order(sop, monkeypatch):
+    root, want, _ = sop
+    monkeypatch.setattr(tfds_sources, "maskcon_sop_split", lambda s: want[s])
+    config = Config(dataset="stanford_online_products", sop_split="maskcon2", tfds_data_dir=root)
+    monkeypatch.setattr(tfds_sources.hashlib, "md5", tfds_sources.hashlib.sha1)
+    with pytest.raises(UserError, match="does not follow the order of .*Ebay_train.txt"):
+        sources.load(config)
+    monkeypatch.setattr(tfds_sources.glob, "glob", lambda pattern: [])
+    with pytest.raises(UserError, match="Ebay_train.txt is not under .*/downloads; copy") as e:
+        sources.load(config)
+    assert "\n" not in str(e.value)
+
+
+def test_ebay_rows_follow_the_hash_order_across_shards(tmp_path):
+    """Record r of a split is its row with the r-th smallest md5(split name + row), over
+    the shards in order, whatever order they are read in."""
+    import hashlib
+    import types
+    rows = [(c, f"chair_final/{c}_{k}.JPG") for c in range(4) for k in range(2)]
+    manual = tmp_path / "downloads" / "manual"
+    manual.mkdir(parents=True)
+    (manual / "Ebay_test.txt").write_text("image_id class_id super_class_id path\n" + "".join(
+        f"{i + 1} {c + 1} 3 {p}\n" for i, (c, p) in enumerate(rows)))
+    by_hash = sorted(range(8), key=lambda i: hashlib.md5(f"test{i}".encode()).hexdigest())
+    info = types.SimpleNamespace(name="test", filenames=["s-00000-of-00002", "s-00001-of-00002"],
+                                 shard_lengths=[5, 3])
+    read = [(1, 2), (0, 0), (1, 0), (0, 4), (1, 1), (0, 1), (0, 2), (0, 3)]  # (shard, index)
+    records = [5 * shard + i for shard, i in read]
+    paths = tfds_sources._ebay_paths(
+        Config(dataset="stanford_online_products", sop_split="maskcon1",
+               tfds_data_dir=str(tmp_path)), info,
+        [f"{info.filenames[s]}__{i}".encode() for s, i in read],
+        np.asarray([rows[by_hash[r]][0] for r in records]))
+    assert list(paths) == [rows[by_hash[r]][1] for r in records]
+
+
+def test_maskcon_split_feeds_the_pipeline(sop, monkeypatch):
+    root, want, _ = sop
+    monkeypatch.setattr(tfds_sources, "maskcon_sop_split", lambda s: want[s])
+    config = Config(dataset="stanford_online_products", sop_split="maskcon1", tfds_data_dir=root,
+                    **TINY)
+    source = sources.load(config)
+    batch = next(iter(pipeline.train_dataset_fn(source, config)()))
+    assert batch["views"].shape == (8, 2, 32, 32, 3)
+    np.testing.assert_array_equal(batch["label"], source.train.coarse[batch["index"].numpy()])
+    images = next(iter(pipeline.eval_dataset(source.test, source, batch_size=4)))
+    assert images.shape == (4, 32, 32, 3)

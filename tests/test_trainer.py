@@ -11,8 +11,11 @@ import time
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from grafit_tf import checkpointing
+from grafit_tf import builders, checkpointing, trainer
+from grafit_tf.config import Config
+from grafit_tf.data import hierarchy, pipeline, types
 from grafit_tf.trainer import fit_segments
 from tests.conftest import REPO
 
@@ -87,7 +90,8 @@ def test_bad_input_stops_with_one_line(args, needle, tmp_path, fashion_dir):
     assert not os.path.exists(tmp_path / "w" / "config.json")  # Nothing written.
 
 
-# What test_short_default_run_is_pinned's run scored before the redesign.
+# What test_short_default_run_is_pinned's run scored before the redesign (Intel x86_64;
+# an AMD EPYC host gives 0.7525 / 0.7485 / 0.721 / 0.829 / 0.911 / 0.963 / 0.948).
 PINNED = dict(fine_knn_top1=0.7525, fine_knn_weighted_top1=0.744, fine_recall_at_1=0.7165,
               fine_recall_at_2=0.82, fine_recall_at_5=0.911, fine_recall_at_10=0.9615,
               coarse_knn_top1=0.949)
@@ -95,16 +99,13 @@ PINNED = dict(fine_knn_top1=0.7525, fine_knn_weighted_top1=0.744, fine_recall_at
 
 def test_short_default_run_is_pinned(tmp_path, fashion_dir):
     """`train.py --flagfile=configs/fashion_mnist.cfg --epochs=1 --max_train_examples=4000
-    --max_eval_examples=2000` scores exactly what it did before the redesign.
+    --max_eval_examples=2000` scores what it did before the redesign, within 1.5 points.
 
-    Training is deterministic for a seed and the code (stateless data order and
-    augmentation, seeded initialisation), so metrics equal to the last digit pin that
-    the default's random stream (data order, views, initialisation) and computation did
-    not change when the options around it were deleted. The values were recorded
-    before the redesign, on a 2-core CPU with oneDNN's kernels (TensorFlow's own default on a
-    CPU with VNNI or AMX, and grafit_tf's on any): with TF_ENABLE_ONEDNN_OPTS=0, or
-    another intra-op thread count (TF_NUM_INTRAOP_THREADS, by default the number of cores),
-    the kernels round differently and the last digits change.
+    Training is deterministic for a seed, the code and the CPU (stateless data order and
+    augmentation, seeded initialisation), but oneDNN's kernels round differently from one
+    CPU to another (and with TF_ENABLE_ONEDNN_OPTS=0 or another TF_NUM_INTRAOP_THREADS):
+    this short run moved by up to 0.9 points between two hosts. A change of the default's
+    random stream moves it by more: seeds 1 and 2 move Recall@1 by 2.5 points.
     """
     workdir = tmp_path / "w"
     proc = run_train("--flagfile=configs/fashion_mnist.cfg", f"--data_dir={fashion_dir}",
@@ -112,7 +113,8 @@ def test_short_default_run_is_pinned(tmp_path, fashion_dir):
                      "--max_eval_examples=2000", "--verbose=0", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((workdir / "metrics.json").read_text())
-    assert {k: metrics[k] for k in PINNED} == PINNED
+    for name, value in PINNED.items():
+        assert abs(metrics[name] - value) <= 0.015, (name, metrics[name], value)
     assert metrics["train_examples"] == 4000 and metrics["eval_examples"] == 2000
 
 
@@ -266,3 +268,25 @@ def test_a_disk_that_fills_during_the_run_is_one_line(tmp_path):
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "No space left" in errors[0] and "train.csv" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_maskcon_queue_starts_with_augmented_keys_of_shuffled_images():
+    """As MaskCon's initiate_memorybank: the key encoder's keys of key views (view 1) from
+    another shuffled, augmented pass, not the first images in order, un-augmented: on
+    class-sorted data those would fill the queue with one class."""
+    rng = np.random.default_rng(0)
+    fine = np.repeat(np.arange(4, dtype=np.int32), 16)  # Sorted by class, as image folders.
+    hier = hierarchy.from_mapping(["a", "b", "c", "d"], {"a": "x", "b": "x", "c": "y", "d": "y"})
+    split = types.Split(images=rng.integers(0, 256, (64, 12, 12, 1), dtype=np.uint8),
+                        fine=fine, coarse=hier.coarse_of(fine))
+    source = types.Source("sorted", split, split, hier, (12, 12, 1), (127.0,), (70.0,))
+    config = Config(method="maskcon", batch_size=8, width=4, proj_hidden=16, proj_dim=8,
+                    queue_size=16, epochs=1, warmup_epochs=0)
+    model = builders.build_model(config, source, total_steps=8)
+    keys, labels = trainer.augmented_keys(model, source, config)
+    assert keys.shape == (16, 8) and set(labels) == {0, 1}  # Both coarse classes.
+    first = next(iter(pipeline.train_dataset_fn(source, config.replace(seed=1))()))
+    np.testing.assert_array_equal(labels[:8], first["label"])
+    want = model.target_projector(model.target_backbone(first["views"][:, 1], training=True),
+                                  training=True)
+    np.testing.assert_allclose(keys[:8], tf.math.l2_normalize(want, -1), atol=1e-5)

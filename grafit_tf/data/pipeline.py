@@ -64,12 +64,12 @@ class ImageReader:
         return tf.io.read_file(tf.gather(self._paths, index))
 
 
-def view_fn(config):
+def view_fn(config, weak=False):
     """The augmentation of a one-channel image: `(image [H,W,1], seed [2]) -> [H,W,1]`,
-    `augment.grayscale_small` (RGB images: `rgb_views`)."""
+    `augment.grayscale_small` (RGB images: `rgb_views`); `weak`: crop and flip only."""
+    jitter, gamma = (0.0, 0.0) if weak else (config.jitter_strength, config.gamma_jitter)
     return lambda image, seed: augment.grayscale_small(image, seed, config.crop_scale_min,
-                                                       config.jitter_strength,
-                                                       gamma=config.gamma_jitter)
+                                                       jitter, gamma=gamma)
 
 
 def rgb_views(config, size, seeds, image=None, data=None):
@@ -84,18 +84,23 @@ def rgb_views(config, size, seeds, image=None, data=None):
 
     Returns:
         `[V, H, W, 3]` float32: `augment.rgb`, then with `--rand_augment`
-        RandAugment (fold 5 of each view's seed).
+        RandAugment (fold 5 of each view's seed); with `--key_view=weak`, view 1
+        cropped and flipped only.
     """
-    jitter, gamma = config.jitter_strength, config.gamma_jitter
+    scale = (config.crop_scale_min, 1.0)
     if data is not None:
-        crops = crop_windows(data, seeds, (config.crop_scale_min, 1.0))
-        views = [augment.rgb_from_crop(crop, seed, size, jitter, gamma)
-                 for crop, seed in zip(crops, seeds)]
-    else:
-        views = [augment.rgb(image, seed, size, config.crop_scale_min, jitter, gamma)
+        crops = crop_windows(data, seeds, scale)
+    else:  # As augment.rgb cuts them.
+        crops = [tf.slice(image, *augment.crop_box(tf.shape(image), augment.fold(seed, 0), scale))
                  for seed in seeds]
-    if config.rand_augment:  # augment.rgb uses folds 0-2 of a view's seed.
-        views = [rand_augment(x, augment.fold(seed, 5)) for x, seed in zip(views, seeds)]
+    views = []
+    for v, (crop, seed) in enumerate(zip(crops, seeds)):
+        if v == 1 and config.key_view == "weak":
+            views.append(augment.random_flip(tf.image.resize(crop, size), augment.fold(seed, 1)))
+            continue
+        x = augment.rgb_from_crop(crop, seed, size, config.jitter_strength, config.gamma_jitter)
+        # augment.rgb uses folds 0-2 of a view's seed.
+        views.append(rand_augment(x, augment.fold(seed, 5)) if config.rand_augment else x)
     return tf.stack(views)
 
 
@@ -158,7 +163,9 @@ def train_dataset_fn(source, config, start_step=0):
         shard = global_batch // pipelines
         reader = None if split.stream is not None else ImageReader(split, source.image_shape)
         rgb = source.image_shape[-1] == 3
-        one_view = None if rgb else view_fn(config)
+        # --key_view=weak: view 1 (the maskcon methods' key) cropped and flipped only.
+        one_views = None if rgb else [view_fn(config, weak=v == 1 and config.key_view == "weak")
+                                      for v in range(config.num_views)]
         label_table = tf.constant(labels, tf.int32)
 
         def epoch_steps(epoch):
@@ -195,7 +202,7 @@ def train_dataset_fn(source, config, start_step=0):
                 views = rgb_views(config, size, seeds, image=reader(index))
             else:
                 image = reader(index) if data is None else decode(data, 1)
-                views = tf.stack([one_view(image, seed) for seed in seeds])
+                views = tf.stack([view(image, seed) for view, seed in zip(one_views, seeds)])
             return {"index": index, "label": tf.gather(label_table, index), "views": views}
 
         if reader is not None:
@@ -222,8 +229,8 @@ def eval_image(image, source):
     method = source.eval_resize or source.resize
     if method == "resize_center_crop":
         return augment.resize_center_crop(image, source.image_shape[:2])
-    if method == "resize":  # The whole image, aspect ratio not kept (MaskCon's protocol).
-        return tf.image.resize(image, source.image_shape[:2], method="bilinear")
+    if method == "resize":  # Whole image, aspect not kept, antialiased: MaskCon's protocol.
+        return tf.image.resize(image, source.image_shape[:2], "bilinear", antialias=True)
     return image
 
 
