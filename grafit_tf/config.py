@@ -49,6 +49,12 @@ class Config:
     coarse_map: str = setting("", "JSON file fine -> coarse name, replacing the dataset's.")
     max_train_examples: int = setting(0, "Train on the first N images only (0: all).", low=0)
     max_eval_examples: int = setting(0, "Evaluate on the first N test images (0: all).", low=0)
+    validation_split: int = setting(10000, "Training images held out, never trained on, when "
+                                           "--eval_split=validation: a fixed draw stratified "
+                                           "by coarse label.", low=1)
+    eval_split: str = setting("test", "Split scored: test, or validation (held out of the "
+                                      "training images: to choose settings on).",
+                              choices=("test", "validation"))
     image_size: int = setting(0, "Model input side for image_folder / TFDS (0: 224; CIFAR: 32).",
                               low=0, high=4096)
     tfds_data_dir: str = setting("", "TFDS folder (empty: $TFDS_DATA_DIR or "

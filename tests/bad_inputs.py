@@ -655,8 +655,12 @@ for flag in ("--learning_rate=nan", "--learning_rate=-1", "--learning_rate=inf",
 train_case("train queue_size < batch", "--memory=queue", "--queue_size=32")
 for flag in ("--method=simclr", "--dataset=imagenet", "--backbone=vgg16", "--optimizer=rmsprop",
              "--instance_loss=mse", "--memory=ring", "--mixed_precision=float8",
-             "--distribute=tpu", "--eval_protocol=other"):
+             "--distribute=tpu", "--eval_protocol=other", "--key_view=strong",
+             "--eval_split=holdout", "--sop_split=maskcon3", "--validation_split=0"):
     train_case(f"train {flag}", flag)
+train_case("train --sop_split=maskcon1 on Fashion-MNIST", "--sop_split=maskcon1")
+train_case("train validation split as large as the training split", "--eval_split=validation",
+           "--validation_split=60000")
 train_case("train --batch_size=abc (not an integer)", "--batch_size=abc")
 train_case("train --learning_rate=fast (not a number)", "--learning_rate=fast")
 train_case("train unknown flag --epoch=3", "--epoch=3")

@@ -7,10 +7,12 @@ import struct
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from grafit_tf.config import Config
 from grafit_tf.data import hierarchy, idx, sources
+from grafit_tf.data.types import Split, Stream
 from grafit_tf.errors import UserError
 
 
@@ -169,3 +171,35 @@ def test_fashion_mnist_images_and_labels_of_other_counts_are_refused(fashion_dir
                tmp_path / "train-labels-idx1-ubyte.gz")
     with pytest.raises(UserError, match="train-labels-idx1-ubyte.gz do not match"):
         sources.load(Config(data_dir=str(tmp_path)))
+
+
+def test_validation_split_is_a_fixed_stratified_hold_out(fashion_dir):
+    """--eval_split=validation scores N training images that training never sees: the
+    same ones whatever --seed, each coarse class in its share, test images untouched."""
+    base = Config(data_dir=fashion_dir)
+    full = sources.load(base)
+    got = sources.load(base.replace(eval_split="validation", validation_split=10000))
+    again = sources.load(base.replace(eval_split="validation", validation_split=10000, seed=5))
+    assert len(got.train) == 50000 and len(got.test) == 10000
+    np.testing.assert_array_equal(got.test.images, again.test.images)
+    _, counts = np.unique(got.test.coarse, return_counts=True)
+    _, all_counts = np.unique(full.train.coarse, return_counts=True)
+    assert np.all(np.abs(counts - all_counts * 10000 / 60000) <= 1) and counts.sum() == 10000
+    # Together they are the training split, each image once.
+    seen = np.concatenate([got.train.images, got.test.images]).reshape(60000, -1)
+    assert len(np.unique(seen, axis=0)) == len(np.unique(full.train.images.reshape(60000, -1),
+                                                         axis=0))
+    assert not np.array_equal(got.test.images[:100], full.test.images[:100])
+    with pytest.raises(UserError, match="--validation_split"):
+        sources.load(base.replace(eval_split="validation", validation_split=60000))
+
+
+def test_hold_out_of_a_stream_filters_it_to_the_same_examples():
+    coarse = np.array([0, 1] * 10, np.int32)
+    split = Split(fine=np.arange(20, dtype=np.int32), coarse=coarse,
+                  stream=Stream(lambda: tf.data.Dataset.range(20).map(tf.strings.as_string)))
+    train, held = sources.hold_out(split, 6)
+    assert sorted(np.concatenate([train.fine, held.fine])) == list(range(20))
+    assert list(np.bincount(held.coarse)) == [3, 3]
+    for part in (train, held):
+        assert [int(x) for x in part.stream.dataset().as_numpy_iterator()] == list(part.fine)

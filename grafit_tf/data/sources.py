@@ -13,7 +13,7 @@ import numpy as np
 from grafit_tf.data import hierarchy as hierarchy_lib
 from grafit_tf.data import image_check, tfds_sources
 from grafit_tf.data.idx import read_idx
-from grafit_tf.data.types import IMAGENET_STATS, Source, Split
+from grafit_tf.data.types import IMAGENET_STATS, Source, Split, Stream
 from grafit_tf.errors import UserError
 
 FASHION_MNIST_CLASSES = ("tshirt_top", "trouser", "pullover", "dress", "coat",
@@ -35,8 +35,11 @@ def load(config):
         source = _image_folder(config)
     else:
         source = tfds_sources.load(config)
-    train = source.train.take(config.max_train_examples)
-    test = source.test.take(config.max_eval_examples)
+    train, test = source.train, source.test
+    if config.eval_split == "validation":  # The same images whatever --seed.
+        train, test = hold_out(train, config.validation_split)
+    train = train.take(config.max_train_examples)
+    test = test.take(config.max_eval_examples)
     skipped = ()
     if train.paths is not None:  # Files: every one must decode before training starts.
         (train, test), skipped = _without_bad_images((train, test), config)
@@ -44,6 +47,39 @@ def load(config):
     eval_resize = "resize" if config.eval_protocol == "maskcon" else source.eval_resize
     return dataclasses.replace(source, train=train, test=test, eval_resize=eval_resize,
                                skipped=skipped)
+
+
+def hold_out(split, n, seed=0):
+    """Splits `split` into (train, validation): n examples drawn once by a fixed `seed`,
+    stratified by coarse label (each class's share to within one image).
+
+    Returns:
+        Two `Split`s, each in `split`'s order.
+    """
+    if n >= len(split):
+        raise UserError(f"--validation_split={n} leaves no training image of the "
+                        f"{len(split)}: use a smaller --validation_split.")
+    classes, counts = np.unique(split.coarse, return_counts=True)
+    share = counts * n / len(split)
+    quota = np.floor(share).astype(int)
+    quota[np.argsort(quota - share, kind="stable")[: n - quota.sum()]] += 1  # Largest remainders.
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(split), bool)
+    for c, q in zip(classes, quota):
+        held[rng.permutation(np.flatnonzero(split.coarse == c))[:q]] = True
+    return tuple(split.subset(np.flatnonzero(mask), _filtered(split.stream, mask))
+                 for mask in (~held, held))
+
+
+def _filtered(stream, keep):
+    """`stream` with only the elements where `keep` `[N]` bool is true (None: None)."""
+    if stream is None:
+        return None
+    import tensorflow as tf  # Here only: serving imports this module (via png_folders).
+
+    table = tf.constant(keep)
+    return Stream(lambda: stream.dataset().enumerate().filter(
+        lambda i, _: tf.gather(table, i)).map(lambda _, x: x))
 
 
 def _without_bad_images(splits, config):

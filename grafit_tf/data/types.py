@@ -62,6 +62,14 @@ class Split:
                      coarse=self.coarse[:n], stream=stream)
 
 
+    def subset(self, indices, stream=None):
+        """The examples at sorted `indices` `[M]`, in order; a streamed split needs the
+        `stream` of those examples (`sources.hold_out` filters it)."""
+        pick = lambda a: None if a is None else a[indices]  # noqa: E731
+        return Split(images=pick(self.images), paths=pick(self.paths), fine=self.fine[indices],
+                     coarse=self.coarse[indices], stream=stream)
+
+
 @dataclasses.dataclass(frozen=True)
 class Source:
     """A dataset ready for the pipeline.
