@@ -68,13 +68,17 @@ demo: venv data
 
 # The default's tables in BENCHMARKS.md (quality, quality_seeds; bench/results/quality*.json
 # and the two quality_*.png pictures): every method on seed 0 with raw pixels, then every
-# method over three seeds (seed 0 reused). Twelve runs of 30-75 minutes on 2 CPU cores.
+# method over three seeds (seed 0 reused), then maskcon (w = 0.5) over three seeds. Fifteen
+# runs of 15-75 minutes on 2 CPU cores.
 bench-quality: venv data
 	$(PY) -m bench.quality --config=configs/fashion_mnist.cfg \
 	  --methods=grafit,coarse_ce,instance,fine_ce
 	$(PY) -m bench.quality --config=configs/fashion_mnist.cfg \
 	  --methods=grafit,coarse_ce,instance,fine_ce --seeds=3 --name=quality_seeds \
 	  --raw_pixels=false
+	$(PY) -m bench.quality --config=configs/fashion_mnist.cfg --methods=maskcon \
+	  --override=--lambda_inst=1 --seeds=3 --workdir=runs/quality_maskcon \
+	  --name=quality_maskcon_seeds --raw_pixels=false
 	$(PY) -m bench.plots --workdir=runs/quality --name=quality
 
 # The default config on the second coarse grouping (2 classes): grafit and coarse_ce on
