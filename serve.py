@@ -36,7 +36,6 @@ See `grafit_tf.serving.job` for the outputs and `grafit_tf.serving.shards`
 for the shards and how to read them.
 """
 
-import os
 import signal
 import sys
 

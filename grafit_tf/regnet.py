@@ -8,7 +8,6 @@ residual), each stage's first block striding by 2.
 
 import dataclasses
 
-import keras
 from keras import layers
 
 
