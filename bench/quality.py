@@ -27,6 +27,7 @@ from absl import app, flags
 from bench import raw_pixels
 from bench.runs import over_seeds, publish, quality_run, resolved_config, train_or_reuse
 from grafit_tf import evaluation
+from grafit_tf.config import METHODS
 
 def define_flags(fv=flags.FLAGS):
     """The bench's flags, defined when it runs (a test defines them in its own
@@ -42,7 +43,7 @@ def define_flags(fv=flags.FLAGS):
     flags.DEFINE_string("name", "quality", "Results name: bench/results/<name>.json and the "
                         "BENCHMARKS.md section markers.", **f)
     flags.DEFINE_multi_string("override", [], "Extra train.py flag for every run, e.g. "
-                              "--epochs=2.", **f)
+                              "--epochs=2; M:--flag=v for method M only.", **f)
     flags.DEFINE_bool("reuse", True, "Reuse a run whose work directory already has "
                       "metrics.json, instead of training it again (only if it has this "
                       "command's settings).", **f)
@@ -65,9 +66,21 @@ FLAGS = flags.FLAGS
 COLUMNS = evaluation.METRIC_COLUMNS + (("train_minutes", "train minutes"),)
 
 
+def overrides(method=None):
+    """`--override` values for `method`: `M:--flag=v` is method M's alone (None: shared)."""
+    picked = []
+    for value in FLAGS.override:
+        owner, sep, flag = value.partition(":")
+        if not (sep and owner in METHODS):
+            picked.append(value)
+        elif owner == method:
+            picked.append(flag)
+    return picked
+
+
 def train(method, seed, extra=(), name=None):
     args, workdir = quality_run(FLAGS.config, FLAGS.workdir, method, seed,
-                                [*FLAGS.override, *extra])
+                                [*overrides(method), *extra])
     workdir = workdir if name is None else os.path.join(FLAGS.workdir, name)
     return train_or_reuse([*args, "--verbose=2"], workdir, FLAGS.reuse)
 
@@ -141,7 +154,7 @@ def main(argv):
         rows.append(dict(summarise(method, runs), chosen=chosen, selection=scores))
     if FLAGS.raw_pixels:
         # The shared config with the overrides (only its data and evaluation options matter).
-        config = resolved_config([f"--flagfile={FLAGS.config}", *FLAGS.override])
+        config = resolved_config([f"--flagfile={FLAGS.config}", *overrides()])
         rows.append(dict(method="raw pixels", seeds=1, **raw_pixels.raw_pixel_metrics(config)))
     publish(FLAGS.name, rows, markdown(rows), update=FLAGS.update_benchmarks,
             extra={"config": FLAGS.config, "overrides": FLAGS.override})

@@ -55,3 +55,14 @@ def test_each_method_gets_the_same_grid_and_its_own_best_point(bench, tmp_path):
     calls, again = bench("--methods=grafit,coarse_ce", f"--chosen={tmp_path}/chosen.json")
     assert not any("/select/" in w for _, w in calls)  # Not tuned again.
     assert [r["chosen"] for r in again["rows"]] == [r["chosen"] for r in published["rows"]]
+
+
+def test_an_override_may_name_its_method(bench):
+    calls, _ = bench("--methods=grafit,maskcon", "--override=--epochs=2",
+                     "--override=maskcon:--lambda_inst=1",
+                     "--override=--coarse_map=maps/a:b.json")
+    flags_of = {args[1]: args for args, _ in calls}
+    assert "--lambda_inst=1" in flags_of["--method=maskcon"]
+    assert not any("lambda_inst" in a for a in flags_of["--method=grafit"])
+    for args in flags_of.values():  # Shared ones, a colon in the value included.
+        assert "--epochs=2" in args and "--coarse_map=maps/a:b.json" in args
