@@ -3,10 +3,9 @@
 As MaskCon (Feng & Patras 2023): bn1 and layer1..layer4 come from ImageNet; the 7x7
 conv1 does not fit the 3x3 stem, which stays freshly initialised; fc is dropped.
 Names follow torchvision (`layer2.0.downsample.0.weight`, ...); `num_batches_tracked`
-is ignored. Pure NumPy: no torch, no TensorFlow. One known difference: the trunk's
-stride-2 3x3 convolutions (first block of layer2..layer4) pad "same" (bottom / right
-on even sizes) where torch pads 1 on every side, so there the ImageNet filters see
-the image shifted by a pixel.
+is ignored. Pure NumPy. A known difference: the trunk's stride-2 3x3 convolutions
+(layer2..4's first blocks) pad "same" (bottom / right on even sizes), torch 1 on every
+side: there the ImageNet filters see the image shifted by a pixel.
 """
 
 import numpy as np
