@@ -56,8 +56,8 @@ def build_model(config, source, total_steps, use_bn=True, sync_bn=False, init_tr
                                        sync_bn, head_bn)
         parts["target_projector"] = heads.mlp(config.proj_hidden, config.proj_dim,
                                               "target_projector", sync_bn, head_bn)
-        parts["target_backbone"] = backbones.build(config, shape, mean, std, use_bn=use_bn,
-                                                   sync_bn=sync_bn)
+        parts["target_backbone"] = backbones.build(  # No --weights read: `_build` copies.
+            config.replace(weights=""), shape, mean, std, use_bn=use_bn, sync_bn=sync_bn)
     if obj.instance:
         parts["predictor"] = heads.mlp(config.proj_hidden, config.proj_dim, "predictor",
                                        sync_bn, use_bn)

@@ -186,14 +186,16 @@ class GrafitModel(keras.Model):
             views: `[b, V, H, W, C]`: view 0 is the query, view 1 the key.
 
         Returns:
-            `{"query": [b, P], "key": [b, P]}`, float32, L2-normalised; no gradient to
-            the key (the EMA key encoder, with batch statistics as MoCo).
+            `{"query": [b, P], "key": [b, P]}`, float32, L2-normalised (`key`: `key`).
         """
         query = self.projector(self.backbone(views[:, 0], training=training), training=training)
-        key = self.target_projector(self.target_backbone(views[:, 1], training=True),
-                                    training=True)
         return {"query": tf.math.l2_normalize(tf.cast(query, tf.float32), -1),
-                "key": tf.stop_gradient(tf.math.l2_normalize(tf.cast(key, tf.float32), -1))}
+                "key": self.key(views[:, 1])}
+
+    def key(self, images):
+        """MoCo keys `[N, P]` (float32, unit, no gradient) of images `[N, H, W, C]`."""
+        key = self.target_projector(self.target_backbone(images, training=True), training=True)
+        return tf.stop_gradient(tf.math.l2_normalize(tf.cast(key, tf.float32), -1))
 
     def loss_terms(self, out, labels, indices):
         """The active losses (each a scalar mean over the local batch), by name."""

@@ -89,16 +89,14 @@ def prefill_memory(model, source, config):
 
 
 def augmented_keys(model, source, config):
-    """MaskCon's queue prefill: the key encoder's keys (batch statistics, as in training)
-    of key views (view 1) of shuffled training images, from a pass of the training
-    pipeline under another seed (MaskCon: one more pass of its shuffled loader).
+    """MaskCon's queue prefill: `model.key` of key views (view 1) of shuffled training
+    images, a pass of the pipeline under another seed (MaskCon: one more of its loader).
 
     Returns:
         `keys [n, P]` float32 (L2-normalised), `coarse labels [n]`; n <= the queue size.
     """
     other = config.replace(seed=(config.seed + 1) % 2**31)
-    key_fn = tf.function(lambda x: tf.math.l2_normalize(tf.cast(model.target_projector(
-        model.target_backbone(x, training=True), training=True), tf.float32), -1))
+    key_fn = tf.function(model.key)
     keys, labels, size = [], [], model.memory.size
     for batch in pipeline.train_dataset_fn(source, other)():
         keys.append(key_fn(batch["views"][:, 1]).numpy())

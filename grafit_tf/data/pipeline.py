@@ -64,6 +64,11 @@ class ImageReader:
         return tf.io.read_file(tf.gather(self._paths, index))
 
 
+def weak_view(config, v):
+    """Whether view `v` is only cropped and flipped: the key (view 1), `--key_view=weak`."""
+    return v == 1 and config.key_view == "weak"
+
+
 def view_fn(config, weak=False):
     """The augmentation of a one-channel image: `(image [H,W,1], seed [2]) -> [H,W,1]`,
     `augment.grayscale_small` (RGB images: `rgb_views`); `weak`: crop and flip only."""
@@ -95,7 +100,7 @@ def rgb_views(config, size, seeds, image=None, data=None):
                  for seed in seeds]
     views = []
     for v, (crop, seed) in enumerate(zip(crops, seeds)):
-        if v == 1 and config.key_view == "weak":
+        if weak_view(config, v):
             views.append(augment.random_flip(tf.image.resize(crop, size), augment.fold(seed, 1)))
             continue
         x = augment.rgb_from_crop(crop, seed, size, config.jitter_strength, config.gamma_jitter)
@@ -163,8 +168,7 @@ def train_dataset_fn(source, config, start_step=0):
         shard = global_batch // pipelines
         reader = None if split.stream is not None else ImageReader(split, source.image_shape)
         rgb = source.image_shape[-1] == 3
-        # --key_view=weak: view 1 (the maskcon methods' key) cropped and flipped only.
-        one_views = None if rgb else [view_fn(config, weak=v == 1 and config.key_view == "weak")
+        one_views = None if rgb else [view_fn(config, weak_view(config, v))
                                       for v in range(config.num_views)]
         label_table = tf.constant(labels, tf.int32)
 

@@ -50,12 +50,8 @@ def load(config):
 
 
 def hold_out(split, n, seed=0):
-    """Splits `split` into (train, validation): n examples drawn once by a fixed `seed`,
-    stratified by coarse label (each class's share to within one image).
-
-    Returns:
-        Two `Split`s, each in `split`'s order.
-    """
+    """Splits `split` into (train, validation), each in `split`'s order: n examples drawn
+    once by a fixed `seed`, stratified by coarse label (each class's share within one)."""
     if n >= len(split):
         raise UserError(f"--validation_split={n} leaves no training image of the "
                         f"{len(split)}: use a smaller --validation_split.")

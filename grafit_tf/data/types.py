@@ -61,7 +61,6 @@ class Split:
         return Split(images=cut(self.images), paths=cut(self.paths), fine=self.fine[:n],
                      coarse=self.coarse[:n], stream=stream)
 
-
     def subset(self, indices, stream=None):
         """The examples at sorted `indices` `[M]`, in order; a streamed split needs the
         `stream` of those examples (`sources.hold_out` filters it)."""
