@@ -102,46 +102,52 @@ _HUE = np.stack([np.linalg.inv(_YIQ) @ np.diag(d) @ _YIQ for d in ([1, 0, 0], [0
                 + [np.linalg.inv(_YIQ) @ np.array([[0, 0, 0], [0, 0, -1], [0, 1, 0]]) @ _YIQ])
 
 
-def colour(image, seed, strength=0.4, hue=0.1, gamma=0.0):
-    """SimCLR's colour distortion, fused into one affine map of the channels.
+def colour_draws(seed):
+    """The 8 uniform numbers `[8]` that `colour` turns into one view's jitter (fold 2 of
+    the view's `seed`: one draw, as each random op costs more than its arithmetic)."""
+    return tf.random.stateless_uniform([8], fold(seed, 2))
+
+
+def colour(images, draws, strength=0.4, hue=0.1, gamma=0.0):
+    """SimCLR's colour distortion of a batch of views, fused into one affine map each.
 
     With probability 0.8, brightness, contrast and saturation jitter of `strength`
     and a hue rotation of up to `hue` turns; then grayscale with probability 0.2;
     then (`gamma` > 0) `random_gamma` with probability 0.8. Each step but the gamma
     is linear in the channels and keeps grey grey, so together they are
-    `clip(M x + b)`: one pass instead of five (the HSV round trips cost ~40% of a
-    2-view pipeline). One uniform draw of 8 numbers: here each random op costs
-    more than its arithmetic.
+    `clip(M x + b)`: one pass instead of five. It runs in the train step (on the
+    accelerator, batched; `GrafitModel.views`), not in the input pipeline, whose
+    CPU time it would add to; draws of ones leave a view as it is (a weak key view).
 
     Args:
-        image: `[H, W, 3]` float32 in 0..255.
-        seed: the view's `[2]` int32 seed (fold 2).
+        images: `[..., H, W, 3]` float32 in 0..255.
+        draws: `[..., 8]` `colour_draws` of each view.
         strength: jitter strength (0: grayscale only).
         hue: largest hue rotation, in turns.
         gamma: strength of the gamma (0: none).
+
+    Returns:
+        `images`' shape, float32 in 0..255.
     """
-    u = tf.unstack(tf.random.stateless_uniform([8], fold(seed, 2)))
-    gray = u[5] < 0.2
-    if strength == 0 and gamma == 0:  # Grayscale only: 4 images in 5 need no pass at all.
-        return tf.cond(gray, lambda: _affine_colour(image, _LUMA.repeat(3, 0), 0.0), lambda: image)
+    shape = tf.shape(images)
+    x = tf.reshape(images, tf.concat([[-1], shape[-3:]], 0))  # [N, H, W, 3]
+    u = tf.unstack(tf.reshape(draws, [-1, 8]), axis=1)  # 8 of [N]
     jitter = tf.cast(u[0] < 0.8, tf.float32) * strength  # 0: this image keeps its colours.
     factor, shift = 1.0 + jitter * (2.0 * u[1] - 1.0), jitter * 255.0 * (2.0 * u[2] - 1.0)
-    sat, angle = 1.0 + jitter * (2.0 * u[3] - 1.0), 2.0 * math.pi * hue * (2.0 * u[4] - 1.0)
-    angle *= tf.cast(jitter > 0, tf.float32)
-    turn = _HUE[0] + tf.cos(angle) * _HUE[1] + tf.sin(angle) * _HUE[2]
-    matrix = factor * turn @ (sat * np.eye(3, dtype=np.float32) + (1.0 - sat) * _LUMA.repeat(3, 0))
-    matrix = tf.where(gray, _LUMA.repeat(3, 0) @ matrix, matrix)  # Each row the luma.
+    sat = (1.0 + jitter * (2.0 * u[3] - 1.0))[:, None, None]
+    angle = 2.0 * math.pi * hue * (2.0 * u[4] - 1.0) * tf.cast(jitter > 0, tf.float32)
+    turn = _HUE[0] + tf.cos(angle)[:, None, None] * _HUE[1] + tf.sin(angle)[:, None, None] * _HUE[2]
+    matrix = factor[:, None, None] * turn @ (sat * np.eye(3, dtype=np.float32)
+                                             + (1.0 - sat) * _LUMA.repeat(3, 0))
+    matrix = tf.where((u[5] < 0.2)[:, None, None], _LUMA.repeat(3, 0) @ matrix, matrix)
     # Contrast scales about the image's mean, brightness shifts every channel alike.
-    x = _affine_colour(image, matrix, (1.0 - factor) * tf.reduce_mean(image) + shift)
+    offset = (1.0 - factor) * tf.reduce_mean(x, axis=[1, 2, 3]) + shift
+    flat = tf.matmul(tf.reshape(x, [tf.shape(x)[0], -1, 3]), matrix, transpose_b=True)
+    x = tf.clip_by_value(flat + offset[:, None, None], 0.0, 255.0)
     if gamma > 0:
-        x = 255.0 * tf.pow(x / 255.0, tf.where(u[6] < 0.8, tf.exp(gamma * (2.0 * u[7] - 1.0)), 1.0))
-    return x
-
-
-def _affine_colour(image, matrix, offset):
-    """`clip(M x + b)` for every pixel x of `[H, W, 3]`; `M` `[3, 3]`, `b` a scalar."""
-    flat = tf.matmul(tf.reshape(image, [-1, 3]), matrix, transpose_b=True) + offset
-    return tf.clip_by_value(tf.reshape(flat, tf.shape(image)), 0.0, 255.0)
+        g = tf.where(u[6] < 0.8, tf.exp(gamma * (2.0 * u[7] - 1.0)), 1.0)[:, None, None]
+        x = tf.where(g == 1.0, x, 255.0 * tf.pow(x / 255.0, g))
+    return tf.reshape(x, shape)
 
 
 def grayscale_small(image, seed, crop_scale_min=0.35, jitter=0.4, gamma=0.0):
@@ -165,16 +171,17 @@ def grayscale_small(image, seed, crop_scale_min=0.35, jitter=0.4, gamma=0.0):
     return x
 
 
-def rgb(image, seed, size, crop_scale_min=0.08, jitter=0.4, gamma=0.0):
-    """The recipe for full-size RGB images (before RandAugment): a random resized crop
-    (area `crop_scale_min`..1, fold 0 of `seed`), then `rgb_from_crop`."""
+def rgb(image, seed, size, crop_scale_min=0.08):
+    """The recipe for full-size RGB images, in the input pipeline: a random resized crop
+    (area `crop_scale_min`..1, fold 0 of `seed`), then `rgb_from_crop`. The colour
+    jitter (`colour`) follows in the train step."""
     begin, crop_size = crop_box(tf.shape(image), fold(seed, 0), (crop_scale_min, 1.0))
-    return rgb_from_crop(tf.slice(image, begin, crop_size), seed, size, jitter, gamma)
+    return rgb_from_crop(tf.slice(image, begin, crop_size), seed, size)
 
 
-def rgb_from_crop(crop, seed, size, jitter=0.4, gamma=0.0):
+def rgb_from_crop(crop, seed, size):
     """`rgb` after its crop: resized to `size`, flipped (fold 1 of `seed`) with
-    probability 1/2, then `colour` of strength `jitter` (SimCLR / BYOL) and `gamma`.
+    probability 1/2.
 
     Args:
         crop: `[h, w, 3]` uint8 or float32 in 0..255 (a decoded JPEG window).
@@ -183,7 +190,7 @@ def rgb_from_crop(crop, seed, size, jitter=0.4, gamma=0.0):
         `[size[0], size[1], 3]` float32.
     """
     x = tf.image.resize(crop, size, method="bilinear")  # float32 from any dtype.
-    return colour(random_flip(x, fold(seed, 1)), seed, jitter, gamma=gamma)
+    return random_flip(x, fold(seed, 1))
 
 
 def resize_center_crop(image, size, crop_fraction=0.875):

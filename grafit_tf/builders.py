@@ -1,9 +1,11 @@
 """Assembles a `GrafitModel` and its optimizer from a `Config`, inside
 `strategy.scope()` so that every variable is mirrored."""
 
+import functools
+
 import keras
 
-from grafit_tf import backbones, heads
+from grafit_tf import augment, backbones, heads
 from grafit_tf.memory import MemoryBank
 from grafit_tf.model import GrafitModel, Objective
 
@@ -68,6 +70,9 @@ def build_model(config, source, total_steps, use_bn=True, sync_bn=False, init_tr
         hier = source.hierarchy
         classes = hier.num_fine if config.label_level == "fine" else hier.num_coarse
         parts["classifier"] = heads.classifier(classes)
+    if shape[-1] == 3:
+        parts["colour"] = functools.partial(augment.colour, strength=config.jitter_strength,
+                                            gamma=config.gamma_jitter)
     model = GrafitModel(trunk, obj, name="grafit", **parts)
     _build(model, shape)
     return model

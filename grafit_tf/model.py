@@ -90,17 +90,19 @@ class GrafitModel(keras.Model):
             the projector only).
         target_backbone, target_projector: EMA copies of backbone and projector.
         classifier: `[N, F] -> [N, K]` (cross-entropy methods).
+        colour: `(views [b, V, H, W, 3], draws [b, V, 8]) -> views`, the colour jitter
+            of RGB views (`augment.colour`); None: the pipeline's views are final.
     """
 
     def __init__(self, backbone, objective, knn_head=None, memory=None, projector=None,
                  predictor=None, target_backbone=None, target_projector=None,
-                 classifier=None, **kwargs):
+                 classifier=None, colour=None, **kwargs):
         super().__init__(**kwargs)
         # In this order: Keras tracks the parts, and so orders the weights, as assigned.
         self.backbone, self.objective, self.knn_head = backbone, objective, knn_head
         self.memory, self.projector, self.predictor = memory, projector, predictor
         self.target_backbone, self.target_projector = target_backbone, target_projector
-        self.classifier = classifier
+        self.classifier, self.colour = classifier, colour
         self.image_shape = tuple(backbone.input_shape[1:])
         self.trackers = {
             name: keras.metrics.Mean(name=name) for name in ["loss"] + objective.terms()
@@ -127,9 +129,9 @@ class GrafitModel(keras.Model):
         return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=1)
 
     def train_step(self, data):
-        labels, indices = data["label"], data["index"]
+        labels, indices, views = data["label"], data["index"], self.views(data)
         with tf.GradientTape() as tape:
-            out = self.forward(data["views"], training=True)
+            out = self.forward(views, training=True)
             terms = self.loss_terms(out, labels, indices)
             loss = tf.add_n(list(terms.values()))
             # The optimizer sums gradients over replicas: scale to a global mean.
@@ -141,6 +143,12 @@ class GrafitModel(keras.Model):
         for name, value in dict(terms, loss=loss).items():
             self.trackers[name].update_state(value)
         return {name: _log_value(t.result()) for name, t in self.trackers.items()}
+
+    def views(self, data):
+        """A batch's training views `[b, V, H, W, C]`, colour-jittered here (on the
+        accelerator) for RGB: the input pipeline's CPU time is the scarcer."""
+        return data["views"] if self.colour is None else self.colour(data["views"],
+                                                                     data["colour"])
 
     def forward(self, views, training=True):
         """Runs every active branch on all views at once (the maskcon methods: `moco`).

@@ -99,7 +99,7 @@ def augmented_keys(model, source, config):
     key_fn = tf.function(model.key)
     keys, labels, size = [], [], model.memory.size
     for batch in pipeline.train_dataset_fn(source, other)():
-        keys.append(key_fn(batch["views"][:, 1]).numpy())
+        keys.append(key_fn(model.views(batch)[:, 1]).numpy())
         labels.append(batch["label"].numpy())
         if len(keys) * len(labels[0]) >= size:
             break

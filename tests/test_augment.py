@@ -73,8 +73,15 @@ def test_gamma_jitter_in_the_grayscale_recipe():
                               np.argsort(p.ravel(), kind="stable"))
 
 
+def jittered(x, seed, size, crop_scale_min=0.08, jitter=0.4, gamma=0.0):
+    """The whole RGB recipe of one view: `augment.rgb` (pipeline), then `augment.colour`
+    (train step) with the view's draws."""
+    view = augment.rgb(x, seed, size, crop_scale_min)
+    return augment.colour(view, augment.colour_draws(seed), jitter, gamma=gamma)
+
+
 def test_rgb_recipe_stays_in_range():
-    out = augment.rgb(image(), tf.constant([0, 1]), (32, 32), gamma=0.5)
+    out = jittered(image(), tf.constant([0, 1]), (32, 32), gamma=0.5)
     assert out.shape == (32, 32, 3)
     assert float(tf.reduce_min(out)) >= 0.0 and float(tf.reduce_max(out)) <= 255.0
 
@@ -84,8 +91,8 @@ def test_gamma_jitter_in_the_rgb_recipe():
     changed = 0
     for i in range(8):  # The gamma comes last: it maps each value of the plain view alone,
         seed = tf.constant([i, 3])  # keeping black, white and the order of the tones.
-        plain = augment.rgb(x, seed, (32, 32), 0.5).numpy()
-        with_gamma = augment.rgb(x, seed, (32, 32), 0.5, gamma=0.5).numpy()
+        plain = jittered(x, seed, (32, 32), 0.5).numpy()
+        with_gamma = jittered(x, seed, (32, 32), 0.5, gamma=0.5).numpy()
         g = np.log(np.clip(with_gamma, 1e-3, None) / 255) / np.log(np.clip(plain, 1e-3, 254) / 255)
         middle = (plain > 20) & (plain < 235)
         assert np.ptp(g[middle]) < 1e-3, i  # One exponent for the whole view.
@@ -99,38 +106,25 @@ def test_gamma_jitter_in_the_rgb_recipe():
     refs += (refs[2][:, ::-1],)
     kinds = set()
     for i in range(40):
-        out = augment.rgb(x, tf.constant([i, 4]), (32, 32), 1.0, jitter=0.0).numpy()
+        out = jittered(x, tf.constant([i, 4]), (32, 32), 1.0, jitter=0.0).numpy()
         kinds.add(next(k for k, r in enumerate(refs) if np.allclose(out, r, atol=1e-2)))
     assert kinds == {0, 1, 2, 3}
 
 
-def _sequential_colour(x, seed, strength, hue=0.1):
-    """SimCLR's colour jitter step by step in NumPy (brightness, contrast about the mean,
-    saturation towards the luma, a YIQ hue rotation, grayscale), no clipping: the fused
-    `augment.colour` must equal it where nothing clips."""
-    u = tf.random.stateless_uniform([8], augment.fold(seed, 2)).numpy().astype(np.float64)
-    jitter = strength if u[0] < 0.8 else 0.0
-    luma = np.array([0.299, 0.587, 0.114])
-    y = (x - x.mean()) * (1 + jitter * (2 * u[1] - 1)) + x.mean() + jitter * 255 * (2 * u[2] - 1)
-    sat = 1 + jitter * (2 * u[3] - 1)
-    y = sat * y + (1 - sat) * (y @ luma)[..., None]
-    yiq = np.array([luma, [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-    t = 2 * np.pi * hue * (2 * u[4] - 1) if jitter else 0.0
-    turn = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
-    y = y @ (np.linalg.inv(yiq) @ turn @ yiq).T
-    if u[5] < 0.2:
-        y = np.repeat((y @ luma)[..., None], 3, -1)
-    return y
-
-
-def test_fused_colour_equals_the_steps_one_after_another():
-    x = np.random.default_rng(1).uniform(100, 150, (6, 7, 3))
-    for i in range(24):
-        seed = tf.constant([i, 11])
-        want = _sequential_colour(x, seed, 0.2)
-        got = augment.colour(tf.constant(x, tf.float32), seed, 0.2).numpy()
-        assert want.min() > 0 and want.max() < 255  # Nothing clipped.
-        np.testing.assert_allclose(got, want, atol=2e-3)
+def test_colour_of_a_batch_is_each_views_own_and_ones_keep_a_view():
+    """Batched over any leading dimensions, each view with its own draws (the train
+    step's `[b, V, H, W, 3]`); draws of ones (a weak key view) change nothing but the
+    float32 rounding of the hue matrices."""
+    rng = np.random.default_rng(2)
+    x = tf.constant(rng.uniform(0, 255, (3, 2, 8, 9, 3)), tf.float32)
+    draws = tf.constant(rng.uniform(0, 1, (3, 2, 8)), tf.float32)
+    got = augment.colour(x, draws, 0.4, gamma=0.5).numpy()
+    for i in range(3):
+        for v in range(2):
+            want = augment.colour(x[i, v], draws[i, v], 0.4, gamma=0.5).numpy()
+            np.testing.assert_allclose(got[i, v], want, atol=1e-3)
+    np.testing.assert_allclose(augment.colour(x, tf.ones([3, 2, 8]), 0.4, gamma=0.5), x,
+                               atol=1e-4)
 
 
 def test_evaluation_resize_antialiases_shrinking_only():

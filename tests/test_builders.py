@@ -5,8 +5,9 @@ import dataclasses
 import keras
 import numpy as np
 
-from grafit_tf import builders
+from grafit_tf import augment, builders
 from grafit_tf.config import Config
+from grafit_tf.data import pipeline, types
 from grafit_tf.model import Objective
 from tests.synthetic import synthetic_source
 
@@ -104,3 +105,23 @@ def test_sgd_l2_steps_as_torch_sgd_with_weight_decay():
         buf = 0.9 * buf + np.array(g) + 0.05 * want
         want = want - 0.1 * buf
         np.testing.assert_allclose(w.numpy(), want, rtol=2e-6)
+
+
+def test_rgb_views_are_colour_jittered_in_the_train_step():
+    """RGB views leave the pipeline unjittered, with their draws; `GrafitModel.views` (the
+    train step's input) jitters them with the config's strength and gamma. One-channel
+    views come from the pipeline final."""
+    gray = synthetic_source(16)
+    rgb_split = dataclasses.replace(gray.train, images=np.repeat(gray.train.images, 3, -1))
+    rgb = types.Source("rgb", rgb_split, rgb_split, gray.hierarchy, (12, 12, 3),
+                       (127.0,) * 3, (70.0,) * 3)
+    config = Config(batch_size=8, width=4, proj_hidden=8, proj_dim=8, knn_dim=8, epochs=1,
+                    num_views=2, jitter_strength=0.3, gamma_jitter=0.5)
+    batch = next(iter(pipeline.train_dataset_fn(rgb, config)()))
+    got = builders.build_model(config, rgb, total_steps=2).views(batch)
+    want = augment.colour(batch["views"], batch["colour"], 0.3, gamma=0.5)
+    np.testing.assert_array_equal(got, want)
+    assert not np.allclose(got, batch["views"], atol=1)
+    batch = next(iter(pipeline.train_dataset_fn(gray, config)()))
+    assert "colour" not in batch
+    assert builders.build_model(config, gray, total_steps=2).views(batch) is batch["views"]

@@ -118,22 +118,23 @@ def test_view_recipe_follows_the_image_shape():
             if shape[-1] == 1:
                 got = pipeline.view_fn(config)(x, seed)
                 want = augment.grayscale_small(x, seed, 0.6, 0.3, 0.5)
-            else:
-                got = pipeline.rgb_views(config, shape[:2], [seed], image=x)[0]
-                want = augment.rgb(x, seed, shape[:2], 0.6, 0.3, 0.5)
+            else:  # The colour jitter's draws come along, for the train step.
+                got, draws = pipeline.rgb_views(config, shape[:2], [seed], image=x)
+                got, want = got[0], augment.rgb(x, seed, shape[:2], 0.6)
+                np.testing.assert_array_equal(draws[0], augment.colour_draws(seed))
             np.testing.assert_array_equal(got, want)
             assert got.shape == shape
 
 
-def test_rand_augment_comes_after_the_rgb_recipe():
+def test_rand_augment_comes_after_crop_and_flip():
     config = CONFIG.replace(rand_augment=True)
     x = tf.constant(np.random.default_rng(3).uniform(0, 255, (16, 16, 3)), tf.float32)
     for i in range(4):
         seed = tf.constant([i, 1])
-        want = rand_augment(augment.rgb(x, seed, (16, 16), config.crop_scale_min,
-                                        config.jitter_strength), augment.fold(seed, 5))
+        want = rand_augment(augment.rgb(x, seed, (16, 16), config.crop_scale_min),
+                            augment.fold(seed, 5))
         np.testing.assert_array_equal(
-            pipeline.rgb_views(config, (16, 16), [seed], image=x)[0], want)
+            pipeline.rgb_views(config, (16, 16), [seed], image=x)[0][0], want)
 
 
 def test_crop_windows_decode_what_the_whole_image_gives():
@@ -180,6 +181,7 @@ def test_files_and_decoded_images_give_the_same_views(tmp_path):
     for a, b in zip(files, memory):
         np.testing.assert_array_equal(a["index"], b["index"])
         np.testing.assert_array_equal(a["views"], b["views"])
+        np.testing.assert_array_equal(a["colour"], b["colour"])
 
 
 def test_eval_decode_of_other_formats_is_unchanged():
@@ -209,14 +211,17 @@ def test_weak_key_view_is_crop_and_flip_only():
     rng = np.random.default_rng(4)
     seeds = [tf.constant([i, 3]) for i in range(3)]
     x = tf.constant(rng.uniform(0, 255, (20, 16, 3)), tf.float32)
-    got = pipeline.rgb_views(config, (16, 16), seeds, image=x).numpy()
+    got, draws = (t.numpy() for t in pipeline.rgb_views(config, (16, 16), seeds, image=x))
     box = augment.crop_box(tf.shape(x), augment.fold(seeds[1], 0), (0.6, 1.0))
     weak = augment.random_flip(tf.image.resize(tf.slice(x, *box), (16, 16)),
                                augment.fold(seeds[1], 1))
     np.testing.assert_array_equal(got[1], weak)
-    strong = pipeline.rgb_views(config.replace(key_view="same"), (16, 16), seeds, image=x)
+    np.testing.assert_array_equal(draws[1], 1.0)  # No colour jitter in the train step.
+    strong, strong_draws = pipeline.rgb_views(config.replace(key_view="same"), (16, 16), seeds,
+                                              image=x)
     np.testing.assert_array_equal(got[[0, 2]], strong.numpy()[[0, 2]])
-    assert not np.array_equal(got[1], strong[1])
+    np.testing.assert_array_equal(draws[[0, 2]], strong_draws.numpy()[[0, 2]])
+    assert not np.array_equal(got[1], strong[1]) and not np.array_equal(draws[1], strong_draws[1])
     gray = tf.constant(rng.uniform(0, 255, (12, 12, 1)), tf.float32)
     np.testing.assert_array_equal(pipeline.view_fn(config, weak=True)(gray, seeds[0]),
                                   augment.grayscale_small(gray, seeds[0], 0.6, 0.0, 0.0))

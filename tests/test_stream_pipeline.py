@@ -40,8 +40,8 @@ def batches(source, config, start_step=0, context=None):
 
 def test_stream_views_are_the_image_of_their_index(monkeypatch):
     # Resize-only views, so that pixel values still name the image.
-    monkeypatch.setattr(pipeline, "rgb_views", lambda config, size, seeds, data: tf.stack(
-        [tf.image.resize(pipeline.decode(data, 3), size) for _ in seeds]))
+    monkeypatch.setattr(pipeline, "rgb_views", lambda config, size, seeds, data: (tf.stack(
+        [tf.image.resize(pipeline.decode(data, 3), size) for _ in seeds]), tf.ones([len(seeds), 8])))
     source = stream_source()
     for b in batches(source, Config(batch_size=8, epochs=1, shuffle_buffer=10)):
         np.testing.assert_allclose(b["views"].mean(axis=(1, 2, 3, 4)), b["index"], atol=1e-3)

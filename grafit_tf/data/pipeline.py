@@ -81,7 +81,7 @@ def rgb_views(config, size, seeds, image=None, data=None):
     """The views of one RGB image (`augment.rgb`), from a decoded or an encoded image.
 
     Args:
-        config: gives the crop, jitter, gamma and `--rand_augment`.
+        config: gives the crop and `--rand_augment`.
         size: `(H, W)` of the views.
         seeds: the views' `[2]` int32 seeds.
         image: `[h, w, 3]` a decoded image, or
@@ -89,8 +89,9 @@ def rgb_views(config, size, seeds, image=None, data=None):
 
     Returns:
         `[V, H, W, 3]` float32: `augment.rgb`, then with `--rand_augment`
-        RandAugment (fold 5 of each view's seed); with `--key_view=weak`, view 1
-        cropped and flipped only.
+        RandAugment (fold 5 of each view's seed), except a weak key view (view 1
+        with `--key_view=weak`, cropped and flipped only); and `[V, 8]` the
+        `augment.colour_draws` that the train step jitters them with (weak: ones).
     """
     scale = (config.crop_scale_min, 1.0)
     if data is not None:
@@ -98,15 +99,15 @@ def rgb_views(config, size, seeds, image=None, data=None):
     else:  # As augment.rgb cuts them.
         crops = [tf.slice(image, *augment.crop_box(tf.shape(image), augment.fold(seed, 0), scale))
                  for seed in seeds]
-    views = []
+    views, draws = [], []
     for v, (crop, seed) in enumerate(zip(crops, seeds)):
-        if weak_view(config, v):
-            views.append(augment.random_flip(tf.image.resize(crop, size), augment.fold(seed, 1)))
-            continue
-        x = augment.rgb_from_crop(crop, seed, size, config.jitter_strength, config.gamma_jitter)
-        # augment.rgb uses folds 0-2 of a view's seed.
-        views.append(rand_augment(x, augment.fold(seed, 5)) if config.rand_augment else x)
-    return tf.stack(views)
+        x = augment.rgb_from_crop(crop, seed, size)
+        weak = weak_view(config, v)
+        draws.append(tf.ones([8]) if weak else augment.colour_draws(seed))
+        # augment.rgb and colour_draws use folds 0-2 of a view's seed.
+        views.append(rand_augment(x, augment.fold(seed, 5)) if config.rand_augment
+                     and not weak else x)
+    return tf.stack(views), tf.stack(draws)
 
 
 def crop_windows(data, seeds, scale, channels=3):
@@ -145,7 +146,8 @@ def train_dataset_fn(source, config, start_step=0):
     """Returns `fn(input_context) -> tf.data.Dataset` for `distribute_datasets_from_function`.
 
     The dataset yields per-replica batches of `b = global_batch / replicas`:
-    `{"views": [b, V, H, W, C] float32, "index": [b] int32, "label": [b] int32}`,
+    `{"views": [b, V, H, W, C] float32, "index": [b] int32, "label": [b] int32}`, and
+    for RGB images `"colour": [b, V, 8]`, the draws of the train step's colour jitter;
     from global step `start_step` to the end of training.
     `label` is the coarse label, or the fine label for the `fine_ce` oracle only.
     """
@@ -199,15 +201,16 @@ def train_dataset_fn(source, config, start_step=0):
             base = augment.fold(augment.fold(tf.constant([config.seed, 0]), epoch), index)
             seeds = [augment.fold(base, v) for v in range(config.num_views)]
             size = source.image_shape[:2]
+            out = {"index": index, "label": tf.gather(label_table, index)}
             if rgb and split.images is None:  # Files and streams: decode crop windows only.
                 data = reader.read(index) if data is None else data
-                views = rgb_views(config, size, seeds, data=data)
+                out["views"], out["colour"] = rgb_views(config, size, seeds, data=data)
             elif rgb:
-                views = rgb_views(config, size, seeds, image=reader(index))
+                out["views"], out["colour"] = rgb_views(config, size, seeds, image=reader(index))
             else:
                 image = reader(index) if data is None else decode(data, 1)
-                views = tf.stack([view(image, seed) for view, seed in zip(one_views, seeds)])
-            return {"index": index, "label": tf.gather(label_table, index), "views": views}
+                out["views"] = tf.stack([view(image, seed) for view, seed in zip(one_views, seeds)])
+            return out
 
         if reader is not None:
             ds = tf.data.Dataset.range(start_epoch, config.epochs).flat_map(epoch_steps)
