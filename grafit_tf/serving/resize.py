@@ -1,37 +1,18 @@
-"""NumPy image resizing that reproduces training's evaluation preprocessing.
+"""Image resizing that reproduces training's evaluation preprocessing, with Pillow.
 
 `bilinear` matches `tf.image.resize(method="bilinear", antialias=True)` and
 `resize_center_crop` matches `grafit_tf.augment.resize_center_crop`, so that
 `serve.py` feeds the model what `grafit_tf.data.pipeline.eval_image` does,
-without TensorFlow. Arithmetic is float32 in the kernel's order of operations
-(scale_and_translate_op.cc), so the two agree to float32 rounding.
+without TensorFlow: the same triangle filter, widened by the downscale factor.
+8-bit images resize in one Pillow call, which rounds each of its two passes to a
+level: within 1 of TensorFlow's float result, at ~4x the speed of a float resize.
+Others resize channel by channel in float32 ("F", double weights): within 0.01.
 """
 
 import numpy as np
+from PIL import Image
 
 CROP_FRACTION = 0.875  # The default of `augment.resize_center_crop`.
-
-
-def _axis_weights(in_size, out_size, start, count):
-    """Input spans and weights of outputs `[start, start + count)` of one axis: a triangle
-    filter (bilinear), widened by the downscale factor when shrinking (antialiasing).
-
-    Returns:
-        `(first [count] int64, weights [count, K] float32)`: output `start + i` is the
-        sum over k of `weights[i, k]` times input `first[i] + k` (0 past the span).
-    """
-    inv_scale = np.float32(1.0 / np.float64(np.float32(out_size) / np.float32(in_size)))
-    radius = max(inv_scale, np.float32(1))
-    sample = (np.arange(start, start + count, dtype=np.float32) + np.float32(0.5)) * inv_scale
-    first = np.clip(np.ceil(sample - radius - np.float32(0.5)), 0, in_size - 1)
-    last = np.clip(np.floor(sample + radius - np.float32(0.5)), 0, in_size - 1)
-    source = first[:, None] + np.arange(min(2 * int(np.ceil(radius)) + 1, in_size),
-                                        dtype=np.float32)
-    weights = np.maximum(np.float32(1) - np.abs(
-        (source + np.float32(0.5) - sample[:, None]) * (np.float32(1) / radius)), 0)
-    weights[source > last[:, None]] = 0
-    total = np.add.accumulate(weights, axis=1)[:, -1:]  # In order, as the kernel sums.
-    return first.astype(np.int64), weights * (np.float32(1) / total)
 
 
 def bilinear(image, height, width, crop=None):
@@ -39,22 +20,21 @@ def bilinear(image, height, width, crop=None):
 
     `[H, W, C]` of any real dtype -> `[height, width, C]` float32; with `crop`
     `(h, w)` (at most `(height, width)`), only its centre `[h, w, C]` (where
-    `tf.image.resize_with_crop_or_pad` cuts it), the other pixels never computed.
+    `tf.image.resize_with_crop_or_pad` cuts it), the other pixels never computed:
+    Pillow's `box` resamples that part of the image at the whole resize's scale.
     """
     out_h, out_w = crop or (height, width)
-    y0, wy = _axis_weights(image.shape[0], height, (height - out_h) // 2, out_h)
-    x0, wx = _axis_weights(image.shape[1], width, (width - out_w) // 2, out_w)
-    image = image[:, x0[0]:x0[-1] + wx.shape[1]]  # The columns the crop reads.
-    x0 -= x0[0]
-    # Rows, then columns, each a float32 running sum over the span in its order (the
-    # kernel's GatherRows, GatherColumns); gathers stay in the input's dtype.
-    rows = np.zeros((out_h,) + image.shape[1:], np.float32)
-    for k in range(wy.shape[1]):
-        rows += wy[:, k, None, None] * image[np.minimum(y0 + k, len(image) - 1)]
-    out = np.zeros((out_h, out_w, image.shape[2]), np.float32)
-    for k in range(wx.shape[1]):
-        out += wx[:, k, None] * rows[:, np.minimum(x0 + k, rows.shape[1] - 1)]
-    return out
+    sy, sx = image.shape[0] / height, image.shape[1] / width
+    top, left = (height - out_h) // 2, (width - out_w) // 2
+    box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
+    if image.dtype == np.uint8 and image.shape[2] in (1, 3):  # One call in 8-bit mode.
+        pil = Image.fromarray(image[..., 0] if image.shape[2] == 1 else image)
+        out = np.asarray(pil.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box))
+        return out.reshape(out_h, out_w, image.shape[2]).astype(np.float32)
+    channels = [Image.fromarray(np.ascontiguousarray(image[..., c], np.float32), "F")
+                .resize((out_w, out_h), Image.Resampling.BILINEAR, box=box)
+                for c in range(image.shape[2])]
+    return np.stack([np.asarray(c) for c in channels], axis=-1)
 
 
 def eval_size(shape, image_shape, method):
