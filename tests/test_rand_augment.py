@@ -12,10 +12,10 @@ PIXELS = np.clip(np.random.default_rng(0).normal(120, 50, (20, 24, 3)), 0, 255).
 FACTOR = 1 + 0.9 * ra.LEVEL  # Of the enhancement ops, sign +1.
 
 
-def op(name, sign=1.0):
-    """Op `name` of `ra.OPS` on `PIXELS` (as float32), as `[H, W, 3]`."""
+def op(name, sign=1.0, image=PIXELS):
+    """Op `name` of `ra.OPS` on `image` (as float32), as `[H, W, 3]`."""
     fn = ra.FUNCTIONS[ra.OPS.index(name)]
-    return fn(tf.constant(PIXELS, tf.float32)[None], tf.constant([sign])).numpy()[0]
+    return fn(tf.constant(image, tf.float32)[None], tf.constant([sign])).numpy()[0]
 
 
 @pytest.mark.parametrize("name, reference, tolerance", [
@@ -57,6 +57,41 @@ def test_rotation_turns_about_the_centre():
     assert out[10, 10, 0] == 255 and len(set(rows)) > 1  # Centre kept, bar tilted.
     slope = np.polyfit(cols, rows, 1)[0]
     assert abs(abs(slope) - np.tan(np.radians(30 * ra.LEVEL))) < 0.05
+
+
+def test_ops_match_their_reference_formulas_on_a_random_float_image():
+    """The rewritten ops (a padded `gather_nd`, per-channel rows, sums of shifted rows)
+    against the formulas they replaced: exact where those were, else to float rounding."""
+    x = np.random.default_rng(1).uniform(0, 255, (33, 47, 3)).astype(np.float32)
+    x[..., 2] = 77.0  # A constant channel, which autocontrast keeps.
+    f32, (h, w) = np.float32, x.shape[:2]
+
+    def run(name):
+        return op(name, -1.0, x)
+
+    # Rotation: output (x, y) reads floor(a x + b y + c + 0.5), black outside.
+    angle = f32(-1.0) * f32(np.radians(30.0)) * f32(ra.LEVEL)
+    cos, sin = (float(t(tf.constant([angle]))[0]) for t in (tf.cos, tf.sin))
+    cos, sin, cx, cy = f32(cos), f32(sin), f32((w - 1) / 2), f32((h - 1) / 2)
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    src_x = np.floor(cos * xs + sin * ys + (cx - cos * cx - sin * cy) + f32(0.5)).astype(int)
+    src_y = np.floor(-sin * xs + cos * ys + (cy + sin * cx - cos * cy) + f32(0.5)).astype(int)
+    inside = (src_x >= 0) & (src_x < w) & (src_y >= 0) & (src_y < h)
+    want = np.where(inside[..., None], x[src_y.clip(0, h - 1), src_x.clip(0, w - 1)], 0.0)
+    np.testing.assert_array_equal(run("rotate"), want)
+    low, high = x.min((0, 1)), x.max((0, 1))
+    scale = np.where(high > low, f32(255.0) / np.maximum(high - low, 1.0), f32(1.0))
+    want = np.clip((x - np.where(high > low, low, 0.0)) * scale, 0.0, 255.0)
+    np.testing.assert_array_equal(run("autocontrast"), want)
+    factor = 1 - 0.9 * ra.LEVEL
+    mean = (x.astype(np.float64) @ np.array([0.2989, 0.587, 0.114])).mean()
+    np.testing.assert_allclose(run("contrast"), np.clip(mean + factor * (x - mean), 0, 255),
+                               atol=1e-3)
+    smooth = x.astype(np.float64).copy()
+    nine = sum(x[i:h - 2 + i, j:w - 2 + j].astype(np.float64) for i in range(3) for j in range(3))
+    smooth[1:-1, 1:-1] = (nine + 4.0 * x[1:-1, 1:-1]) / 13.0
+    np.testing.assert_allclose(run("sharpness"), np.clip(smooth + factor * (x - smooth), 0, 255),
+                               atol=1e-3)
 
 
 def test_rand_augment_follows_the_image_seed_only():
