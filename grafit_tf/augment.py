@@ -115,9 +115,8 @@ def colour(images, draws, strength=0.4, hue=0.1, gamma=0.0):
     and a hue rotation of up to `hue` turns; then grayscale with probability 0.2;
     then (`gamma` > 0) `random_gamma` with probability 0.8. Each step but the gamma
     is linear in the channels and keeps grey grey, so together they are
-    `clip(M x + b)`: one pass instead of five. It runs in the train step (on the
-    accelerator, batched; `GrafitModel.views`), not in the input pipeline, whose
-    CPU time it would add to; draws of ones leave a view as it is (a weak key view).
+    `clip(M x + b)`: one pass instead of five, in the train step (`GrafitModel.views`,
+    on the accelerator), not on the pipeline's CPU. Draws of ones: the identity.
 
     Args:
         images: `[..., H, W, 3]` float32 in 0..255.
@@ -126,8 +125,7 @@ def colour(images, draws, strength=0.4, hue=0.1, gamma=0.0):
         hue: largest hue rotation, in turns.
         gamma: strength of the gamma (0: none).
 
-    Returns:
-        `images`' shape, float32 in 0..255.
+    Returns: `images`' shape, float32 in 0..255.
     """
     shape = tf.shape(images)
     x = tf.reshape(images, tf.concat([[-1], shape[-3:]], 0))  # [N, H, W, 3]
